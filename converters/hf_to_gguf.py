@@ -1,0 +1,67 @@
+"""Convert a Hugging Face model folder to GGUF with the vendored convert_hf_to_gguf.py.
+
+The script runs as a subprocess with the vendored gguf-py first on its path: the PyPI `gguf`
+package of the same version number is different code and breaks the converter.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from converters.child import stderr_tail
+from converters.vendor import VendoredLlamaCpp
+from exporter.errors import InputError, StageError
+
+
+def converter_env(vendored: VendoredLlamaCpp) -> dict[str, str]:
+    """Environment for the vendored scripts: vendored gguf-py first, never the network."""
+    env = dict(os.environ)
+    env.pop("NO_LOCAL_GGUF", None)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(vendored.gguf_py), env.get("PYTHONPATH")]))
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    return env
+
+
+def convert_hf_to_gguf(
+    model_dir: Path, target: Path, vendored: VendoredLlamaCpp, model_name: str, outtype: str = "f16"
+) -> None:
+    """Write `target` (a GGUF of `outtype`) from `model_dir`; `target` appears only when complete."""
+    partial = target.with_name(f".{target.name}.partial")
+    command = [
+        sys.executable, str(vendored.convert_hf_script), str(model_dir),
+        "--outtype", outtype, "--outfile", str(partial), "--model-name", model_name,
+    ]
+    try:
+        proc = subprocess.run(
+            command, capture_output=True, text=True, env=converter_env(vendored), errors="replace"
+        )
+        if proc.returncode != 0:
+            raise _conversion_error(model_dir, vendored, proc.returncode, proc.stderr)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _conversion_error(model_dir: Path, vendored: VendoredLlamaCpp, code: int, stderr: str) -> Exception:
+    revision = f"llama.cpp {vendored.commit[:9]} (llama-cpp-python {vendored.llama_cpp_python})"
+    if "BPE pre-tokenizer was not recognized" in stderr:
+        return InputError(
+            f"llama.cpp's converter does not recognise the tokenizer in {model_dir} (its BPE "
+            f"pre-tokenizer hash is not in the table of {revision}). The model cannot be converted "
+            "faithfully with this revision; use a base whose tokenizer llama.cpp supports, or a newer "
+            "edge-export release that pins a newer llama.cpp."
+        )
+    unsupported = re.search(r"Model (\S+) is not supported", stderr)
+    if unsupported:
+        return InputError(
+            f"The architecture {unsupported.group(1)} of {model_dir / 'config.json'} is not supported by "
+            f"{revision}, so it cannot be converted to GGUF. Use a supported architecture, or a newer "
+            "edge-export release that pins a newer llama.cpp."
+        )
+    return StageError(
+        f"convert_hf_to_gguf.py ({revision}) failed on {model_dir} with exit code {code}:\n{stderr_tail(stderr)}"
+    )

@@ -1,0 +1,251 @@
+"""The one place that orders the stages of an export and records their provenance.
+
+    adapter + base ──merge──▶ merged HF dir ──convert──▶ F16 GGUF ──quantize──▶ <name>-<PROFILE>.gguf
+                                                                      └──▶ Modelfiles + manifest.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from converters.hf_to_gguf import convert_hf_to_gguf
+from converters.quantize import quantize_gguf
+from converters.vendor import VendoredLlamaCpp, locate_vendored
+from exporter import __version__
+from exporter.adapter import LoraAdapter, read_adapter, resolve_base
+from exporter.artifacts import GGUFArtifact, read_gguf_header
+from exporter.errors import InputError, StageError
+from exporter.hashing import hash_files, sha256_file
+from exporter.merge import MergeResult, merge_adapters
+from exporter.modelfile import ChatSpec, chat_spec, write_modelfile
+from quant_profiles import QuantProfile, builtin_profiles
+
+MANIFEST = "manifest.json"
+MERGED_DIR = "merged"
+INPUT_SUFFIXES = (".json", ".safetensors", ".bin", ".model", ".txt", ".jinja")
+Reporter = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """Everything merge-quantize was asked to do, resolved and validated before any work."""
+
+    adapters: tuple[tuple[Path, float], ...]
+    profiles: tuple[str, ...]
+    out: Path
+    base: str | None = None
+    name: str | None = None
+    profile_files: tuple[Path, ...] = ()
+    dtype: str | None = None
+    threads: int | None = None
+    force: bool = False
+    allow_pickle: bool = False
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    name: str
+    artifacts: list[GGUFArtifact]
+    modelfiles: list[Path]
+    manifest: Path
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def sanitize_name(raw: str) -> str:
+    """A model name that is safe in a file name: no path separators, no odd characters."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", raw).strip(".-_")
+    return cleaned[:80] or "model"
+
+
+def tool_versions(vendored: VendoredLlamaCpp) -> dict[str, str]:
+    versions = {"edge-export": __version__, "llama.cpp": vendored.commit}
+    for package in ("llama-cpp-python", "torch", "transformers", "peft", "safetensors", "gguf"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def _input_files(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if p.is_file() and p.suffix in INPUT_SUFFIXES]
+
+
+class _OutputGuard:
+    """Tracks what this run writes into the output folder and removes it all if the run fails."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.created_out = not out.exists()
+        self.paths: list[Path] = []
+
+    def claim(self, path: Path) -> Path:
+        self.paths.append(path)
+        return path
+
+    def rollback(self) -> None:
+        for path in reversed(self.paths):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        if self.created_out and self.out.is_dir() and not any(self.out.iterdir()):
+            self.out.rmdir()
+
+
+def _check_output(out: Path, planned: list[Path], force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise InputError(f"The output path {out} exists and is not a folder. Choose another --out.")
+    existing = [p for p in planned if p.exists()]
+    if existing and not force:
+        raise InputError(
+            f"{existing[0]} already exists (and {len(existing) - 1} more of this run's outputs). Refusing to "
+            "overwrite a previous export; pass --force to replace it, or choose another --out."
+        )
+    probe_dir = out if out.exists() else next((p for p in out.parents if p.exists()), Path("/"))
+    if not os.access(probe_dir, os.W_OK):
+        raise InputError(f"The output folder {probe_dir} is not writable. Choose another --out or fix its permissions.")
+
+
+@contextmanager
+def _timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    seconds[stage] = round(time.perf_counter() - start, 3)
+
+
+def _artifact(path: Path, profile: QuantProfile, seconds: float) -> GGUFArtifact:
+    header = read_gguf_header(path)
+    if header.file_type != profile.ftype_id:
+        raise StageError(
+            f"{path} carries file type {header.file_type_name} in its GGUF header, but profile {profile.name} "
+            f"asked for {profile.ftype}; the quantizer did not do what was asked."
+        )
+    size = path.stat().st_size
+    return GGUFArtifact(
+        path=path, profile=profile.name, file_type=header.file_type_name, size_bytes=size,
+        bits_per_weight=round(size * 8 / max(header.n_params, 1), 3), sha256=sha256_file(path),
+        seconds=round(seconds, 3),
+    )
+
+
+def merge_quantize(options: ExportOptions, report: Reporter = lambda _: None) -> ExportResult:
+    """Run merge → convert → quantize → Modelfiles → manifest; on failure remove what this run wrote."""
+    vendored = locate_vendored()
+    registry = builtin_profiles().with_files(options.profile_files)
+    profiles = list({p.name: p for p in (registry.get(name) for name in options.profiles)}.values())
+    if not profiles:
+        raise InputError("No --profile given. Name at least one, e.g. --profile Q4_K_M (see `edge-export profiles`).")
+    for profile in profiles:
+        if profile.needs_imatrix:
+            raise InputError(
+                f"Profile {profile.name} needs an importance matrix, which this version cannot compute yet. "
+                "Choose a profile that does not (e.g. Q4_K_M) — see `edge-export profiles`."
+            )
+    adapters = [read_adapter(path, weight, options.allow_pickle) for path, weight in options.adapters]
+    base_dir = resolve_base(options.base, adapters[0])
+    name = sanitize_name(options.name or adapters[0].path.resolve().name)
+    out = options.out
+    f16_path = out / f"{name}-F16.gguf"
+    planned_ggufs = {p.name: out / f"{name}-{p.name}.gguf" for p in profiles}
+    planned_modelfiles = {p.name: out / f"{name}-{p.name}.Modelfile" for p in profiles}
+    _check_output(out, [out / MANIFEST, out / MERGED_DIR, f16_path, *planned_ggufs.values(),
+                        *planned_modelfiles.values()], options.force)
+
+    guard = _OutputGuard(out)
+    seconds: dict[str, float] = {}
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if options.force:
+            (out / MANIFEST).unlink(missing_ok=True)
+        report(f"merging {len(adapters)} adapter(s) into {base_dir}")
+        with _timed(seconds, "merge"):
+            merged = merge_adapters(base_dir, adapters, guard.claim(out / MERGED_DIR), dtype=options.dtype)
+        report(f"converting to GGUF with llama.cpp {vendored.commit[:9]}")
+        with _timed(seconds, "convert"):
+            convert_hf_to_gguf(merged.path, guard.claim(f16_path), vendored, model_name=name)
+        f16_profile = registry.get("F16")
+        artifacts: dict[str, GGUFArtifact] = {}
+        f16_artifact = _artifact(f16_path, f16_profile, seconds["convert"])
+        for profile in profiles:
+            target = planned_ggufs[profile.name]
+            if profile.is_unquantized:
+                artifacts[profile.name] = f16_artifact
+                continue
+            report(f"quantizing to {profile.name}")
+            with _timed(seconds, f"quantize {profile.name}"):
+                quantize_gguf(f16_path, guard.claim(target), profile, options.threads)
+            artifacts[profile.name] = _artifact(target, profile, seconds[f"quantize {profile.name}"])
+        report("writing Modelfiles and manifest")
+        spec = chat_spec(merged.path)
+        modelfiles = []
+        for profile in profiles:
+            target = guard.claim(planned_modelfiles[profile.name])
+            write_modelfile(target, artifacts[profile.name].path, spec,
+                            f"{name} ({profile.name}), written by edge-export {__version__}")
+            modelfiles.append(target)
+        manifest = _write_manifest(
+            out, name, options, vendored, adapters, base_dir, merged, f16_artifact, artifacts, spec,
+            modelfiles, seconds,
+        )
+    except BaseException:  # Ctrl-C included: nothing half-done may stay behind
+        guard.rollback()
+        raise
+    notes = [spec.note] if spec.note else []
+    return ExportResult(out, name, list(artifacts.values()), modelfiles, manifest, seconds, notes)
+
+
+def _write_manifest(
+    out: Path, name: str, options: ExportOptions, vendored: VendoredLlamaCpp, adapters: list[LoraAdapter],
+    base_dir: Path, merged: MergeResult, f16: GGUFArtifact, artifacts: dict[str, GGUFArtifact],
+    spec: ChatSpec, modelfiles: list[Path], seconds: dict[str, float],
+) -> Path:
+    manifest: dict[str, Any] = {
+        "format": "edge-export/manifest/1",
+        "name": name,
+        "created_utc": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "tools": tool_versions(vendored),
+        "options": {
+            "profiles": [a.profile for a in artifacts.values()],
+            "dtype": merged.dtype,
+            "threads": options.threads,
+            "profile_files": [str(p) for p in options.profile_files],
+        },
+        "inputs": {
+            "adapters": [
+                {"path": str(a.path.resolve()), "weight": a.weight, "files": hash_files(_input_files(a.path), a.path)}
+                for a in adapters
+            ],
+            "base": {"path": str(base_dir.resolve()), "files": hash_files(_input_files(base_dir), base_dir)},
+        },
+        "merge": {
+            "path": MERGED_DIR, "merged_tensors": merged.merged_tensors, "total_tensors": merged.total_tensors,
+            "dtype": merged.dtype, "shards": merged.shards,
+        },
+        "intermediates": [f16.to_json(out)],
+        "artifacts": [a.to_json(out) for a in artifacts.values()],
+        "modelfiles": [
+            {"path": m.name, "chat_template_family": spec.family, "stops": list(spec.stops)} for m in modelfiles
+        ],
+        "stage_seconds": seconds,
+    }
+    if spec.note:
+        manifest["notes"] = [spec.note]
+    target = out / MANIFEST
+    partial = out / f".{MANIFEST}.partial"
+    partial.write_text(json.dumps(manifest, indent=2) + "\n")
+    partial.replace(target)
+    return target
