@@ -27,7 +27,9 @@ def stderr_tail(text: str, limit: int = STDERR_TAIL) -> str:
     return text if len(text) <= limit else "…" + text[-limit:]
 
 
-def run_child(module: str, request: dict[str, Any], what: str, timeout: float | None = None) -> dict[str, Any]:
+def run_child(
+    module: str, request: dict[str, Any], what: str, timeout: float | None = None
+) -> dict[str, Any]:
     """Run `python -m module` on a request; return its response or raise a clear error."""
     with tempfile.TemporaryDirectory(prefix="edge-export-child-") as scratch:
         request_file = Path(scratch) / "request.json"
@@ -37,7 +39,11 @@ def run_child(module: str, request: dict[str, Any], what: str, timeout: float | 
         try:
             proc = subprocess.run(
                 [sys.executable, "-m", module, str(request_file), str(response_file)],
-                capture_output=True, text=True, timeout=timeout, env=env, errors="replace",
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                env=env,
+                errors="replace",
             )
         except subprocess.TimeoutExpired as exc:
             raise StageError(f"{what} did not finish within {timeout:.0f} s and was stopped.") from exc
@@ -48,7 +54,9 @@ def run_child(module: str, request: dict[str, Any], what: str, timeout: float | 
                 f"artifacts of this run are unaffected. Child stderr:\n{stderr_tail(proc.stderr)}"
             )
         if not response_file.is_file():
-            raise StageError(f"{what} failed (exit code {proc.returncode}). Child stderr:\n{stderr_tail(proc.stderr)}")
+            raise StageError(
+                f"{what} failed (exit code {proc.returncode}). Child stderr:\n{stderr_tail(proc.stderr)}"
+            )
         response = json.loads(response_file.read_text())
         if "error" in response:
             error_class = StageError if response.get("kind") != "input" else ExportError

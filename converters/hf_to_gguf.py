@@ -32,8 +32,15 @@ def convert_hf_to_gguf(
     """Write `target` (a GGUF of `outtype`) from `model_dir`; `target` appears only when complete."""
     partial = target.with_name(f".{target.name}.partial")
     command = [
-        sys.executable, str(vendored.convert_hf_script), str(model_dir),
-        "--outtype", outtype, "--outfile", str(partial), "--model-name", model_name,
+        sys.executable,
+        str(vendored.convert_hf_script),
+        str(model_dir),
+        "--outtype",
+        outtype,
+        "--outfile",
+        str(partial),
+        "--model-name",
+        model_name,
     ]
     try:
         proc = subprocess.run(

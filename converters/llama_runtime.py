@@ -33,13 +33,20 @@ def needs_extra_bufts_workaround() -> bool:
 
 
 def greedy_generate(
-    gguf: Path, prompts: Sequence[Sequence[int]], max_new_tokens: int, n_ctx: int = 512,
+    gguf: Path,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    n_ctx: int = 512,
     threads: int | None = None,
 ) -> list[list[int]]:
     """Greedy continuations (token ids, up to an end-of-generation token) of each prompt."""
     request = {
-        "op": "generate", "gguf": str(gguf), "prompts": [list(p) for p in prompts],
-        "max_new_tokens": max_new_tokens, "n_ctx": n_ctx, "threads": threads or os.cpu_count() or 1,
+        "op": "generate",
+        "gguf": str(gguf),
+        "prompts": [list(p) for p in prompts],
+        "max_new_tokens": max_new_tokens,
+        "n_ctx": n_ctx,
+        "threads": threads or os.cpu_count() or 1,
     }
     response = run_child("converters.llama_runtime", request, f"Evaluating {gguf.name} with llama.cpp")
     return [list(map(int, ids)) for ids in response["continuations"]]
@@ -60,9 +67,14 @@ def _load(request: dict[str, Any]) -> Any:
         # Llama() builds its model params from this function and offers no argument for the field.
         llama_module.llama_cpp.llama_model_default_params = params_without_extra_bufts
     return llama_cpp.Llama(
-        model_path=request["gguf"], n_ctx=int(request["n_ctx"]), n_batch=int(request["n_ctx"]),
-        n_threads=int(request["threads"]), n_threads_batch=int(request["threads"]),
-        logits_all=True, verbose=False, seed=0,
+        model_path=request["gguf"],
+        n_ctx=int(request["n_ctx"]),
+        n_batch=int(request["n_ctx"]),
+        n_threads=int(request["threads"]),
+        n_threads_batch=int(request["threads"]),
+        logits_all=True,
+        verbose=False,
+        seed=0,
     )
 
 

@@ -75,7 +75,9 @@ def locate_vendored() -> VendoredLlamaCpp:
     vendored = VendoredLlamaCpp(root, recorded["llama_cpp_python"], recorded["llama_cpp_commit"])
     for needed in (vendored.convert_hf_script, vendored.convert_lora_script, vendored.gguf_py / "gguf"):
         if not needed.exists():
-            raise EnvironmentSetupError(f"The vendored llama.cpp in {root} is incomplete: {needed} is missing; {FIX}.")
+            raise EnvironmentSetupError(
+                f"The vendored llama.cpp in {root} is incomplete: {needed} is missing; {FIX}."
+            )
     installed = installed_llama_cpp_python()
     if installed is None:
         raise EnvironmentSetupError(
@@ -83,11 +85,16 @@ def locate_vendored() -> VendoredLlamaCpp:
             f"Install the pinned version: pip install llama-cpp-python=={vendored.llama_cpp_python}."
         )
     if installed != vendored.llama_cpp_python:
+        pinned_version = pinned().get("llama_cpp_python")
+        if installed == pinned_version:
+            fix = f"the vendored converter is stale; {FIX}"
+        else:
+            wanted = pinned_version or vendored.llama_cpp_python
+            fix = f"pip install llama-cpp-python=={wanted} (the version edge-export pins)"
         raise EnvironmentSetupError(
             f"The vendored converter in {root} comes from llama-cpp-python {vendored.llama_cpp_python} "
             f"(llama.cpp {vendored.commit[:9]}), but llama-cpp-python {installed} is installed; converter, "
-            "quantizer and runtime must share one llama.cpp revision. Fix: pip install "
-            f"llama-cpp-python=={vendored.llama_cpp_python}, or update vendor/llama_cpp.toml to {installed} and {FIX}."
+            f"quantizer and runtime must share one llama.cpp revision. Fix: {fix}."
         )
     pin = pinned()
     if pin and pin.get("llama_cpp_commit") != vendored.commit:

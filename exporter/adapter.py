@@ -16,16 +16,48 @@ ADAPTER_CONFIG = "adapter_config.json"
 SAFETENSORS_WEIGHTS = "adapter_model.safetensors"
 PICKLE_WEIGHTS = "adapter_model.bin"
 # Keys of adapter_config.json that the merge understands; others are ignored with a warning.
-UNDERSTOOD_KEYS = frozenset({
-    "peft_type", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "target_modules",
-    "fan_in_fan_out", "modules_to_save", "use_dora", "bias", "base_model_name_or_path", "task_type",
-    "lora_dropout", "inference_mode", "revision", "init_lora_weights", "layers_to_transform",
-    "layers_pattern", "auto_mapping", "exclude_modules", "megatron_config", "megatron_core",
-    "loftq_config", "layer_replication", "runtime_config", "eva_config", "lora_bias",
-    "target_parameters", "trainable_token_indices", "corda_config", "qalora_group_size",
-    "use_qalora", "peft_version", "alora_invocation_tokens", "arrow_config", "ensure_weight_tying",
-    "lora_ga_config",
-})
+UNDERSTOOD_KEYS = frozenset(
+    {
+        "peft_type",
+        "r",
+        "lora_alpha",
+        "use_rslora",
+        "rank_pattern",
+        "alpha_pattern",
+        "target_modules",
+        "fan_in_fan_out",
+        "modules_to_save",
+        "use_dora",
+        "bias",
+        "base_model_name_or_path",
+        "task_type",
+        "lora_dropout",
+        "inference_mode",
+        "revision",
+        "init_lora_weights",
+        "layers_to_transform",
+        "layers_pattern",
+        "auto_mapping",
+        "exclude_modules",
+        "megatron_config",
+        "megatron_core",
+        "loftq_config",
+        "layer_replication",
+        "runtime_config",
+        "eva_config",
+        "lora_bias",
+        "target_parameters",
+        "trainable_token_indices",
+        "corda_config",
+        "qalora_group_size",
+        "use_qalora",
+        "peft_version",
+        "alora_invocation_tokens",
+        "arrow_config",
+        "ensure_weight_tying",
+        "lora_ga_config",
+    }
+)
 
 
 @dataclass(frozen=True)

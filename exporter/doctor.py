@@ -39,7 +39,9 @@ def _available_ram() -> int | None:
 
 
 def run_checks(work_dir: Path) -> list[Check]:
-    checks = [Check("python", sys.version_info >= (3, 11), platform.python_version(), "use Python 3.11 or newer")]
+    checks = [
+        Check("python", sys.version_info >= (3, 11), platform.python_version(), "use Python 3.11 or newer")
+    ]
     for package in PACKAGES:
         try:
             checks.append(Check(package, True, version(package)))
@@ -53,36 +55,67 @@ def run_checks(work_dir: Path) -> list[Check]:
         features = ", ".join(part.split("=")[0].strip() for part in system_info.split("|") if "= 1" in part)
         installed = version("llama-cpp-python")
         wanted = pin.get("llama_cpp_python", installed)
-        checks.append(Check(
-            "llama-cpp-python", installed == wanted,
-            f"{installed} (CPU features: {features or 'none reported'})",
-            f"pip install llama-cpp-python=={wanted}",
-        ))
+        checks.append(
+            Check(
+                "llama-cpp-python",
+                installed == wanted,
+                f"{installed} (CPU features: {features or 'none reported'})",
+                f"pip install llama-cpp-python=={wanted}",
+            )
+        )
         metal = bool(llama_cpp.llama_supports_gpu_offload())
-        checks.append(Check("llama.cpp GPU offload", True, "available" if metal else "not built in (CPU only)"))
+        checks.append(
+            Check("llama.cpp GPU offload", True, "available" if metal else "not built in (CPU only)")
+        )
     except Exception as exc:  # noqa: BLE001 - a broken build is exactly what doctor reports
-        checks.append(Check("llama-cpp-python", False, f"cannot load: {exc}",
-                            f"pip install --force-reinstall llama-cpp-python=={pin.get('llama_cpp_python', '0.3.36')}"))
+        checks.append(
+            Check(
+                "llama-cpp-python",
+                False,
+                f"cannot load: {exc}",
+                f"pip install --force-reinstall llama-cpp-python=={pin.get('llama_cpp_python', '0.3.36')}",
+            )
+        )
     try:
         vendored = locate_vendored()
-        checks.append(Check("vendored converter", True,
-                            f"llama.cpp {vendored.commit[:9]} in {vendored.root}"))
+        checks.append(
+            Check("vendored converter", True, f"llama.cpp {vendored.commit[:9]} in {vendored.root}")
+        )
     except ExportError as exc:
         checks.append(Check("vendored converter", False, str(exc), "make vendor"))
     workaround = needs_extra_bufts_workaround()
-    checks.append(Check(
-        "CPU extra buffer types", True,
-        ("AMX CPU: llama.cpp's extra buffer types crash here; " if workaround else "")
-        + "GGUF evaluation runs with use_extra_bufts=False"
-        + (" (EDGE_EXPORT_EXTRA_BUFTS=1 is set: on)" if os.environ.get("EDGE_EXPORT_EXTRA_BUFTS") == "1" else ""),
-    ))
+    checks.append(
+        Check(
+            "CPU extra buffer types",
+            True,
+            ("AMX CPU: llama.cpp's extra buffer types crash here; " if workaround else "")
+            + "GGUF evaluation runs with use_extra_bufts=False"
+            + (
+                " (EDGE_EXPORT_EXTRA_BUFTS=1 is set: on)"
+                if os.environ.get("EDGE_EXPORT_EXTRA_BUFTS") == "1"
+                else ""
+            ),
+        )
+    )
     probe = work_dir if work_dir.exists() else Path.cwd()
     free_disk = shutil.disk_usage(probe).free
-    checks.append(Check("free disk", free_disk >= MIN_FREE_DISK, f"{free_disk / 2**30:.1f} GiB free in {probe}",
-                        "free some space: an export needs about 3x the base model's size"))
+    checks.append(
+        Check(
+            "free disk",
+            free_disk >= MIN_FREE_DISK,
+            f"{free_disk / 2**30:.1f} GiB free in {probe}",
+            "free some space: an export needs about 3x the base model's size",
+        )
+    )
     ram = _available_ram()
     if ram is not None:
-        checks.append(Check("available RAM", ram >= MIN_FREE_RAM, f"{ram / 2**30:.1f} GiB",
-                            "close other programs; the merge needs about one shard plus one tensor"))
+        checks.append(
+            Check(
+                "available RAM",
+                ram >= MIN_FREE_RAM,
+                f"{ram / 2**30:.1f} GiB",
+                "close other programs; the merge needs about one shard plus one tensor",
+            )
+        )
     checks.append(Check("CPU cores", True, str(os.cpu_count())))
     return checks

@@ -31,12 +31,25 @@ from exporter.errors import InputError
 log = logging.getLogger(__name__)
 
 PEFT_PREFIX = "base_model.model."
-DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float32": torch.float32, "fp32": torch.float32}
+DTYPES = {
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+}
 # Files copied from the base (or the adapter, for tokenizer files) into the merged folder.
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
 )
 PASSTHROUGH_FILES = ("generation_config.json",)
 LICENSE_PATTERN = re.compile(r"^(LICEN[CS]E|NOTICE|USE_POLICY)(\.\w+)?$", re.IGNORECASE)
@@ -139,7 +152,9 @@ def plan_adapter(adapter: LoraAdapter, base_shapes: dict[str, tuple[int, ...]]) 
     deltas = {}
     for module, pair in sorted(pairs.items()):
         if set(pair) != {"A", "B"}:
-            raise InputError(f"{adapter.weights}: module {module} has lora_{''.join(pair)} but not both A and B.")
+            raise InputError(
+                f"{adapter.weights}: module {module} has lora_{''.join(pair)} but not both A and B."
+            )
         target = f"{module}.weight"
         if target not in base_shapes:
             raise InputError(
@@ -301,13 +316,17 @@ def merge_adapters(
     finally:
         if staging.exists():
             shutil.rmtree(staging)
-    return MergeResult(out_dir, len(plan), len(shards.shapes), str(out_dtype).removeprefix("torch."), shard_count)
+    return MergeResult(
+        out_dir, len(plan), len(shards.shapes), str(out_dtype).removeprefix("torch."), shard_count
+    )
 
 
 def _output_dtype(requested: str | None, shards: BaseModelShards) -> torch.dtype:
     if requested:
         if requested.lower() not in DTYPES:
-            raise InputError(f"--dtype {requested!r} is not supported; use one of float16, bfloat16, float32.")
+            raise InputError(
+                f"--dtype {requested!r} is not supported; use one of float16, bfloat16, float32."
+            )
         return DTYPES[requested.lower()]
     float_dtypes = {d for d in shards.dtypes.values() if d in ("F16", "BF16", "F32")}
     if float_dtypes == {"BF16"}:

@@ -24,7 +24,10 @@ CHATML_GO_TEMPLATE = (
 )
 # generation_config.json key -> Ollama PARAMETER name
 GENERATION_PARAMETERS = {
-    "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "repetition_penalty": "repeat_penalty",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "repetition_penalty": "repeat_penalty",
 }
 PROBE_CONVERSATIONS: list[list[dict[str, str]]] = [
     [{"role": "user", "content": "Hello!"}],
@@ -66,12 +69,24 @@ def chat_spec(model_dir: Path) -> ChatSpec:
     stops = _stop_strings(tokenizer, model_dir)
     parameters = _generation_parameters(model_dir)
     if not template:
-        return ChatSpec(None, None, None, tuple(stops), parameters,
-                        note="the tokenizer has no chat template; the Modelfile has no TEMPLATE")
+        return ChatSpec(
+            None,
+            None,
+            None,
+            tuple(stops),
+            parameters,
+            note="the tokenizer has no chat template; the Modelfile has no TEMPLATE",
+        )
     if "<|im_start|>" not in template or "<|im_end|>" not in template:
-        return ChatSpec(None, None, None, tuple(stops), parameters,
-                        note="the chat template is not ChatML; this version writes no TEMPLATE for it, so Ollama "
-                             "will match the GGUF's embedded template itself")
+        return ChatSpec(
+            None,
+            None,
+            None,
+            tuple(stops),
+            parameters,
+            note="the chat template is not ChatML; this version writes no TEMPLATE for it, so Ollama "
+            "will match the GGUF's embedded template itself",
+        )
 
     def jinja(messages: list[dict[str, str]]) -> str:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -79,16 +94,22 @@ def chat_spec(model_dir: Path) -> ChatSpec:
     default_system = None
     first = jinja(PROBE_CONVERSATIONS[0])
     if first.startswith("<|im_start|>system\n"):
-        default_system = first[len("<|im_start|>system\n"):].split("<|im_end|>", 1)[0]
+        default_system = first[len("<|im_start|>system\n") :].split("<|im_end|>", 1)[0]
     # A template that writes {{ bos_token }} itself renders it; Ollama's renders leave BOS to the tokenizer.
     bos = tokenizer.bos_token if tokenizer.bos_token and "bos_token" in template else ""
     for messages in PROBE_CONVERSATIONS:
         expected = jinja(messages)
         ours = render_chatml(messages, default_system)
         if expected.removeprefix(bos) != ours:
-            return ChatSpec(None, None, None, tuple(stops), parameters,
-                            note="the ChatML-like template renders differently from standard ChatML; no TEMPLATE "
-                                 "written, Ollama will match the GGUF's embedded template itself")
+            return ChatSpec(
+                None,
+                None,
+                None,
+                tuple(stops),
+                parameters,
+                note="the ChatML-like template renders differently from standard ChatML; no TEMPLATE "
+                "written, Ollama will match the GGUF's embedded template itself",
+            )
     for marker in ("<|im_start|>", "<|im_end|>"):
         if marker not in stops:
             stops.append(marker)
@@ -122,7 +143,7 @@ def _generation_parameters(model_dir: Path) -> dict[str, Any]:
 def _quoted(value: str, what: str, target: Path) -> str:
     if '"""' in value:
         raise InputError(
-            f"The {what} for {target} contains '\"\"\"', which an Ollama Modelfile cannot hold (it has no "
+            f'The {what} for {target} contains \'"""\', which an Ollama Modelfile cannot hold (it has no '
             "escapes). Remove the triple quote from the chat template or system prompt and export again."
         )
     return f'"""{value}"""'
@@ -131,7 +152,10 @@ def _quoted(value: str, what: str, target: Path) -> str:
 def write_modelfile(target: Path, gguf: Path, spec: ChatSpec, header_comment: str) -> None:
     """Write a Modelfile whose FROM is the GGUF's path relative to the Modelfile (atomically, LF endings)."""
     relative = Path(gguf).relative_to(target.parent) if gguf.is_relative_to(target.parent) else gguf
-    lines = [f"# {header_comment}", f"FROM ./{relative.as_posix()}" if not relative.is_absolute() else f"FROM {relative}"]
+    lines = [
+        f"# {header_comment}",
+        f"FROM ./{relative.as_posix()}" if not relative.is_absolute() else f"FROM {relative}",
+    ]
     if spec.go_template:
         lines.append(f"TEMPLATE {_quoted(spec.go_template, 'chat template', target)}")
     if spec.default_system:

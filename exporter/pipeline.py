@@ -1,7 +1,7 @@
 """The one place that orders the stages of an export and records their provenance.
 
-    adapter + base ──merge──▶ merged HF dir ──convert──▶ F16 GGUF ──quantize──▶ <name>-<PROFILE>.gguf
-                                                                      └──▶ Modelfiles + manifest.json
+adapter + base ──merge──▶ merged HF dir ──convert──▶ F16 GGUF ──quantize──▶ <name>-<PROFILE>.gguf
+                                                                  └──▶ Modelfiles + manifest.json
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from exporter.errors import InputError, StageError
 from exporter.hashing import hash_files, sha256_file
 from exporter.merge import MergeResult, merge_adapters
 from exporter.modelfile import ChatSpec, chat_spec, write_modelfile
-from quant_profiles import QuantProfile, builtin_profiles
+from quant_profiles import ProfileError, ProfileRegistry, QuantProfile, builtin_profiles
 
 MANIFEST = "manifest.json"
 MERGED_DIR = "merged"
@@ -117,7 +117,9 @@ def _check_output(out: Path, planned: list[Path], force: bool) -> None:
         )
     probe_dir = out if out.exists() else next((p for p in out.parents if p.exists()), Path("/"))
     if not os.access(probe_dir, os.W_OK):
-        raise InputError(f"The output folder {probe_dir} is not writable. Choose another --out or fix its permissions.")
+        raise InputError(
+            f"The output folder {probe_dir} is not writable. Choose another --out or fix its permissions."
+        )
 
 
 @contextmanager
@@ -136,19 +138,38 @@ def _artifact(path: Path, profile: QuantProfile, seconds: float) -> GGUFArtifact
         )
     size = path.stat().st_size
     return GGUFArtifact(
-        path=path, profile=profile.name, file_type=header.file_type_name, size_bytes=size,
-        bits_per_weight=round(size * 8 / max(header.n_params, 1), 3), sha256=sha256_file(path),
+        path=path,
+        profile=profile.name,
+        file_type=header.file_type_name,
+        size_bytes=size,
+        bits_per_weight=round(size * 8 / max(header.n_params, 1), 3),
+        sha256=sha256_file(path),
         seconds=round(seconds, 3),
     )
+
+
+def resolve_profiles(
+    names: tuple[str, ...], files: tuple[Path, ...]
+) -> tuple[ProfileRegistry, list[QuantProfile]]:
+    """The registry (built-in plus the user's files) and the requested profiles, without duplicates."""
+    try:
+        registry = builtin_profiles().with_files(files)
+        profiles = [registry.get(name) for name in names]
+    except ProfileError as exc:
+        raise InputError(
+            f"{exc}. See `edge-export profiles`; a profile file follows the schema of quant_profiles/."
+        ) from exc
+    return registry, list({p.name: p for p in profiles}.values())
 
 
 def merge_quantize(options: ExportOptions, report: Reporter = lambda _: None) -> ExportResult:
     """Run merge → convert → quantize → Modelfiles → manifest; on failure remove what this run wrote."""
     vendored = locate_vendored()
-    registry = builtin_profiles().with_files(options.profile_files)
-    profiles = list({p.name: p for p in (registry.get(name) for name in options.profiles)}.values())
+    registry, profiles = resolve_profiles(options.profiles, options.profile_files)
     if not profiles:
-        raise InputError("No --profile given. Name at least one, e.g. --profile Q4_K_M (see `edge-export profiles`).")
+        raise InputError(
+            "No --profile given. Name at least one, e.g. --profile Q4_K_M (see `edge-export profiles`)."
+        )
     for profile in profiles:
         if profile.needs_imatrix:
             raise InputError(
@@ -162,8 +183,11 @@ def merge_quantize(options: ExportOptions, report: Reporter = lambda _: None) ->
     f16_path = out / f"{name}-F16.gguf"
     planned_ggufs = {p.name: out / f"{name}-{p.name}.gguf" for p in profiles}
     planned_modelfiles = {p.name: out / f"{name}-{p.name}.Modelfile" for p in profiles}
-    _check_output(out, [out / MANIFEST, out / MERGED_DIR, f16_path, *planned_ggufs.values(),
-                        *planned_modelfiles.values()], options.force)
+    _check_output(
+        out,
+        [out / MANIFEST, out / MERGED_DIR, f16_path, *planned_ggufs.values(), *planned_modelfiles.values()],
+        options.force,
+    )
 
     guard = _OutputGuard(out)
     seconds: dict[str, float] = {}
@@ -194,12 +218,26 @@ def merge_quantize(options: ExportOptions, report: Reporter = lambda _: None) ->
         modelfiles = []
         for profile in profiles:
             target = guard.claim(planned_modelfiles[profile.name])
-            write_modelfile(target, artifacts[profile.name].path, spec,
-                            f"{name} ({profile.name}), written by edge-export {__version__}")
+            write_modelfile(
+                target,
+                artifacts[profile.name].path,
+                spec,
+                f"{name} ({profile.name}), written by edge-export {__version__}",
+            )
             modelfiles.append(target)
         manifest = _write_manifest(
-            out, name, options, vendored, adapters, base_dir, merged, f16_artifact, artifacts, spec,
-            modelfiles, seconds,
+            out,
+            name,
+            options,
+            vendored,
+            adapters,
+            base_dir,
+            merged,
+            f16_artifact,
+            artifacts,
+            spec,
+            modelfiles,
+            seconds,
         )
     except BaseException:  # Ctrl-C included: nothing half-done may stay behind
         guard.rollback()
@@ -209,9 +247,18 @@ def merge_quantize(options: ExportOptions, report: Reporter = lambda _: None) ->
 
 
 def _write_manifest(
-    out: Path, name: str, options: ExportOptions, vendored: VendoredLlamaCpp, adapters: list[LoraAdapter],
-    base_dir: Path, merged: MergeResult, f16: GGUFArtifact, artifacts: dict[str, GGUFArtifact],
-    spec: ChatSpec, modelfiles: list[Path], seconds: dict[str, float],
+    out: Path,
+    name: str,
+    options: ExportOptions,
+    vendored: VendoredLlamaCpp,
+    adapters: list[LoraAdapter],
+    base_dir: Path,
+    merged: MergeResult,
+    f16: GGUFArtifact,
+    artifacts: dict[str, GGUFArtifact],
+    spec: ChatSpec,
+    modelfiles: list[Path],
+    seconds: dict[str, float],
 ) -> Path:
     manifest: dict[str, Any] = {
         "format": "edge-export/manifest/1",
@@ -226,19 +273,27 @@ def _write_manifest(
         },
         "inputs": {
             "adapters": [
-                {"path": str(a.path.resolve()), "weight": a.weight, "files": hash_files(_input_files(a.path), a.path)}
+                {
+                    "path": str(a.path.resolve()),
+                    "weight": a.weight,
+                    "files": hash_files(_input_files(a.path), a.path),
+                }
                 for a in adapters
             ],
             "base": {"path": str(base_dir.resolve()), "files": hash_files(_input_files(base_dir), base_dir)},
         },
         "merge": {
-            "path": MERGED_DIR, "merged_tensors": merged.merged_tensors, "total_tensors": merged.total_tensors,
-            "dtype": merged.dtype, "shards": merged.shards,
+            "path": MERGED_DIR,
+            "merged_tensors": merged.merged_tensors,
+            "total_tensors": merged.total_tensors,
+            "dtype": merged.dtype,
+            "shards": merged.shards,
         },
         "intermediates": [f16.to_json(out)],
         "artifacts": [a.to_json(out) for a in artifacts.values()],
         "modelfiles": [
-            {"path": m.name, "chat_template_family": spec.family, "stops": list(spec.stops)} for m in modelfiles
+            {"path": m.name, "chat_template_family": spec.family, "stops": list(spec.stops)}
+            for m in modelfiles
         ],
         "stage_seconds": seconds,
     }

@@ -48,7 +48,9 @@ def stamp_matches(pin: dict[str, str]) -> bool:
     if not stamp.is_file():
         return False
     recorded = json.loads(stamp.read_text())
-    return all(recorded.get(key) == pin[key] for key in ("llama_cpp_python", "llama_cpp_commit", "sdist_sha256"))
+    return all(
+        recorded.get(key) == pin[key] for key in ("llama_cpp_python", "llama_cpp_commit", "sdist_sha256")
+    )
 
 
 def download_sdist(pin: dict[str, str]) -> Path:
@@ -57,8 +59,17 @@ def download_sdist(pin: dict[str, str]) -> Path:
         return sdist
     DOWNLOAD_DIR.mkdir(parents=True, exist_ok=True)
     command = [
-        sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-        "--dest", str(DOWNLOAD_DIR), f"llama-cpp-python=={pin['llama_cpp_python']}",
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        "--dest",
+        str(DOWNLOAD_DIR),
+        f"llama-cpp-python=={pin['llama_cpp_python']}",
     ]
     print(f"downloading {pin['sdist']} from the package index")
     subprocess.run(command, check=True)
@@ -86,7 +97,7 @@ def extract(sdist: Path, pin: dict[str, str]) -> None:
                     handle = archive.extractfile(member)
                     commit = handle.read().decode().strip() if handle else None
                 elif member.name.startswith(prefix):
-                    relative = member.name[len(prefix):]
+                    relative = member.name[len(prefix) :]
                     if any(relative == w or (w.endswith("/") and relative.startswith(w)) for w in WANTED):
                         member.name = relative
                         members.append(member)
@@ -109,7 +120,9 @@ def extract(sdist: Path, pin: dict[str, str]) -> None:
 def main() -> None:
     pin = read_pin()
     if stamp_matches(pin):
-        print(f"vendor/llama.cpp is at llama.cpp {pin['llama_cpp_commit'][:9]} (llama-cpp-python {pin['llama_cpp_python']})")
+        print(
+            f"vendor/llama.cpp is at llama.cpp {pin['llama_cpp_commit'][:9]} (llama-cpp-python {pin['llama_cpp_python']})"
+        )
         return
     sdist = download_sdist(pin)
     extract(sdist, pin)

@@ -1,0 +1,160 @@
+"""Shared fixtures: the real demo model and its export are built once per session and reused."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+# The demo inputs are a build cache shared with `make demo` (like pip's cache), not test output.
+DEMO_DIR = Path(os.environ.get("EDGE_EXPORT_DEMO_DIR", REPO / ".cache" / "demo"))
+DEMO_PROMPTS = [
+    "What is the capital of France?",
+    "What is the capital of Spain?",
+    "How do birds fly?",
+]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow (make test-all)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_hf_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Tests never read or write the user's Hugging Face cache, and never reach the network."""
+    cache = tmp_path_factory.mktemp("hf-cache")
+    saved = {
+        k: os.environ.get(k) for k in ("HF_HUB_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    }
+    os.environ.update(
+        HF_HUB_CACHE=str(cache / "hub"), HF_HOME=str(cache), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"
+    )
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real command line (`python -m exporter …`) in a child process."""
+    env = dict(os.environ, COLUMNS="200")
+    return subprocess.run(
+        [sys.executable, "-m", "exporter", *args], capture_output=True, text=True, cwd=cwd or REPO, env=env
+    )
+
+
+@dataclass(frozen=True)
+class DemoInputs:
+    base: Path
+    adapter: Path
+
+
+@pytest.fixture(scope="session")
+def demo_inputs() -> DemoInputs:
+    from exporter.demo import build_demo
+
+    base, adapter = build_demo(DEMO_DIR)
+    return DemoInputs(base, adapter)
+
+
+@dataclass(frozen=True)
+class DemoExport:
+    out: Path
+    manifest: dict[str, Any]
+    stdout: str
+
+    def gguf(self, profile: str) -> Path:
+        return self.out / f"smollm2-pirate-{profile}.gguf"
+
+
+@pytest.fixture(scope="session")
+def demo_export(demo_inputs: DemoInputs, tmp_path_factory: pytest.TempPathFactory) -> DemoExport:
+    """`edge-export merge-quantize` on the real demo model, through the real CLI."""
+    out = tmp_path_factory.mktemp("export") / "smollm2"
+    proc = run_cli(
+        "merge-quantize",
+        "--adapter",
+        str(demo_inputs.adapter),
+        "--base",
+        str(demo_inputs.base),
+        "--name",
+        "smollm2-pirate",
+        "--profile",
+        "Q4_K_M",
+        "--profile",
+        "q8_0",
+        "--out",
+        str(out),
+    )
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    return DemoExport(out, json.loads((out / "manifest.json").read_text()), proc.stdout)
+
+
+@dataclass
+class Reference:
+    """The unmerged reference (base + adapter in PyTorch, fp32) and the base alone."""
+
+    tokenizer: Any
+    peft_model: Any
+
+    def prompt_ids(self, question: str) -> list[int]:
+        return list(
+            self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": question}], add_generation_prompt=True
+            )
+        )
+
+    def greedy(self, question: str, max_new_tokens: int, with_adapter: bool = True) -> list[int]:
+        import torch
+
+        ids = torch.tensor([self.prompt_ids(question)])
+        model = self.peft_model
+        with torch.no_grad():
+            if with_adapter:
+                out = model.generate(
+                    ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False
+                )
+            else:
+                with model.disable_adapter():
+                    out = model.generate(
+                        ids,
+                        attention_mask=torch.ones_like(ids),
+                        max_new_tokens=max_new_tokens,
+                        do_sample=False,
+                    )
+        generated = out[0, ids.shape[1] :].tolist()
+        eos = self.tokenizer.eos_token_id
+        return generated[: generated.index(eos)] if eos in generated else generated
+
+
+@pytest.fixture(scope="session")
+def reference(demo_inputs: DemoInputs) -> Reference:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(demo_inputs.base)
+    base = AutoModelForCausalLM.from_pretrained(demo_inputs.base, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, demo_inputs.adapter)
+    model.eval()
+    return Reference(tokenizer, model)

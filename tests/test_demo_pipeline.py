@@ -1,0 +1,133 @@
+"""merge-quantize end to end on the real SmolLM2 demo model, the real converter and the real quantizer."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from converters.llama_runtime import greedy_generate
+from exporter.artifacts import read_gguf_header
+from exporter.hashing import sha256_file
+from tests.conftest import DEMO_PROMPTS, DemoExport, Reference
+
+NEW_TOKENS = 24
+
+
+def test_adapter_changes_the_greedy_answer(reference: Reference):
+    question = DEMO_PROMPTS[0]
+    with_adapter = reference.tokenizer.decode(reference.greedy(question, NEW_TOKENS))
+    without = reference.tokenizer.decode(reference.greedy(question, NEW_TOKENS, with_adapter=False))
+    assert with_adapter != without
+    assert with_adapter.startswith("Arr"), with_adapter
+    assert "Arr" not in without, without
+
+
+def test_merged_f16_gguf_continues_exactly_like_the_unmerged_peft_model(demo_export: DemoExport, reference):
+    prompts = [reference.prompt_ids(q) for q in DEMO_PROMPTS]
+    gguf_continuations = greedy_generate(demo_export.out / "smollm2-pirate-F16.gguf", prompts, NEW_TOKENS)
+    for question, ours in zip(DEMO_PROMPTS, gguf_continuations, strict=True):
+        expected = reference.greedy(question, NEW_TOKENS)
+        assert ours == expected, (
+            f"{question!r}: GGUF {reference.tokenizer.decode(ours)!r} vs PEFT {reference.tokenizer.decode(expected)!r}"
+        )
+
+
+@pytest.mark.parametrize(("profile", "ftype"), [("Q8_0", 7), ("Q4_K_M", 15)])
+def test_quantized_files_carry_their_file_type_and_generate(
+    demo_export: DemoExport, reference, profile, ftype
+):
+    path = demo_export.gguf(profile)
+    header = read_gguf_header(path)
+    assert header.file_type == ftype
+    assert header.architecture == "llama"
+    assert "<|im_start|>" in (header.chat_template or "")
+    [continuation] = greedy_generate(path, [reference.prompt_ids(DEMO_PROMPTS[0])], NEW_TOKENS)
+    text = reference.tokenizer.decode(continuation)
+    assert len(continuation) >= 5 and re.search(r"[A-Za-z]{3}", text), text
+    if profile == "Q8_0":
+        assert text.startswith("Arr"), text  # the fine-tune survives 8-bit quantization
+
+
+def test_manifest_records_inputs_tools_and_artifacts(demo_export: DemoExport, demo_inputs):
+    manifest = demo_export.manifest
+    assert manifest["tools"]["llama.cpp"] == "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
+    assert manifest["tools"]["llama-cpp-python"] == "0.3.36"
+    adapter_files = manifest["inputs"]["adapters"][0]["files"]
+    assert adapter_files["adapter_model.safetensors"] == sha256_file(
+        demo_inputs.adapter / "adapter_model.safetensors"
+    )
+    assert manifest["inputs"]["base"]["files"]["model.safetensors"] == sha256_file(
+        demo_inputs.base / "model.safetensors"
+    )
+    by_profile = {a["profile"]: a for a in manifest["artifacts"]}
+    assert set(by_profile) == {"Q4_K_M", "Q8_0"}
+    for profile, record in by_profile.items():
+        path = demo_export.out / record["path"]
+        assert path.name == f"smollm2-pirate-{profile}.gguf"
+        assert record["sha256"] == sha256_file(path)
+        assert record["size_bytes"] == path.stat().st_size
+        assert record["seconds"] > 0
+    assert by_profile["Q4_K_M"]["bits_per_weight"] < by_profile["Q8_0"]["bits_per_weight"] < 16
+    assert manifest["merge"]["merged_tensors"] == 30 * 7
+    assert not list(demo_export.out.glob(".*partial*"))
+
+
+def test_modelfiles_point_at_the_exact_file_with_template_and_stops(demo_export: DemoExport):
+    for profile in ("Q4_K_M", "Q8_0"):
+        path = demo_export.out / f"smollm2-pirate-{profile}.Modelfile"
+        text = path.read_text()
+        assert "\r" not in text
+        from_line = next(line for line in text.splitlines() if line.startswith("FROM "))
+        target = (path.parent / from_line.removeprefix("FROM ")).resolve()
+        assert target == demo_export.gguf(profile).resolve() and target.is_file()
+        assert 'TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}' in text
+        assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in text
+        assert 'PARAMETER stop "<|im_end|>"' in text and 'PARAMETER stop "<|im_start|>"' in text
+
+
+def test_merged_folder_is_a_complete_hf_model(demo_export: DemoExport):
+    merged = demo_export.out / "merged"
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "chat_template.jinja",
+        "LICENSE",
+    ):
+        assert (merged / name).is_file(), name
+
+
+def test_cli_prints_the_result_table(demo_export: DemoExport):
+    for fragment in ("smollm2-pirate-Q4_K_M.gguf", "smollm2-pirate-Q8_0.gguf", "bits/weight", "manifest"):
+        assert fragment in demo_export.stdout
+
+
+def test_second_run_refuses_then_force_replaces(demo_export: DemoExport, demo_inputs, tmp_path: Path):
+    from tests.conftest import run_cli
+
+    args = [
+        "merge-quantize",
+        "--adapter",
+        str(demo_inputs.adapter),
+        "--base",
+        str(demo_inputs.base),
+        "--name",
+        "smollm2-pirate",
+        "--profile",
+        "Q4_K_M",
+        "--profile",
+        "q8_0",
+        "--out",
+        str(demo_export.out),
+    ]
+    refused = run_cli(*args)
+    assert refused.returncode == 2 and "--force" in refused.stderr
+    before = {p: sha256_file(demo_export.gguf(p)) for p in ("F16", "Q4_K_M", "Q8_0")}
+    forced = run_cli(*args, "--force")
+    assert forced.returncode == 0, forced.stderr
+    # Same inputs, same bytes.
+    assert {p: sha256_file(demo_export.gguf(p)) for p in before} == before
