@@ -1,10 +1,19 @@
-"""Merge LoRA adapters into a 16-bit base, tensor by tensor, without loading the whole model.
+"""Merge PEFT adapters into a 16-bit base, tensor by tensor, without loading the whole model.
 
-W' = W + Σ_i weight_i · scale_i · B_i A_i, computed in fp32 and cast to the output dtype. Base
-shards are memory-mapped and read one tensor at a time; output shards are flushed as soon as they
-reach the size limit, so the working set is one output shard plus one tensor, whatever the model
-size. Everything is checked (module names, shapes, config) before any output is written, and the
-output folder appears only when complete.
+For every base tensor an adapter touches, the updates are applied in fp32 in the order the adapters
+were given, and the result is cast to the output dtype:
+
+- LoRA (Linear, Conv1D with fan_in_fan_out, Embedding): W + w·s·B·A, with PEFT's scaling s
+  (alpha/r, alpha/√r for rsLoRA, rank_pattern and alpha_pattern);
+- DoRA: m / ‖W + ΔW‖_row · (W + ΔW), the norm taken per output row as PEFT computes it;
+- trained LoRA biases (lora_bias): b + w·s·b_B;
+- IA3: W ⊙ l (and the bias of non-feedforward layers);
+- modules_to_save and trained biases (bias="all"/"lora_only"): the adapter's full tensor.
+
+Tensors are read with plain file reads and written into shards whose headers are planned up
+front (exporter.safetensors_io), so the working set is a few copies of the largest tensor,
+whatever the model's size. Everything is checked before any output is written, every merged
+tensor must be finite, and the output folder appears only when complete.
 """
 
 from __future__ import annotations
@@ -16,17 +25,23 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from exporter.adapter import ADAPTER_CONFIG, LoraAdapter
 from exporter.errors import InputError
+from exporter.safetensors_io import DTYPES as SAFETENSORS_DTYPES
+from exporter.safetensors_io import (
+    PlannedTensor,
+    StreamingShardWriter,
+    TensorEntry,
+    iter_tensors,
+    read_header,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,29 +69,101 @@ TOKENIZER_FILES = (
 PASSTHROUGH_FILES = ("generation_config.json",)
 LICENSE_PATTERN = re.compile(r"^(LICEN[CS]E|NOTICE|USE_POLICY)(\.\w+)?$", re.IGNORECASE)
 DEFAULT_SHARD_BYTES = 2 << 30
+EMBEDDING_NAMES = (
+    "model.embed_tokens.weight",
+    "transformer.wte.weight",
+    "gpt_neox.embed_in.weight",
+    "model.decoder.embed_tokens.weight",
+)
+OUTPUT_NAME = "lm_head.weight"
+QUANTIZED_BASE_HINT = re.compile(r"bnb|4bit|4-bit|nf4|gptq|awq|int4|8bit", re.IGNORECASE)
+MERGEABLE_TYPES = ("LORA", "IA3")
+UNMERGEABLE_TYPES = {
+    "PREFIX_TUNING": "prefix tuning adds learned key/value prefixes at run time",
+    "PROMPT_TUNING": "prompt tuning adds learned virtual tokens at run time",
+    "P_TUNING": "p-tuning adds learned virtual tokens at run time",
+    "MULTITASK_PROMPT_TUNING": "multitask prompt tuning adds learned virtual tokens at run time",
+    "ADAPTION_PROMPT": "adaption prompts add gated attention prefixes at run time",
+}
+
+
+# ---------------------------------------------------------------------------------------------- updates
 
 
 @dataclass(frozen=True)
-class LoraDelta:
-    """One adapter's low-rank update to one base tensor."""
+class LoraUpdate:
+    """One adapter's low-rank update of one weight (optionally DoRA)."""
 
-    lora_a: torch.Tensor  # r × in
-    lora_b: torch.Tensor  # out × r
-    scale: float  # adapter weight · alpha / r (or / √r for rsLoRA)
-    fan_in_fan_out: bool
+    lora_a: torch.Tensor  # r × in   (for embeddings: r × num_embeddings)
+    lora_b: torch.Tensor  # out × r  (for embeddings: dim × r)
+    scale: float  # adapter weight · PEFT scaling
+    fan_in_fan_out: bool = False
+    embedding: bool = False
+    magnitude: torch.Tensor | None = None  # DoRA
 
     def delta(self) -> torch.Tensor:
+        """ΔW in the orientation the weight is stored in."""
         product = self.lora_b.float() @ self.lora_a.float()
-        if self.fan_in_fan_out:
+        if self.fan_in_fan_out or self.embedding:
             product = product.T
         return product * self.scale
 
+    def apply(self, weight: torch.Tensor) -> torch.Tensor:
+        delta = self.delta()
+        if self.magnitude is None:
+            return weight + delta
+        # DoRA: rescale each output row of W + ΔW to the learned magnitude (PEFT's get_weight_norm).
+        combined = weight + delta
+        rows = combined.T if self.fan_in_fan_out else combined
+        factor = self.magnitude.float() / torch.linalg.norm(rows, dim=1)
+        return combined * (factor.view(1, -1) if self.fan_in_fan_out else factor.view(-1, 1))
+
 
 @dataclass(frozen=True)
-class MergePlan:
-    """Which base tensors change, checked against the base before anything is written."""
+class AddUpdate:
+    """A trained LoRA bias (lora_B.bias), added with the adapter's scaling."""
 
-    deltas: dict[str, list[LoraDelta]]  # base tensor name -> updates
+    vector: torch.Tensor
+    scale: float
+
+    def apply(self, bias: torch.Tensor) -> torch.Tensor:
+        return bias + self.vector.float() * self.scale
+
+
+@dataclass(frozen=True)
+class ScaleUpdate:
+    """IA3: an elementwise rescaling vector, broadcast over the stored weight (or a bias)."""
+
+    vector: torch.Tensor  # (out, 1) or (1, in) in the weight's stored orientation; 1-D for a bias
+
+    def apply(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor * self.vector.float()
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """A full tensor the adapter trained (modules_to_save, bias="all"/"lora_only")."""
+
+    tensor: torch.Tensor
+
+    def apply(self, _: torch.Tensor) -> torch.Tensor:
+        return self.tensor.float()
+
+
+Update = LoraUpdate | AddUpdate | ScaleUpdate | Replacement
+
+
+@dataclass
+class MergePlan:
+    """What happens to each output tensor, decided and checked before anything is written."""
+
+    updates: dict[str, list[Update]] = field(default_factory=dict)
+    # Output tensors that do not exist in the base, as (name, base tensor they start from).
+    extra_outputs: list[tuple[str, str]] = field(default_factory=list)
+    config_changes: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, name: str, update: Update) -> None:
+        self.updates.setdefault(name, []).append(update)
 
 
 @dataclass(frozen=True)
@@ -86,6 +173,10 @@ class MergeResult:
     total_tensors: int
     dtype: str
     shards: int
+    untied_embeddings: bool = False
+
+
+# ----------------------------------------------------------------------------------------- adapter side
 
 
 def pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:
@@ -107,161 +198,291 @@ def lora_scale(config: dict[str, Any], module_name: str) -> tuple[int, float]:
 
 def load_adapter_tensors(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
     if adapter.weights.suffix == ".safetensors":
-        try:
-            return load_file(str(adapter.weights))
-        except Exception as exc:  # safetensors raises several types for corrupt files
-            raise InputError(
-                f"{adapter.weights} could not be read as safetensors ({exc}); the file is truncated or "
-                "corrupt. Re-save the adapter with PEFT's save_pretrained."
-            ) from exc
-    # Only reached with --allow-pickle: weights_only refuses arbitrary objects.
-    return torch.load(adapter.weights, map_location="cpu", weights_only=True)
+        entries = read_header(adapter.weights)
+        return {entry.name: tensor.clone() for entry, tensor in iter_tensors(entries)}
+    # Only reached with --allow-pickle; weights_only refuses arbitrary objects.
+    try:
+        return torch.load(adapter.weights, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(f"{adapter.weights} could not be loaded with weights_only=True ({exc}).") from exc
 
 
-def plan_adapter(adapter: LoraAdapter, base_shapes: dict[str, tuple[int, ...]]) -> dict[str, LoraDelta]:
-    """Map one adapter's tensors onto base tensor names, checking type, features and shapes."""
-    config = adapter.config
+def _matches_module(module: str, names: list[str] | str | None) -> bool:
+    if not names:
+        return False
+    if isinstance(names, str):
+        return re.fullmatch(names, module) is not None
+    return any(module == n or module.endswith(f".{n}") for n in names)
+
+
+def check_adapter_type(adapter: LoraAdapter) -> None:
     where = adapter.path / ADAPTER_CONFIG
-    if adapter.peft_type != "LORA":
+    peft_type = adapter.peft_type
+    if peft_type in UNMERGEABLE_TYPES:
         raise InputError(
-            f"{where} is a {adapter.peft_type} adapter; edge-export merges LoRA adapters. "
-            "Prefix and prompt tuning cannot be merged into weights at all; export such adapters another way."
+            f"{where} is a {peft_type} adapter, and {UNMERGEABLE_TYPES[peft_type]}: it cannot be merged into "
+            "weights, so it cannot become a standalone GGUF. Train a LoRA (or IA3) adapter to export it."
         )
-    unsupported = []
-    if config.get("use_dora"):
-        unsupported.append("DoRA (use_dora)")
-    if config.get("modules_to_save"):
-        unsupported.append("modules_to_save")
-    if config.get("bias", "none") != "none" or config.get("lora_bias"):
-        unsupported.append("trained biases")
-    if unsupported:
-        raise InputError(f"{where} uses {', '.join(unsupported)}, which this merge does not handle yet.")
+    if peft_type not in MERGEABLE_TYPES:
+        raise InputError(
+            f"{where} is a {peft_type} adapter; edge-export merges {' and '.join(MERGEABLE_TYPES)} adapters. "
+            "Merge it with PEFT's merge_and_unload and pass the result as a base with no adapter changes, "
+            "or train a LoRA adapter."
+        )
+    if adapter.config.get("trainable_token_indices"):
+        raise InputError(
+            f"{where} trains individual token embeddings (trainable_token_indices), which this merge does not "
+            "handle. Merge with PEFT's merge_and_unload, or retrain with modules_to_save for the embeddings."
+        )
+
+
+def plan_adapter(adapter: LoraAdapter, base_shapes: dict[str, tuple[int, ...]], plan: MergePlan) -> None:
+    """Add one adapter's updates to the plan, checking names, shapes and features against the base."""
+    check_adapter_type(adapter)
     tensors = load_adapter_tensors(adapter)
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        name = key.removeprefix(PEFT_PREFIX)
-        match = re.match(r"^(.*)\.lora_([AB])(?:\.default)?\.weight$", name)
-        if not match:
-            raise InputError(
-                f"{adapter.weights} holds tensor {key!r}, which is not a LoRA A/B matrix this merge handles."
-            )
-        pairs.setdefault(match.group(1), {})[match.group(2)] = tensor
-    if not pairs:
-        raise InputError(f"{adapter.weights} holds no LoRA tensors; the adapter is empty.")
+    if not tensors:
+        raise InputError(f"{adapter.weights} holds no tensors; the adapter is empty.")
+    names = {key.removeprefix(PEFT_PREFIX): tensor for key, tensor in tensors.items()}
+    if adapter.peft_type == "IA3":
+        _plan_ia3(adapter, names, base_shapes, plan)
+    else:
+        _plan_lora(adapter, names, base_shapes, plan)
+
+
+def _shape_error(adapter: LoraAdapter, what: str, target: str, base_shape: tuple[int, ...]) -> InputError:
+    return InputError(
+        f"{adapter.weights}: {what}, which does not fit the base tensor {target} {base_shape}: the adapter was "
+        "trained for a different base (or its config's r / rank_pattern is wrong). Pass the matching --base."
+    )
+
+
+def _require_target(
+    adapter: LoraAdapter, target: str, base_shapes: dict[str, tuple[int, ...]]
+) -> tuple[int, ...]:
+    if target not in base_shapes:
+        raise InputError(
+            f"{adapter.weights} changes {target}, which the base model does not have: the adapter was trained "
+            "for a different base. Pass the matching --base."
+        )
+    return base_shapes[target]
+
+
+def _plan_lora(
+    adapter: LoraAdapter,
+    names: dict[str, torch.Tensor],
+    base_shapes: dict[str, tuple[int, ...]],
+    plan: MergePlan,
+) -> None:
+    config = adapter.config
     fan_in_fan_out = bool(config.get("fan_in_fan_out"))
-    deltas = {}
-    for module, pair in sorted(pairs.items()):
-        if set(pair) != {"A", "B"}:
+    use_dora = bool(config.get("use_dora"))
+    bias_mode = config.get("bias", "none")
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    full: dict[str, torch.Tensor] = {}
+    part_pattern = re.compile(
+        r"^(.*)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
+        r"(?:\.default)?(?:\.(weight|bias))?$"
+    )
+    for name, tensor in names.items():
+        match = part_pattern.match(name)
+        if match:
+            part = match.group(2) + (".bias" if match.group(3) == "bias" else "")
+            modules.setdefault(match.group(1), {})[part] = tensor
+        else:
+            full[name.replace(".modules_to_save.default", "").replace(".base_layer.", ".")] = tensor
+
+    # Full tensors first: a saved base-layer weight is what that module's LoRA delta is added to.
+    for name, tensor in sorted(full.items()):
+        module = name.rsplit(".", 1)[0]
+        is_saved_module = _matches_module(module, config.get("modules_to_save"))
+        is_trained_bias = name.endswith(".bias") and bias_mode in ("all", "lora_only")
+        # With embedding layers among the targets PEFT also saves their base weights, which it loads
+        # over the base's; they are the weights the LoRA was trained on top of.
+        is_saved_base_layer = name.endswith(".weight") and module in modules
+        if not (is_saved_module or is_trained_bias or is_saved_base_layer):
             raise InputError(
-                f"{adapter.weights}: module {module} has lora_{''.join(pair)} but not both A and B."
+                f"{adapter.weights} holds tensor {name!r}, which is neither a LoRA matrix nor listed in "
+                "modules_to_save; edge-export does not know how to merge it."
+            )
+        if adapter.weight != 1.0:
+            raise InputError(
+                f"{adapter.path} replaces {name} outright (modules_to_save or a trained bias), so it cannot be given "
+                f"a weight ({adapter.weight}). Merge it with weight 1."
+            )
+        shape = _require_target(adapter, name, base_shapes)
+        if tuple(tensor.shape) != shape:
+            hint = (
+                " (the adapter resized the vocabulary; merging added tokens is not supported yet)"
+                if (name == OUTPUT_NAME or name in EMBEDDING_NAMES)
+                else ""
+            )
+            raise _shape_error(adapter, f"{name} is {tuple(tensor.shape)}{hint}", name, shape)
+        plan.add(name, Replacement(tensor))
+
+    for module, parts in sorted(modules.items()):
+        embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
+        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
+        if a_key not in parts or b_key not in parts:
+            raise InputError(
+                f"{adapter.weights}: module {module} lacks {a_key} or {b_key}; the adapter is incomplete."
             )
         target = f"{module}.weight"
-        if target not in base_shapes:
-            raise InputError(
-                f"{adapter.weights} changes {target}, which the base model does not have: the adapter was "
-                "trained for a different base. Pass the matching --base."
-            )
+        shape = _require_target(adapter, target, base_shapes)
         rank, scale = lora_scale(config, module)
-        lora_a, lora_b = pair["A"], pair["B"]
-        out_dim, in_dim = base_shapes[target] if not fan_in_fan_out else base_shapes[target][::-1]
-        if lora_a.shape != (rank, in_dim) or lora_b.shape != (out_dim, rank):
-            raise InputError(
-                f"{adapter.weights}: {module} has lora_A {tuple(lora_a.shape)} and lora_B {tuple(lora_b.shape)}, "
-                f"which do not fit the base tensor {target} {base_shapes[target]} at rank {rank}: the adapter "
-                "was trained for a different base (or its config's r / rank_pattern is wrong). Pass the matching --base."
+        lora_a, lora_b = parts[a_key], parts[b_key]
+        if embedding:
+            expected_a, expected_b = (rank, shape[0]), (shape[1], rank)
+        else:
+            out_dim, in_dim = shape[::-1] if fan_in_fan_out else shape
+            expected_a, expected_b = (rank, in_dim), (out_dim, rank)
+        if tuple(lora_a.shape) != expected_a or tuple(lora_b.shape) != expected_b:
+            raise _shape_error(
+                adapter,
+                f"{module} has {a_key} {tuple(lora_a.shape)} and {b_key} {tuple(lora_b.shape)} at rank {rank}",
+                target,
+                shape,
             )
-        deltas[target] = LoraDelta(lora_a, lora_b, adapter.weight * scale, fan_in_fan_out)
-    return deltas
-
-
-def check_configs(adapter: LoraAdapter, base_config: dict[str, Any], base_dir: Path) -> None:
-    """Refuse an adapter whose recorded base differs in shape from this base."""
-    hint = adapter.base_model_name_or_path
-    if hint and Path(hint).is_dir() and (Path(hint) / "config.json").is_file():
-        trained = json.loads((Path(hint) / "config.json").read_text())
-        for key in ("vocab_size", "hidden_size", "num_hidden_layers"):
-            if key in trained and key in base_config and trained[key] != base_config[key]:
+        magnitude = parts.get("lora_magnitude_vector")
+        if use_dora:
+            if magnitude is None or embedding:
                 raise InputError(
-                    f"{adapter.path / ADAPTER_CONFIG} was trained on {hint} ({key}={trained[key]}), but the base "
-                    f"{base_dir} has {key}={base_config[key]}. Pass the base the adapter was trained on."
+                    f"{adapter.weights}: DoRA module {module} "
+                    + (
+                        "is an embedding; DoRA embeddings are not merged by edge-export."
+                        if embedding
+                        else "has no lora_magnitude_vector; the adapter is incomplete."
+                    )
                 )
+            if adapter.weight != 1.0:
+                raise InputError(
+                    f"{adapter.path} is a DoRA adapter and cannot be given a weight ({adapter.weight}): its "
+                    "magnitude vector sets absolute row norms. Merge it with weight 1."
+                )
+            out_rows = shape[1] if fan_in_fan_out else shape[0]
+            if tuple(magnitude.shape) != (out_rows,):
+                raise _shape_error(
+                    adapter, f"{module} has a magnitude vector of {tuple(magnitude.shape)}", target, shape
+                )
+        plan.add(
+            target,
+            LoraUpdate(
+                lora_a,
+                lora_b,
+                adapter.weight * scale,
+                fan_in_fan_out,
+                embedding,
+                magnitude if use_dora else None,
+            ),
+        )
+        if "lora_B.bias" in parts:
+            bias_target = f"{module}.bias"
+            if bias_target not in base_shapes:
+                raise InputError(
+                    f"{adapter.weights}: {module} has a trained LoRA bias (lora_bias=True) but the base layer has no "
+                    "bias, so it cannot be merged (PEFT refuses this too)."
+                )
+            plan.add(bias_target, AddUpdate(parts["lora_B.bias"], adapter.weight * scale))
 
 
-class BaseModelShards:
-    """The base's safetensors shards, opened lazily one at a time."""
+def _plan_ia3(
+    adapter: LoraAdapter,
+    names: dict[str, torch.Tensor],
+    base_shapes: dict[str, tuple[int, ...]],
+    plan: MergePlan,
+) -> None:
+    fan_in_fan_out = bool(adapter.config.get("fan_in_fan_out"))
+    if adapter.weight != 1.0:
+        raise InputError(
+            f"{adapter.path} is an IA3 adapter, which rescales weights; it cannot be given a weight."
+        )
+    for name, vector in sorted(names.items()):
+        match = re.match(r"^(.*)\.ia3_l(?:\.default)?$", name)
+        if not match:
+            raise InputError(f"{adapter.weights} holds tensor {name!r}, which is not an IA3 vector.")
+        module = match.group(1)
+        target = f"{module}.weight"
+        shape = _require_target(adapter, target, base_shapes)
+        oriented = vector.T if fan_in_fan_out else vector
+        if vector.dim() != 2 or any(v not in (1, s) for v, s in zip(oriented.shape, shape, strict=True)):
+            raise _shape_error(adapter, f"{module} has an IA3 vector of {tuple(vector.shape)}", target, shape)
+        plan.add(target, ScaleUpdate(oriented))
+        feedforward = vector.shape[0] == 1 and vector.shape[1] != 1
+        if not feedforward and f"{module}.bias" in base_shapes:
+            plan.add(f"{module}.bias", ScaleUpdate(vector.reshape(-1)))
+
+
+def tied_embedding(base_shapes: dict[str, tuple[int, ...]], base_config: dict[str, Any]) -> str | None:
+    """The embedding lm_head shares with the base (stored once), or None when the base is untied."""
+    embedding = next((n for n in EMBEDDING_NAMES if n in base_shapes), None)
+    if embedding and OUTPUT_NAME not in base_shapes and base_config.get("tie_word_embeddings", True):
+        return embedding
+    return None
+
+
+def untie_if_one_side_changes(plan: MergePlan, embedding: str) -> bool:
+    """Untie a tied embedding when the adapter changes it (as the unmerged model behaves).
+
+    With tied weights the base stores only the embedding, and lm_head reads the same matrix. A LoRA or
+    modules_to_save copy on either side changes that side alone in the unmerged PEFT model, so the
+    merged model gets its own lm_head.weight (starting from the original embedding) and
+    tie_word_embeddings=False.
+    """
+    if OUTPUT_NAME not in plan.updates and embedding not in plan.updates:
+        return False
+    plan.extra_outputs.append((OUTPUT_NAME, embedding))
+    plan.config_changes["tie_word_embeddings"] = False
+    return True
+
+
+# -------------------------------------------------------------------------------------------- base side
+
+
+class BaseModel:
+    """The base's safetensors shards: tensor names, shapes and storage locations."""
 
     def __init__(self, base_dir: Path):
         self.base_dir = base_dir
         index_file = base_dir / "model.safetensors.index.json"
         if index_file.is_file():
             weight_map = json.loads(index_file.read_text())["weight_map"]
-            self.files = sorted({base_dir / f for f in weight_map.values()})
+            files = sorted({base_dir / f for f in weight_map.values()})
         else:
-            self.files = sorted(base_dir.glob("*.safetensors"))
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        self.dtypes: dict[str, str] = {}
-        for file in self.files:
-            try:
-                with safe_open(str(file), framework="pt") as handle:
-                    for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
-                        view = handle.get_slice(key)
-                        self.shapes[key] = tuple(view.get_shape())
-                        self.dtypes[key] = view.get_dtype()
-            except Exception as exc:
+            files = sorted(base_dir.glob("*.safetensors"))
+        self.entries: list[TensorEntry] = [entry for file in files for entry in read_header(file)]
+        self.by_name = {entry.name: entry for entry in self.entries}
+        self.shapes = {entry.name: entry.shape for entry in self.entries}
+
+    def float_dtypes(self) -> set[str]:
+        return {e.dtype for e in self.entries if e.dtype in ("F16", "BF16", "F32")}
+
+
+def check_configs(adapter: LoraAdapter, base_config: dict[str, Any], base_dir: Path) -> None:
+    """Refuse an adapter whose recorded base differs in shape from this base; warn about QLoRA."""
+    where = adapter.path / ADAPTER_CONFIG
+    hint = adapter.base_model_name_or_path
+    if hint and QUANTIZED_BASE_HINT.search(hint):
+        log.warning(
+            "%s says the adapter was trained on %s, a quantized base (QLoRA). Merging onto the 16-bit base %s is "
+            "right: the quantized weights approximate it, and re-quantizing a merge of dequantized weights would "
+            "stack two rounding errors.",
+            where,
+            hint,
+            base_dir,
+        )
+    if "quantization_config" in base_config:
+        method = base_config["quantization_config"].get("quant_method", "quantized")
+        raise InputError(
+            f"{base_dir / 'config.json'} describes a {method} model; merging needs the original 16-bit base "
+            "(fp16/bf16 safetensors) the quantized one was made from. Pass that with --base."
+        )
+    if hint and Path(hint).is_dir() and (Path(hint) / "config.json").is_file():
+        trained = json.loads((Path(hint) / "config.json").read_text())
+        for key in ("vocab_size", "hidden_size", "num_hidden_layers"):
+            if key in trained and key in base_config and trained[key] != base_config[key]:
                 raise InputError(
-                    f"{file} could not be read as safetensors ({exc}); the file is truncated or corrupt. "
-                    "Re-download or re-save the base model."
-                ) from exc
-
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for file in self.files:
-            with safe_open(str(file), framework="pt") as handle:
-                for key in handle.keys():  # noqa: SIM118
-                    yield key, handle.get_tensor(key)
-
-
-class ShardWriter:
-    """Writes tensors into safetensors shards of bounded size, flushing each when full."""
-
-    def __init__(self, folder: Path, max_shard_bytes: int):
-        self.folder = folder
-        self.max_shard_bytes = max_shard_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.written: list[tuple[Path, list[str]]] = []
-        self.total_bytes = 0
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_shard_bytes:
-            self.flush()
-        self.pending[name] = tensor.contiguous()
-        self.pending_bytes += size
-        self.total_bytes += size
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        path = self.folder / f"shard-{len(self.written):05d}.tmp"
-        save_file(self.pending, str(path), metadata={"format": "pt"})
-        self.written.append((path, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
-
-    def finish(self) -> int:
-        """Give shards their final names and write the index when there is more than one."""
-        self.flush()
-        count = len(self.written)
-        if count == 1:
-            self.written[0][0].rename(self.folder / "model.safetensors")
-            return 1
-        weight_map = {}
-        for number, (path, names) in enumerate(self.written, start=1):
-            final = f"model-{number:05d}-of-{count:05d}.safetensors"
-            path.rename(self.folder / final)
-            weight_map.update(dict.fromkeys(names, final))
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        return count
+                    f"{where} was trained on {hint} ({key}={trained[key]}), but the base {base_dir} has "
+                    f"{key}={base_config[key]}. Pass the base the adapter was trained on."
+                )
 
 
 def tokenizer_source(adapters: list[LoraAdapter], base_dir: Path) -> Path:
@@ -272,75 +493,125 @@ def tokenizer_source(adapters: list[LoraAdapter], base_dir: Path) -> Path:
     return base_dir
 
 
+def plan_merge(
+    base: BaseModel, adapters: list[LoraAdapter], base_config: dict[str, Any]
+) -> tuple[MergePlan, bool]:
+    """Check every adapter against the base and decide every output tensor; nothing is written."""
+    plan = MergePlan()
+    shapes = dict(base.shapes)
+    embedding = tied_embedding(shapes, base_config)
+    if embedding:
+        shapes[OUTPUT_NAME] = shapes[embedding]  # lm_head exists in the model, stored as the embedding
+    for adapter in adapters:
+        check_configs(adapter, base_config, base.base_dir)
+        plan_adapter(adapter, shapes, plan)
+    untied = untie_if_one_side_changes(plan, embedding) if embedding else False
+    return plan, untied
+
+
 def merge_adapters(
     base_dir: Path,
     adapters: list[LoraAdapter],
     out_dir: Path,
     dtype: str | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: Callable[[int, int], None] | None = None,
 ) -> MergeResult:
     """Merge `adapters` into the base at `base_dir` and write a complete HF folder at `out_dir`."""
     base_config = json.loads((base_dir / "config.json").read_text())
-    shards = BaseModelShards(base_dir)
-    plan: dict[str, list[LoraDelta]] = {}
-    for adapter in adapters:
-        check_configs(adapter, base_config, base_dir)
-        for target, delta in plan_adapter(adapter, shards.shapes).items():
-            plan.setdefault(target, []).append(delta)
+    base = BaseModel(base_dir)
+    plan, untied = plan_merge(base, adapters, base_config)
+    out_dtype = _output_dtype(dtype, base)
 
-    out_dtype = _output_dtype(dtype, shards)
+    extra_after = {source: name for name, source in plan.extra_outputs}
+    layout: list[PlannedTensor] = []
+    for entry in base.entries:
+        tensor_dtype = out_dtype if entry.dtype in ("F16", "BF16", "F32") else SAFETENSORS_DTYPES[entry.dtype]
+        layout.append(PlannedTensor(entry.name, tensor_dtype, entry.shape))
+        if entry.name in extra_after:
+            layout.append(PlannedTensor(extra_after[entry.name], tensor_dtype, entry.shape))
+
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary model folder
+    writer = StreamingShardWriter(staging, layout, max_shard_bytes)
     try:
-        writer = ShardWriter(staging, max_shard_bytes)
-        for name, tensor in shards.tensors():
-            if name in plan:
-                merged = tensor.float()
-                for delta in plan[name]:
-                    merged += delta.delta()
-                if not torch.isfinite(merged).all():
-                    raise InputError(
-                        f"Merging into {name} produced NaN or Inf values: the adapter weights in "
-                        f"{', '.join(str(a.weights) for a in adapters)} are corrupt or overflow. Nothing was written."
-                    )
-                tensor = merged
-            if tensor.is_floating_point():
-                tensor = tensor.to(out_dtype)
-            writer.add(name, tensor)
+        for done, (entry, tensor) in enumerate(iter_tensors(base.entries), start=1):
+            _write_merged(writer, entry.name, tensor, plan, out_dtype, adapters)
+            if entry.name in extra_after:
+                _write_merged(writer, extra_after[entry.name], tensor, plan, out_dtype, adapters)
+            if progress:
+                progress(done, len(base.entries))
         shard_count = writer.finish()
-        _write_side_files(base_dir, tokenizer_source(adapters, base_dir), staging, base_config, out_dtype)
+        _write_side_files(
+            base_dir,
+            tokenizer_source(adapters, base_dir),
+            staging,
+            base_config,
+            out_dtype,
+            plan.config_changes,
+        )
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(staging, out_dir)
     finally:
+        writer.abort()
         if staging.exists():
             shutil.rmtree(staging)
+    merged_names = set(plan.updates) | {name for name, _ in plan.extra_outputs}
     return MergeResult(
-        out_dir, len(plan), len(shards.shapes), str(out_dtype).removeprefix("torch."), shard_count
+        out_dir, len(merged_names), len(layout), str(out_dtype).removeprefix("torch."), shard_count, untied
     )
 
 
-def _output_dtype(requested: str | None, shards: BaseModelShards) -> torch.dtype:
+def _write_merged(
+    writer: StreamingShardWriter,
+    name: str,
+    tensor: torch.Tensor,
+    plan: MergePlan,
+    out_dtype: torch.dtype,
+    adapters: list[LoraAdapter],
+) -> None:
+    updates = plan.updates.get(name)
+    if updates:
+        merged = tensor.float()
+        for update in updates:
+            merged = update.apply(merged)
+        if not torch.isfinite(merged).all():
+            raise InputError(
+                f"Merging into {name} produced NaN or Inf values: the adapter weights in "
+                f"{', '.join(str(a.weights) for a in adapters)} are corrupt or overflow. Nothing was written."
+            )
+        tensor = merged
+    if tensor.is_floating_point():
+        tensor = tensor.to(out_dtype)
+    writer.write(name, tensor)
+
+
+def _output_dtype(requested: str | None, base: BaseModel) -> torch.dtype:
     if requested:
         if requested.lower() not in DTYPES:
             raise InputError(
                 f"--dtype {requested!r} is not supported; use one of float16, bfloat16, float32."
             )
         return DTYPES[requested.lower()]
-    float_dtypes = {d for d in shards.dtypes.values() if d in ("F16", "BF16", "F32")}
+    float_dtypes = base.float_dtypes()
     if float_dtypes == {"BF16"}:
         return torch.bfloat16
-    if "F32" in float_dtypes and "F16" not in float_dtypes and "BF16" not in float_dtypes:
-        log.warning("%s is stored in float32; writing the merged model as float16", shards.base_dir)
+    if float_dtypes == {"F32"}:
+        log.warning("%s is stored in float32; writing the merged model as float16", base.base_dir)
     return torch.float16
 
 
 def _write_side_files(
-    base_dir: Path, tokenizer_dir: Path, staging: Path, base_config: dict[str, Any], dtype: torch.dtype
+    base_dir: Path,
+    tokenizer_dir: Path,
+    staging: Path,
+    base_config: dict[str, Any],
+    dtype: torch.dtype,
+    config_changes: dict[str, Any],
 ) -> None:
-    config = dict(base_config)
-    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    config = {**base_config, **config_changes, "torch_dtype": str(dtype).removeprefix("torch.")}
     (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for name in TOKENIZER_FILES:
         source = tokenizer_dir / name

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from exporter.adapter import read_adapter
 from exporter.merge import merge_adapters
-from tests.tiny import make_adapter, make_tiny_llama
+from tests.tiny import make_adapter, make_ia3_adapter, make_tiny_gpt2, make_tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -19,11 +19,29 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("merge") / "base")
 
 
+@pytest.fixture(scope="module")
+def untied_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("merge") / "untied", tie=False)
+
+
+@pytest.fixture(scope="module")
+def gpt2_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_gpt2(tmp_path_factory.mktemp("merge") / "gpt2")
+
+
 def load_state(folder: Path) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for file in sorted(folder.glob("*.safetensors")):
         state.update(load_file(str(file)))
     return state
+
+
+IDS = torch.arange(0, 40).reshape(2, 20) % 200
+
+
+def logits_of(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
 
 
 def peft_reference(base: Path, adapters: list[tuple[Path, float]]):
@@ -45,43 +63,33 @@ def peft_reference(base: Path, adapters: list[tuple[Path, float]]):
         peft_model.set_adapter("combined")
     elif adapters[0][1] != 1.0:
         raise ValueError("single weighted adapters are compared through add_weighted_adapter")
-    ids = torch.arange(0, 40).reshape(2, 20) % 200
-    with torch.no_grad():
-        logits = peft_model(input_ids=ids).logits
+    logits = logits_of(peft_model)
     merged = peft_model.merge_and_unload()
     state = {k: v.to(torch.float16) for k, v in merged.state_dict().items()}
     return logits, state
 
 
-def our_merge(base: Path, adapters: list[tuple[Path, float]], out: Path, **kwargs):
-    result = merge_adapters(base, [read_adapter(p, w) for p, w in adapters], out, **kwargs)
+def assert_matches_peft(
+    base: Path, adapters: list[tuple[Path, float]], out: Path, skip_tensors: tuple[str, ...] = (), **kwargs
+):
+    """Our merge equals PEFT's: every tensor (within fp16 rounding) and the unmerged model's logits."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    ids = torch.arange(0, 40).reshape(2, 20) % 200
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits
-    return result, logits
-
-
-def assert_matches_peft(base: Path, adapters: list[tuple[Path, float]], out: Path, **kwargs) -> None:
-    from transformers import AutoModelForCausalLM
-
-    base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    ids = torch.arange(0, 40).reshape(2, 20) % 200
-    with torch.no_grad():
-        base_logits = base_model(input_ids=ids).logits
+    base_logits = logits_of(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32))
     peft_logits, peft_state = peft_reference(base, adapters)
     # The adapter must matter, or the comparison below proves nothing.
     assert (peft_logits - base_logits).abs().max() > 0.05
-    result, logits = our_merge(base, adapters, out, **kwargs)
+    result = merge_adapters(base, [read_adapter(p, w) for p, w in adapters], out, **kwargs)
     ours = load_state(out)
     assert result.merged_tensors > 0
     for name, tensor in ours.items():
-        expected = peft_state[name]
+        if name in skip_tensors:
+            continue
         assert tensor.dtype == torch.float16
-        torch.testing.assert_close(tensor.float(), expected.float(), rtol=2e-3, atol=2e-4, msg=name)
+        torch.testing.assert_close(tensor.float(), peft_state[name].float(), rtol=2e-3, atol=2e-4, msg=name)
+    logits = logits_of(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32))
     torch.testing.assert_close(logits, peft_logits, rtol=0, atol=2e-2)
+    return result, ours
 
 
 def test_plain_lora(tiny_base: Path, tmp_path: Path):
@@ -150,3 +158,123 @@ def test_side_files_are_carried_through(tiny_base: Path, tmp_path: Path):
     assert (out / "tokenizer.json").read_text() == "{}"
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float16"
     assert not list(tmp_path.glob(".merged.partial-*"))
+
+
+def test_dora(tiny_base: Path, tmp_path: Path):
+    adapter = make_adapter(tiny_base, tmp_path / "adapter", use_dora=True, perturb=True)
+    assert_matches_peft(tiny_base, [(adapter, 1.0)], tmp_path / "merged")
+
+
+def test_fan_in_fan_out_conv1d_with_lora_bias(gpt2_base: Path, tmp_path: Path):
+    adapter = make_adapter(
+        gpt2_base,
+        tmp_path / "adapter",
+        target_modules=["c_attn", "c_proj", "c_fc"],
+        fan_in_fan_out=True,
+        lora_bias=True,
+        perturb=True,
+    )
+    assert_matches_peft(gpt2_base, [(adapter, 1.0)], tmp_path / "merged")
+
+
+def test_dora_on_conv1d(gpt2_base: Path, tmp_path: Path):
+    adapter = make_adapter(
+        gpt2_base,
+        tmp_path / "adapter",
+        target_modules=["c_attn", "c_fc"],
+        fan_in_fan_out=True,
+        use_dora=True,
+        perturb=True,
+    )
+    assert_matches_peft(gpt2_base, [(adapter, 1.0)], tmp_path / "merged")
+
+
+def test_trained_biases_bias_all(gpt2_base: Path, tmp_path: Path):
+    adapter = make_adapter(
+        gpt2_base,
+        tmp_path / "adapter",
+        target_modules=["c_attn"],
+        fan_in_fan_out=True,
+        bias="all",
+        perturb=True,
+    )
+    _, ours = assert_matches_peft(gpt2_base, [(adapter, 1.0)], tmp_path / "merged")
+    assert "transformer.h.0.mlp.c_fc.bias" in ours  # a bias outside the LoRA modules, trained too
+
+
+def test_lora_on_untied_lm_head_and_embedding(untied_base: Path, tmp_path: Path):
+    adapter = make_adapter(
+        untied_base, tmp_path / "adapter", target_modules=["q_proj", "lm_head", "embed_tokens"]
+    )
+    assert_matches_peft(untied_base, [(adapter, 1.0)], tmp_path / "merged")
+
+
+def test_modules_to_save_on_untied_base(untied_base: Path, tmp_path: Path):
+    adapter = make_adapter(
+        untied_base,
+        tmp_path / "adapter",
+        target_modules=["q_proj"],
+        modules_to_save=["lm_head"],
+        perturb=True,
+    )
+    assert_matches_peft(untied_base, [(adapter, 1.0)], tmp_path / "merged")
+
+
+@pytest.mark.parametrize(
+    ("case", "options"),
+    [
+        ("embedding LoRA", {"target_modules": ["q_proj", "embed_tokens"]}),
+        ("lm_head LoRA", {"target_modules": ["q_proj", "lm_head"]}),
+        ("lm_head copy", {"target_modules": ["q_proj"], "modules_to_save": ["lm_head"], "perturb": True}),
+        (
+            "embedding copy",
+            {"target_modules": ["q_proj"], "modules_to_save": ["embed_tokens"], "perturb": True},
+        ),
+    ],
+)
+def test_tied_embeddings_are_untied_when_one_side_changes(tiny_base: Path, tmp_path: Path, case, options):
+    """The unmerged PEFT model changes one side of a tied embedding; the merged one must behave the same."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = make_adapter(tiny_base, tmp_path / "adapter", **options)
+    base_state = load_state(tiny_base)
+    assert "lm_head.weight" not in base_state
+    unmerged = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32), adapter
+    )
+    expected = logits_of(unmerged)
+    result = merge_adapters(tiny_base, [read_adapter(adapter)], tmp_path / "merged")
+    assert result.untied_embeddings, case
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False
+    ours = load_state(tmp_path / "merged")
+    embedding, head = ours["model.embed_tokens.weight"], ours["lm_head.weight"]
+    original = base_state["model.embed_tokens.weight"]
+    changed_head = "lm_head" in case
+    assert torch.equal(embedding if changed_head else head, original)  # the other side is the original
+    assert not torch.equal(head if changed_head else embedding, original)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    torch.testing.assert_close(logits_of(merged), expected, rtol=0, atol=2e-2)
+
+
+def test_ia3(tiny_base: Path, gpt2_base: Path, tmp_path: Path):
+    llama = make_ia3_adapter(
+        tiny_base, tmp_path / "llama-ia3", ["k_proj", "v_proj", "down_proj"], ["down_proj"]
+    )
+    assert_matches_peft(tiny_base, [(llama, 1.0)], tmp_path / "llama-merged")
+    gpt2 = make_ia3_adapter(
+        gpt2_base, tmp_path / "gpt2-ia3", ["c_attn", "c_fc"], ["c_fc"], fan_in_fan_out=True
+    )
+    assert_matches_peft(gpt2_base, [(gpt2, 1.0)], tmp_path / "gpt2-merged")
+
+
+def test_bf16_base_stays_bf16_and_dtype_can_be_chosen(tmp_path: Path):
+    base = make_tiny_llama(tmp_path / "bf16-base", dtype=torch.bfloat16)
+    adapter = make_adapter(base, tmp_path / "adapter")
+    result = merge_adapters(base, [read_adapter(adapter)], tmp_path / "merged")
+    assert result.dtype == "bfloat16"
+    assert {t.dtype for t in load_state(tmp_path / "merged").values()} == {torch.bfloat16}
+    as_fp16 = merge_adapters(base, [read_adapter(adapter)], tmp_path / "fp16", dtype="float16")
+    assert as_fp16.dtype == "float16"
+    assert {t.dtype for t in load_state(tmp_path / "fp16").values()} == {torch.float16}

@@ -38,8 +38,27 @@ def make_tiny_llama(
     return folder
 
 
-def make_adapter(base: Path, folder: Path, seed: int = 1, **lora_kwargs: Any) -> Path:
-    """A PEFT LoRA adapter on `base` with random (non-zero) A and B, saved with save_pretrained."""
+def make_tiny_gpt2(folder: Path, hidden: int = 64, vocab: int = 256, seed: int = 0) -> Path:
+    """GPT-2 stores its projections as Conv1D (in × out): the fan_in_fan_out case, with biases."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(n_embd=hidden, n_layer=2, n_head=4, vocab_size=vocab, n_positions=128)
+    model = GPT2LMHeadModel(config).to(torch.float16)
+    with torch.no_grad():  # GPT-2 initialises biases to zero; make them matter
+        for name, parameter in model.named_parameters():
+            if name.endswith(".bias"):
+                parameter.normal_(0, 0.02)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def make_adapter(base: Path, folder: Path, seed: int = 1, perturb: bool = False, **lora_kwargs: Any) -> Path:
+    """A PEFT LoRA adapter on `base` with random (non-zero) A and B, saved with save_pretrained.
+
+    perturb=True also changes every other trainable tensor (DoRA magnitudes, LoRA biases,
+    modules_to_save copies, trained biases), which PEFT initialises to values that change nothing.
+    """
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -48,8 +67,44 @@ def make_adapter(base: Path, folder: Path, seed: int = 1, **lora_kwargs: Any) ->
     options: dict[str, Any] = {"r": 4, "lora_alpha": 8, "target_modules": TARGETS, "init_lora_weights": False}
     options.update(lora_kwargs)
     peft_model = get_peft_model(model, LoraConfig(**options))
+    _perturb(peft_model, perturb)
     peft_model.save_pretrained(folder, safe_serialization=True)
     config = json.loads((folder / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = str(base)
     (folder / "adapter_config.json").write_text(json.dumps(config))
     return folder
+
+
+def make_ia3_adapter(
+    base: Path,
+    folder: Path,
+    target_modules: list[str],
+    feedforward_modules: list[str],
+    seed: int = 1,
+    **kwargs: Any,
+) -> Path:
+    from peft import IA3Config, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    peft_model = get_peft_model(
+        model, IA3Config(target_modules=target_modules, feedforward_modules=feedforward_modules, **kwargs)
+    )
+    _perturb(peft_model, True)
+    peft_model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def _perturb(peft_model: Any, everything: bool) -> None:
+    if not everything:
+        return
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if (
+                not parameter.requires_grad
+                or ".lora_A." in name
+                or ".lora_B.weight" in name.replace("default.", "")
+            ):
+                continue
+            parameter.mul_(1 + 0.3 * torch.randn_like(parameter)).add_(0.02 * torch.randn_like(parameter))

@@ -1,0 +1,219 @@
+"""Streaming safetensors reading and writing with a working set of one tensor.
+
+The safetensors library reads through a memory map (every page touched stays resident while the
+file is open) and writes whole dicts of tensors. A merge of a 70B model needs neither: tensors are
+read one at a time with plain file reads, and written into shard files whose headers are computed
+up front from the planned names, dtypes and shapes, so each tensor goes to disk as soon as it is
+produced. The format is the documented one: an 8-byte little-endian header length, a JSON header
+({name: {dtype, shape, data_offsets}}, "__metadata__"), then the tensor bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from io import BufferedReader
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from exporter.errors import InputError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+NAMES = {dtype: name for name, dtype in DTYPES.items()}
+MAX_HEADER = 100 << 20
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives in a safetensors file."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+    start: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def _corrupt(path: Path, why: str) -> InputError:
+    return InputError(
+        f"{path} is not a valid safetensors file ({why}); it is truncated or corrupt. "
+        "Re-download or re-save it."
+    )
+
+
+def read_header(path: Path) -> list[TensorEntry]:
+    """The tensors of one safetensors file in storage order, validated against the file's size."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        raw = handle.read(8)
+        if len(raw) < 8:
+            raise _corrupt(path, "shorter than its 8-byte header length")
+        (length,) = struct.unpack("<Q", raw)
+        if length > min(MAX_HEADER, size - 8):
+            raise _corrupt(path, f"header length {length} exceeds the file")
+        try:
+            header = json.loads(handle.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise _corrupt(path, f"header is not JSON: {exc}") from exc
+    base = 8 + length
+    entries = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _corrupt(path, f"bad header entry for {name}") from exc
+        if dtype not in DTYPES:
+            raise InputError(f"{path}: tensor {name} has dtype {dtype}, which edge-export cannot read.")
+        expected = math.prod(shape) * torch.empty((), dtype=DTYPES[dtype]).element_size()
+        if end - begin != expected or base + end > size or begin < 0:
+            raise _corrupt(path, f"tensor {name} does not fit the file")
+        entries.append(TensorEntry(name, dtype, shape, path, base + begin, base + end))
+    entries.sort(key=lambda e: e.start)
+    return entries
+
+
+def read_tensor(handle: BufferedReader, entry: TensorEntry) -> torch.Tensor:
+    """Read one tensor with a plain file read (no memory map)."""
+    buffer = bytearray(entry.nbytes)
+    handle.seek(entry.start)
+    if handle.readinto(buffer) != entry.nbytes:
+        raise _corrupt(entry.file, f"tensor {entry.name} is cut short")
+    if not buffer:
+        return torch.empty(entry.shape, dtype=DTYPES[entry.dtype])
+    return torch.frombuffer(buffer, dtype=DTYPES[entry.dtype]).reshape(entry.shape)
+
+
+def iter_tensors(entries: list[TensorEntry]) -> Iterator[tuple[TensorEntry, torch.Tensor]]:
+    """Tensors in the given order, keeping one file open at a time."""
+    handle: BufferedReader | None = None
+    current: Path | None = None
+    try:
+        for entry in entries:
+            if entry.file != current:
+                if handle:
+                    handle.close()
+                handle, current = entry.file.open("rb"), entry.file
+            assert handle is not None
+            yield entry, read_tensor(handle, entry)
+    finally:
+        if handle:
+            handle.close()
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+class StreamingShardWriter:
+    """Writes planned tensors, in plan order, into shards of bounded size as they are produced."""
+
+    def __init__(self, folder: Path, plan: list[PlannedTensor], max_shard_bytes: int):
+        self.folder = folder
+        self.shards: list[list[PlannedTensor]] = [[]]
+        size = 0
+        for tensor in plan:
+            if self.shards[-1] and size + tensor.nbytes > max_shard_bytes:
+                self.shards.append([])
+                size = 0
+            self.shards[-1].append(tensor)
+            size += tensor.nbytes
+        self.total_bytes = sum(t.nbytes for t in plan)
+        self.order = [t for shard in self.shards for t in shard]
+        self.position = 0
+        self.handle: BinaryIO | None = None
+        self.shard_index = -1
+        self.remaining_in_shard = 0
+
+    def _shard_name(self, index: int) -> str:
+        if len(self.shards) == 1:
+            return "model.safetensors"
+        return f"model-{index + 1:05d}-of-{len(self.shards):05d}.safetensors"
+
+    def _open_next_shard(self) -> None:
+        if self.handle:
+            self.handle.close()
+        self.shard_index += 1
+        tensors = self.shards[self.shard_index]
+        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for tensor in tensors:
+            header[tensor.name] = {
+                "dtype": NAMES[tensor.dtype],
+                "shape": list(tensor.shape),
+                "data_offsets": [offset, offset + tensor.nbytes],
+            }
+            offset += tensor.nbytes
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # keep tensor data 8-byte aligned, as safetensors does
+        self.handle = (self.folder / self._shard_name(self.shard_index)).open("wb")
+        self.handle.write(struct.pack("<Q", len(encoded)))
+        self.handle.write(encoded)
+        self.remaining_in_shard = len(tensors)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        planned = self.order[self.position]
+        if planned.name != name or planned.dtype != tensor.dtype or tuple(tensor.shape) != planned.shape:
+            raise RuntimeError(
+                f"tensor {name} {tensor.dtype} {tuple(tensor.shape)} does not follow the plan {planned}"
+            )
+        if self.remaining_in_shard == 0:
+            self._open_next_shard()
+        assert self.handle is not None
+        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+        self.handle.write(data.data)
+        self.remaining_in_shard -= 1
+        self.position += 1
+
+    def finish(self) -> int:
+        """Close the last shard and write the index when there is more than one; returns the shard count."""
+        if self.position != len(self.order):
+            raise RuntimeError(f"only {self.position} of {len(self.order)} planned tensors were written")
+        if self.handle:
+            self.handle.flush()
+            os.fsync(self.handle.fileno())
+            self.handle.close()
+            self.handle = None
+        if len(self.shards) > 1:
+            weight_map = {t.name: self._shard_name(i) for i, shard in enumerate(self.shards) for t in shard}
+            index = {
+                "metadata": {"total_size": self.total_bytes},
+                "weight_map": dict(sorted(weight_map.items())),
+            }
+            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return len(self.shards)
+
+    def abort(self) -> None:
+        if self.handle:
+            self.handle.close()
+            self.handle = None
