@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -146,6 +147,73 @@ def merge_quantize_command(
         console.print(f"[yellow]note:[/] {note}")
     console.print(f"Modelfiles: {', '.join(m.name for m in result.modelfiles)}")
     console.print(f"manifest: {result.manifest}")
+
+
+def _parse_size(text: str) -> int:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", text, re.IGNORECASE)
+    if not match:
+        raise typer.BadParameter(f"{text!r} is not a size; write e.g. 2GB, 500MB or 1000000")
+    number, unit = float(match.group(1)), match.group(2).upper()
+    return int(number * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[unit])
+
+
+@app.command("merge")
+def merge_command(
+    adapter: Annotated[
+        list[str],
+        typer.Option(
+            "--adapter",
+            help="PEFT adapter folder; DIR:WEIGHT adds it with a weight. Repeat to merge several.",
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the merged Hugging Face model.")],
+    base: Annotated[
+        str | None,
+        typer.Option(
+            "--base",
+            help="Base model folder or Hugging Face id (local cache only). "
+            "Default: base_model_name_or_path from adapter_config.json.",
+        ),
+    ] = None,
+    dtype: Annotated[
+        str | None, typer.Option("--dtype", help="float16, bfloat16 or float32 (default: the base's).")
+    ] = None,
+    max_shard_size: Annotated[
+        str, typer.Option("--max-shard-size", help="Largest output shard, e.g. 2GB or 500MB.")
+    ] = "2GB",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out folder.")] = False,
+    allow_pickle: Annotated[
+        bool,
+        typer.Option(
+            "--allow-pickle", help="Accept a pickle adapter_model.bin (loaded with weights_only=True)."
+        ),
+    ] = False,
+) -> None:
+    """Merge adapters into the base and write the merged model as safetensors (no GGUF)."""
+    import time
+
+    from exporter.adapter import parse_adapter_argument
+    from exporter.pipeline import MergeOptions, merge_model
+
+    options = MergeOptions(
+        adapters=tuple(parse_adapter_argument(a) for a in adapter),
+        out=out,
+        base=base,
+        dtype=dtype,
+        max_shard_bytes=_parse_size(max_shard_size),
+        force=force,
+        allow_pickle=allow_pickle,
+    )
+    start = time.perf_counter()
+    with console.status("merging"):
+        result = merge_model(options, report=console.log)
+    seconds = time.perf_counter() - start
+    size = sum(f.stat().st_size for f in result.path.glob("*.safetensors"))
+    console.print(
+        f"merged {result.merged_tensors} of {result.total_tensors} tensors into {result.path} "
+        f"({result.dtype}, {result.shards} shard(s), {_human_size(size)}) in {seconds:.1f}s"
+        + ("; untied the embeddings (the adapter changes one side)" if result.untied_embeddings else "")
+    )
 
 
 @app.command("profiles")

@@ -69,6 +69,7 @@ TOKENIZER_FILES = (
 PASSTHROUGH_FILES = ("generation_config.json",)
 LICENSE_PATTERN = re.compile(r"^(LICEN[CS]E|NOTICE|USE_POLICY)(\.\w+)?$", re.IGNORECASE)
 DEFAULT_SHARD_BYTES = 2 << 30
+PROVENANCE_FILE = "edge-export-merge.json"
 EMBEDDING_NAMES = (
     "model.embed_tokens.weight",
     "transformer.wte.weight",
@@ -516,6 +517,7 @@ def merge_adapters(
     dtype: str | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: Callable[[int, int], None] | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> MergeResult:
     """Merge `adapters` into the base at `base_dir` and write a complete HF folder at `out_dir`."""
     base_config = json.loads((base_dir / "config.json").read_text())
@@ -551,6 +553,16 @@ def merge_adapters(
             out_dtype,
             plan.config_changes,
         )
+        merged_names = set(plan.updates) | {name for name, _ in plan.extra_outputs}
+        if provenance is not None:
+            record = {
+                **provenance,
+                "dtype": str(out_dtype).removeprefix("torch."),
+                "shards": shard_count,
+                "merged_tensors": sorted(merged_names),
+                "config_changes": plan.config_changes,
+            }
+            (staging / PROVENANCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(staging, out_dir)
@@ -558,7 +570,6 @@ def merge_adapters(
         writer.abort()
         if staging.exists():
             shutil.rmtree(staging)
-    merged_names = set(plan.updates) | {name for name, _ in plan.extra_outputs}
     return MergeResult(
         out_dir, len(merged_names), len(layout), str(out_dtype).removeprefix("torch."), shard_count, untied
     )

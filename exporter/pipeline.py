@@ -27,7 +27,7 @@ from exporter.adapter import LoraAdapter, read_adapter, resolve_base
 from exporter.artifacts import GGUFArtifact, read_gguf_header
 from exporter.errors import InputError, StageError
 from exporter.hashing import hash_files, sha256_file
-from exporter.merge import MergeResult, merge_adapters
+from exporter.merge import DEFAULT_SHARD_BYTES, MergeResult, merge_adapters
 from exporter.modelfile import ChatSpec, chat_spec, write_modelfile
 from quant_profiles import ProfileError, ProfileRegistry, QuantProfile, builtin_profiles
 
@@ -162,6 +162,59 @@ def resolve_profiles(
     return registry, list({p.name: p for p in profiles}.values())
 
 
+@dataclass(frozen=True)
+class MergeOptions:
+    """What `edge-export merge` was asked to do."""
+
+    adapters: tuple[tuple[Path, float], ...]
+    out: Path
+    base: str | None = None
+    dtype: str | None = None
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES
+    force: bool = False
+    allow_pickle: bool = False
+
+
+def merge_provenance(adapters: list[LoraAdapter], base_dir: Path) -> dict[str, Any]:
+    """What a merged folder came from: tool version and the adapters' file hashes (bases can be huge)."""
+    return {
+        "tool": f"edge-export {__version__}",
+        "created_utc": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "base": str(base_dir.resolve()),
+        "adapters": [
+            {
+                "path": str(a.path.resolve()),
+                "weight": a.weight,
+                "peft_type": a.peft_type,
+                "files": hash_files(_input_files(a.path), a.path),
+            }
+            for a in adapters
+        ],
+    }
+
+
+def merge_model(options: MergeOptions, report: Reporter = lambda _: None) -> MergeResult:
+    """`edge-export merge`: the merged HF folder alone, written atomically at options.out."""
+    adapters = [read_adapter(path, weight, options.allow_pickle) for path, weight in options.adapters]
+    base_dir = resolve_base(options.base, adapters[0])
+    out = options.out
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not options.force:
+        raise InputError(
+            f"The output folder {out} already exists and is not empty. Refusing to overwrite it; pass --force to "
+            "replace it, or choose another --out."
+        )
+    _check_output(out, [], options.force)
+    report(f"merging {len(adapters)} adapter(s) into {base_dir}")
+    return merge_adapters(
+        base_dir,
+        adapters,
+        out,
+        dtype=options.dtype,
+        max_shard_bytes=options.max_shard_bytes,
+        provenance=merge_provenance(adapters, base_dir),
+    )
+
+
 def merge_quantize(options: ExportOptions, report: Reporter = lambda _: None) -> ExportResult:
     """Run merge → convert → quantize → Modelfiles → manifest; on failure remove what this run wrote."""
     vendored = locate_vendored()
@@ -197,7 +250,13 @@ def merge_quantize(options: ExportOptions, report: Reporter = lambda _: None) ->
             (out / MANIFEST).unlink(missing_ok=True)
         report(f"merging {len(adapters)} adapter(s) into {base_dir}")
         with _timed(seconds, "merge"):
-            merged = merge_adapters(base_dir, adapters, guard.claim(out / MERGED_DIR), dtype=options.dtype)
+            merged = merge_adapters(
+                base_dir,
+                adapters,
+                guard.claim(out / MERGED_DIR),
+                dtype=options.dtype,
+                provenance=merge_provenance(adapters, base_dir),
+            )
         report(f"converting to GGUF with llama.cpp {vendored.commit[:9]}")
         with _timed(seconds, "convert"):
             convert_hf_to_gguf(merged.path, guard.claim(f16_path), vendored, model_name=name)
