@@ -16,8 +16,17 @@ def test_merge_command_matches_peft_on_the_demo_model(demo_inputs: DemoInputs, t
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "merged"
-    proc = run_cli("merge", "--adapter", str(demo_inputs.adapter), "--base", str(demo_inputs.base),
-                   "--out", str(out), "--max-shard-size", "100MB")
+    proc = run_cli(
+        "merge",
+        "--adapter",
+        str(demo_inputs.adapter),
+        "--base",
+        str(demo_inputs.base),
+        "--out",
+        str(out),
+        "--max-shard-size",
+        "100MB",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "merged 210 of 272 tensors" in proc.stdout
     index = json.loads((out / "model.safetensors.index.json").read_text())

@@ -45,14 +45,19 @@ def refuse(base: Path, adapter: Path, out: Path, *fragments: str, weight: float 
 
 @pytest.mark.parametrize(
     ("kind", "fragment"),
-    [("prefix", "PREFIX_TUNING adapter, and prefix tuning adds learned key/value prefixes"),
-     ("prompt", "PROMPT_TUNING adapter, and prompt tuning adds learned virtual tokens")],
+    [
+        ("prefix", "PREFIX_TUNING adapter, and prefix tuning adds learned key/value prefixes"),
+        ("prompt", "PROMPT_TUNING adapter, and prompt tuning adds learned virtual tokens"),
+    ],
 )
 def test_prefix_and_prompt_tuning_cannot_be_merged(tiny, tmp_path: Path, kind: str, fragment: str):
     from peft import PrefixTuningConfig, PromptTuningConfig
 
-    config = (PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4) if kind == "prefix"
-              else PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    config = (
+        PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+        if kind == "prefix"
+        else PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    )
     adapter = peft_adapter(tiny["base"], tmp_path / kind, config)
     refuse(tiny["base"], adapter, tmp_path / "out", fragment, "cannot be merged")
 
@@ -110,8 +115,10 @@ def test_pickle_adapter_is_loaded_weights_only_when_allowed(tiny, tmp_path: Path
         read_adapter(adapter)
     merge_adapters(tiny["base"], [read_adapter(adapter, allow_pickle=True)], tmp_path / "from-pickle")
     merge_adapters(tiny["base"], [read_adapter(tiny["adapter"])], tmp_path / "from-safetensors")
-    assert load_file(str(tmp_path / "from-pickle" / "model.safetensors")).keys() == load_file(
-        str(tmp_path / "from-safetensors" / "model.safetensors")).keys()
+    assert (
+        load_file(str(tmp_path / "from-pickle" / "model.safetensors")).keys()
+        == load_file(str(tmp_path / "from-safetensors" / "model.safetensors")).keys()
+    )
 
 
 class Payload:
