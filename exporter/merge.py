@@ -476,14 +476,31 @@ def check_configs(adapter: LoraAdapter, base_config: dict[str, Any], base_dir: P
             f"{base_dir / 'config.json'} describes a {method} model; merging needs the original 16-bit base "
             "(fp16/bf16 safetensors) the quantized one was made from. Pass that with --base."
         )
-    if hint and Path(hint).is_dir() and (Path(hint) / "config.json").is_file():
-        trained = json.loads((Path(hint) / "config.json").read_text())
+    trained_config = _recorded_base_config(hint)
+    if trained_config is not None:
+        trained = json.loads(trained_config.read_text())
         for key in ("vocab_size", "hidden_size", "num_hidden_layers"):
             if key in trained and key in base_config and trained[key] != base_config[key]:
                 raise InputError(
                     f"{where} was trained on {hint} ({key}={trained[key]}), but the base {base_dir} has "
                     f"{key}={base_config[key]}. Pass the base the adapter was trained on."
                 )
+
+
+def _recorded_base_config(hint: str | None) -> Path | None:
+    """config.json of the base the adapter recorded, when it is on this machine (folder or HF cache)."""
+    if not hint:
+        return None
+    if Path(hint).is_dir():
+        path = Path(hint) / "config.json"
+        return path if path.is_file() else None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(hint, "config.json")
+    except Exception:  # noqa: BLE001 - an id that is not a valid repo name is simply not cached
+        return None
+    return Path(cached) if isinstance(cached, str) else None
 
 
 def tokenizer_source(adapters: list[LoraAdapter], base_dir: Path) -> Path:
