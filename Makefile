@@ -33,7 +33,8 @@ demo-inputs: install
 
 demo: install vendor demo-inputs
 	$(VENV)/bin/edge-export merge-quantize --adapter $(DEMO_DIR)/adapter --base $(DEMO_DIR)/base \
-		--name smollm2-pirate --profile Q4_K_M --profile Q8_0 --out $(DEMO_OUT) --force
+		--name smollm2-pirate --profile Q4_K_M --profile Q8_0 --out $(DEMO_OUT) --force \
+		--eval-data exporter/data/demo_eval.jsonl
 
 test: install vendor
 	$(PY) -m pytest -q

@@ -9,7 +9,7 @@ small for evaluation, and EDGE_EXPORT_EXTRA_BUFTS=1 turns them back on.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,35 @@ def greedy_generate(
     return [list(map(int, ids)) for ids in response["continuations"]]
 
 
+def score_gguf(
+    gguf: Path,
+    sequences: Sequence[Sequence[int]],
+    reference_file: Path,
+    output_file: Path,
+    prompts: Sequence[Sequence[int]] = (),
+    max_new_tokens: int = 0,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Evaluate `gguf` on the sequences against a reference file (exporter.quality's format).
+
+    The child writes per-position kld / same_top / nll arrays to `output_file` (npz) and returns the
+    greedy continuations of `prompts` and its evaluation time.
+    """
+    n_ctx = max([len(s) for s in sequences] + [len(p) + max_new_tokens for p in prompts])
+    request = {
+        "op": "score",
+        "gguf": str(gguf),
+        "sequences": [list(s) for s in sequences],
+        "reference": str(reference_file),
+        "output": str(output_file),
+        "prompts": [list(p) for p in prompts],
+        "max_new_tokens": max_new_tokens,
+        "n_ctx": n_ctx,
+        "threads": threads or os.cpu_count() or 1,
+    }
+    return run_child("converters.llama_runtime", request, f"Evaluating {gguf.name} with llama.cpp")
+
+
 def _load(request: dict[str, Any]) -> Any:
     import llama_cpp
     import llama_cpp.llama as llama_module
@@ -78,11 +107,11 @@ def _load(request: dict[str, Any]) -> Any:
     )
 
 
-def _generate(request: dict[str, Any]) -> dict[str, Any]:
+def _generate(request: dict[str, Any], llm: Any = None) -> dict[str, Any]:
     import llama_cpp
     import numpy as np
 
-    llm = _load(request)
+    llm = llm or _load(request)
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
     continuations = []
     for prompt in request["prompts"]:
@@ -101,7 +130,65 @@ def _generate(request: dict[str, Any]) -> dict[str, Any]:
     return {"continuations": continuations}
 
 
-_OPERATIONS = {"generate": _generate}
+def _score(request: dict[str, Any]) -> dict[str, Any]:
+    import time
+
+    import numpy as np
+
+    from exporter.metrics import compare_rows, log_softmax
+
+    llm = _load(request)
+    reference = np.load(request["reference"])
+    idx, lp = reference["idx"], reference["lp"]
+    parts: dict[str, list[np.ndarray]] = {"kld": [], "same_top": [], "nll": []}
+    position = 0
+    start = time.perf_counter()  # the whole scoring loop, metrics included (bench/quality compares it)
+    for sequence in request["sequences"]:
+        ids = np.asarray(sequence)
+        n = len(ids)
+        llm.reset()
+        llm.eval(sequence)
+        logits = np.asarray(llm.scores[:n], dtype=np.float32)
+        rows = compare_rows(
+            log_softmax(logits), ids, idx[position : position + n - 1], lp[position : position + n - 1]
+        )
+        for key, value in rows.items():
+            parts[key].append(value)
+        position += n - 1
+    eval_seconds = time.perf_counter() - start
+    if position != len(idx):
+        raise ValueError(f"the reference has {len(idx)} positions but the sequences have {position}")
+    np.savez(request["output"], **{key: np.concatenate(values) for key, values in parts.items()})
+    start = time.perf_counter()
+    greedy = _generate(request, llm)["continuations"] if request["prompts"] else []
+    generate_seconds = time.perf_counter() - start
+    generated = sum(len(g) for g in greedy)
+    return {
+        "eval_seconds": eval_seconds,
+        "tokens": sum(len(s) for s in request["sequences"]),
+        "greedy": greedy,
+        "generate_seconds": generate_seconds,
+        "generated_tokens": generated,
+    }
+
+
+def _raw_eval(request: dict[str, Any]) -> dict[str, Any]:
+    """llama-cpp-python's plain eval of the same sequences, nothing else (for bench/quality)."""
+    import time
+
+    llm = _load(request)
+    start = time.perf_counter()
+    for sequence in request["sequences"]:
+        llm.reset()
+        llm.eval(sequence)
+    return {"eval_seconds": time.perf_counter() - start, "tokens": sum(len(s) for s in request["sequences"])}
+
+
+_OPERATIONS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "generate": _generate,
+    "score": _score,
+    "raw_eval": _raw_eval,
+}
 
 if __name__ == "__main__":
     child_main(lambda request: _OPERATIONS[request["op"]](request))

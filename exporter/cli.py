@@ -10,7 +10,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -18,6 +18,10 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from exporter.errors import ExportError
+
+if TYPE_CHECKING:
+    from exporter.pipeline import QualitySummary
+    from exporter.quality import QualityOptions
 
 app = typer.Typer(
     add_completion=False,
@@ -57,6 +61,100 @@ def _human_size(size: int) -> str:
             return f"{size:.1f} {unit}" if unit != "B" else f"{size} B"
         size /= 1024  # type: ignore[assignment]
     return str(size)
+
+
+EvalDataOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--eval-data",
+        help='Evaluation text (.txt) or chat JSONL ({"messages": [...]}); default: built-in set.',
+    ),
+]
+ReferenceDtypeOption = Annotated[
+    str,
+    typer.Option("--reference-dtype", help="dtype of the unmerged PyTorch reference: float32 or bfloat16."),
+]
+ReferenceDeviceOption = Annotated[
+    str,
+    typer.Option("--reference-device", help="Device of the PyTorch reference: cpu, or mps on Apple silicon."),
+]
+GateOption = Annotated[
+    list[str],
+    typer.Option(
+        "--gate",
+        help="Override a quality gate: KEY=VALUE or PROFILE:KEY=VALUE "
+        "(max_mean_kld, min_top1, max_ln_ppl_ratio, min_greedy_match, min_adapter_effect_kept).",
+    ),
+]
+
+
+def _quality_options(
+    eval_data: Path | None, dtype: str, device: str, gates: list[str], threads: int | None
+) -> QualityOptions:
+    from exporter.quality import QualityOptions
+
+    return QualityOptions(
+        eval_data=eval_data, reference_dtype=dtype, device=device, gates=tuple(gates), threads=threads
+    )
+
+
+def _fmt(value: object, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _print_quality(summary: QualitySummary) -> None:
+    table = Table(title="quality against the unmerged fine-tune (base + adapter in PyTorch)")
+    for column in (
+        "artifact",
+        "size",
+        "mean KLD",
+        "p99 KLD",
+        "top-1",
+        "ln PPL ratio",
+        "greedy",
+        "effect kept",
+        "gates",
+    ):
+        table.add_column(column, justify="left" if column in ("artifact", "gates") else "right")
+    for item in [*summary.items, summary.floor]:
+        m = item.metrics
+        if "error" in m:
+            table.add_row(
+                item.label,
+                _human_size(item.size_bytes),
+                "[red]evaluation failed[/]",
+                "",
+                "",
+                "",
+                "",
+                "",
+                "[red]FAIL[/]",
+            )
+            continue
+        status = "" if not item.gates else ("[green]pass[/]" if item.passed else "[red]FAIL[/]")
+        table.add_row(
+            item.label,
+            _human_size(item.size_bytes) if item.size_bytes else "–",
+            _fmt(m.get("mean_kld"), ".5f"),
+            _fmt(m.get("p99_kld"), ".4f"),
+            _fmt(m.get("top1"), ".1%"),
+            _fmt(m.get("ln_ppl_ratio"), "+.4f"),
+            _fmt(m.get("greedy_match"), ".0%"),
+            _fmt(m.get("adapter_effect_kept"), ".1%"),
+            status,
+        )
+    console.print(table)
+    for path in summary.reports:
+        console.print(f"report: {path}")
+    failed = summary.failed_gates
+    if failed:
+        failures = Table(title="[red]failed quality gates[/]")
+        for column in ("artifact", "gate", "limit", "value", "by"):
+            failures.add_column(column)
+        for gate in failed:
+            by = "" if gate.value is None else f"{abs(gate.value - gate.limit):.4g}"
+            failures.add_row(gate.profile, gate.gate, f"{gate.limit:g}", _fmt(gate.value, ".4g"), by)
+        err_console.print(failures)
 
 
 @app.command("merge-quantize")
@@ -104,8 +202,15 @@ def merge_quantize_command(
             "--allow-pickle", help="Accept a pickle adapter_model.bin (loaded with weights_only=True)."
         ),
     ] = False,
+    check: Annotated[
+        bool, typer.Option("--check/--no-check", help="Check every GGUF against the unmerged reference.")
+    ] = True,
+    eval_data: EvalDataOption = None,
+    reference_dtype: ReferenceDtypeOption = "float32",
+    reference_device: ReferenceDeviceOption = "cpu",
+    gate: GateOption = [],  # noqa: B006
 ) -> None:
-    """Merge the adapter into its base, convert to GGUF and quantize to each profile."""
+    """Merge the adapter into its base, convert to GGUF, quantize to each profile and check the quality."""
     from exporter.adapter import parse_adapter_argument
     from exporter.pipeline import ExportOptions, merge_quantize
 
@@ -120,6 +225,8 @@ def merge_quantize_command(
         threads=threads,
         force=force,
         allow_pickle=allow_pickle,
+        check=check,
+        quality=_quality_options(eval_data, reference_dtype, reference_device, gate, threads),
     )
     with console.status("starting") as status:
 
@@ -147,6 +254,10 @@ def merge_quantize_command(
         console.print(f"[yellow]note:[/] {note}")
     console.print(f"Modelfiles: {', '.join(m.name for m in result.modelfiles)}")
     console.print(f"manifest: {result.manifest}")
+    if result.quality:
+        _print_quality(result.quality)
+        if not result.quality.passed:
+            raise typer.Exit(1)
 
 
 def _parse_size(text: str) -> int:
@@ -214,6 +325,66 @@ def merge_command(
         f"({result.dtype}, {result.shards} shard(s), {_human_size(size)}) in {seconds:.1f}s"
         + ("; untied the embeddings (the adapter changes one side)" if result.untied_embeddings else "")
     )
+
+
+@app.command("check")
+def check_command(
+    manifest: Annotated[Path, typer.Option("--manifest", help="The manifest.json merge-quantize wrote.")],
+    baseline: Annotated[
+        Path | None,
+        typer.Option("--baseline", help="An earlier report.json to compare with (within tolerance)."),
+    ] = None,
+    junit: Annotated[Path | None, typer.Option("--junit", help="Write JUnit XML here for CI.")] = None,
+    eval_data: EvalDataOption = None,
+    reference_dtype: ReferenceDtypeOption = "float32",
+    reference_device: ReferenceDeviceOption = "cpu",
+    gate: GateOption = [],  # noqa: B006
+    kld_tolerance: Annotated[
+        float,
+        typer.Option("--kld-tolerance", help="Allowed relative growth of mean KLD against the baseline."),
+    ] = 0.10,
+    top1_tolerance: Annotated[
+        float, typer.Option("--top1-tolerance", help="Allowed absolute drop of top-1 against the baseline.")
+    ] = 0.005,
+    threads: Annotated[int | None, typer.Option("--threads", help="Threads for evaluation.")] = None,
+) -> None:
+    """Re-check an export on CPU for CI: gates, an optional baseline, JUnit XML. Exit 1 on failure."""
+    from exporter.pipeline import CheckOptions, check_manifest
+
+    options = CheckOptions(
+        manifest=manifest,
+        baseline=baseline,
+        junit=junit,
+        quality=_quality_options(eval_data, reference_dtype, reference_device, gate, threads),
+        kld_tolerance=kld_tolerance,
+        top1_tolerance=top1_tolerance,
+    )
+    with console.status("checking") as status:
+
+        def report(message: str) -> None:
+            status.update(message)
+            console.log(message)
+
+        result = check_manifest(options, report=report)
+    _print_quality(result.summary)
+    if result.baseline:
+        table = Table(title=f"against the baseline {baseline}")
+        for column in ("artifact", "metric", "baseline", "now", "allowed", "status"):
+            table.add_column(column)
+        for c in result.baseline:
+            table.add_row(
+                c.label,
+                c.metric,
+                f"{c.baseline:.5g}",
+                _fmt(c.current, ".5g"),
+                f"{c.allowed:.5g}",
+                "[green]pass[/]" if c.passed else "[red]FAIL[/]",
+            )
+        console.print(table)
+    if result.junit:
+        console.print(f"JUnit XML: {result.junit}")
+    if not result.passed:
+        raise typer.Exit(1)
 
 
 @app.command("profiles")

@@ -29,6 +29,16 @@ from exporter.errors import InputError, StageError
 from exporter.hashing import hash_files, sha256_file
 from exporter.merge import DEFAULT_SHARD_BYTES, MergeResult, merge_adapters
 from exporter.modelfile import ChatSpec, chat_spec, write_modelfile
+from exporter.quality import (
+    ArtifactQuality,
+    GateResult,
+    QualityOptions,
+    apply_gates,
+    build_reference,
+    evaluate_gguf,
+    parse_gate_overrides,
+)
+from exporter.report import REPORT_FILES, REPORT_JSON, report_data, write_reports
 from quant_profiles import ProfileError, ProfileRegistry, QuantProfile, builtin_profiles
 
 MANIFEST = "manifest.json"
@@ -51,6 +61,25 @@ class ExportOptions:
     threads: int | None = None
     force: bool = False
     allow_pickle: bool = False
+    check: bool = True
+    quality: QualityOptions = field(default_factory=QualityOptions)
+
+
+@dataclass
+class QualitySummary:
+    items: list[ArtifactQuality]
+    floor: ArtifactQuality
+    reports: list[Path]
+    reference_seconds: float
+    reference_cached: bool
+
+    @property
+    def passed(self) -> bool:
+        return all(item.passed for item in self.items)
+
+    @property
+    def failed_gates(self) -> list[GateResult]:
+        return [g for item in self.items for g in item.gates if not g.passed]
 
 
 @dataclass
@@ -62,6 +91,7 @@ class ExportResult:
     manifest: Path
     stage_seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    quality: QualitySummary | None = None
 
 
 def sanitize_name(raw: str) -> str:
@@ -236,9 +266,17 @@ def merge_quantize(options: ExportOptions, report: Reporter = lambda _: None) ->
     f16_path = out / f"{name}-F16.gguf"
     planned_ggufs = {p.name: out / f"{name}-{p.name}.gguf" for p in profiles}
     planned_modelfiles = {p.name: out / f"{name}-{p.name}.Modelfile" for p in profiles}
+    reports = [out / name for name in REPORT_FILES]
     _check_output(
         out,
-        [out / MANIFEST, out / MERGED_DIR, f16_path, *planned_ggufs.values(), *planned_modelfiles.values()],
+        [
+            out / MANIFEST,
+            out / MERGED_DIR,
+            f16_path,
+            *planned_ggufs.values(),
+            *planned_modelfiles.values(),
+            *reports,
+        ],
         options.force,
     )
 
@@ -246,8 +284,9 @@ def merge_quantize(options: ExportOptions, report: Reporter = lambda _: None) ->
     seconds: dict[str, float] = {}
     try:
         out.mkdir(parents=True, exist_ok=True)
-        if options.force:
-            (out / MANIFEST).unlink(missing_ok=True)
+        if options.force:  # an earlier export's manifest and reports must not describe this one
+            for stale in (out / MANIFEST, *reports):
+                stale.unlink(missing_ok=True)
         report(f"merging {len(adapters)} adapter(s) into {base_dir}")
         with _timed(seconds, "merge"):
             merged = merge_adapters(
@@ -302,7 +341,81 @@ def merge_quantize(options: ExportOptions, report: Reporter = lambda _: None) ->
         guard.rollback()
         raise
     notes = [spec.note] if spec.note else []
-    return ExportResult(out, name, list(artifacts.values()), modelfiles, manifest, seconds, notes)
+    result = ExportResult(out, name, list(artifacts.values()), modelfiles, manifest, seconds, notes)
+    if options.check:
+        # After the manifest: a failure here (even a native crash) leaves the finished export intact.
+        report("checking quality against the unmerged reference")
+        manifest_data = json.loads(manifest.read_text())
+        with _timed(seconds, "check"):
+            result.quality = check_artifacts(
+                manifest_data, out, base_dir, adapters, merged.path, registry, options.quality, report
+            )
+        manifest_data["stage_seconds"] = seconds
+        manifest_data["quality"] = {"report": REPORT_JSON, "passed": result.quality.passed}
+        _atomic_json(manifest, manifest_data)
+    return result
+
+
+def input_hashes(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The inputs' content, without their paths: the cache key of the reference."""
+    inputs = manifest["inputs"]
+    return {
+        "base": inputs["base"]["files"],
+        "adapters": [{"files": a["files"], "weight": a["weight"]} for a in inputs["adapters"]],
+    }
+
+
+def check_artifacts(
+    manifest: dict[str, Any],
+    root: Path,
+    base_dir: Path,
+    adapters: list[LoraAdapter],
+    tokenizer_dir: Path,
+    registry: ProfileRegistry,
+    options: QualityOptions,
+    report: Reporter = lambda _: None,
+) -> QualitySummary:
+    """Score every GGUF of a manifest against the unmerged reference, apply gates, write the reports."""
+    overrides = parse_gate_overrides(options.gates)
+    reference = build_reference(base_dir, adapters, tokenizer_dir, input_hashes(manifest), options)
+    report(
+        f"reference: {reference.eval.n_scored} tokens from {reference.eval.source}"
+        + (" (cached)" if reference.cached else f" ({reference.seconds:.0f}s)")
+    )
+    records = {r["profile"]: r for r in [*manifest.get("intermediates", []), *manifest["artifacts"]]}
+    items = []
+    for label, record in records.items():
+        path = root / record["path"]
+        report(f"evaluating {path.name}")
+        try:
+            metrics = evaluate_gguf(path, reference, options)
+        except StageError as exc:  # a crash in one artifact's evaluation fails that artifact, not the run
+            metrics = {"error": str(exc)}
+        profile = registry.get(label)
+        gates = (
+            apply_gates(profile, metrics, overrides)
+            if "error" not in metrics
+            else [GateResult(label, "evaluation", 0.0, None, False)]
+        )
+        items.append(
+            ArtifactQuality(label, path, record["size_bytes"], record["bits_per_weight"], metrics, gates)
+        )
+    items.sort(key=lambda item: -item.size_bytes)  # largest (closest to the fine-tune) first
+    floor = ArtifactQuality("base (no adapter)", None, 0, None, reference.base_metrics)
+    sources = {
+        "tools": manifest.get("tools", {}),
+        "base": manifest["inputs"]["base"]["path"],
+        "adapters": [{"path": a["path"], "weight": a["weight"]} for a in manifest["inputs"]["adapters"]],
+    }
+    data = report_data(manifest.get("name", root.name), root, reference, options, items, floor, sources)
+    reports = write_reports(root, data)
+    return QualitySummary(items, floor, reports, reference.seconds, reference.cached)
+
+
+def _atomic_json(path: Path, data: dict[str, Any]) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(data, indent=2) + "\n")
+    partial.replace(path)
 
 
 def _write_manifest(
@@ -359,7 +472,164 @@ def _write_manifest(
     if spec.note:
         manifest["notes"] = [spec.note]
     target = out / MANIFEST
-    partial = out / f".{MANIFEST}.partial"
-    partial.write_text(json.dumps(manifest, indent=2) + "\n")
+    _atomic_json(target, manifest)
+    return target
+
+
+@dataclass(frozen=True)
+class CheckOptions:
+    """What `edge-export check` was asked to do."""
+
+    manifest: Path
+    baseline: Path | None = None
+    junit: Path | None = None
+    quality: QualityOptions = field(default_factory=QualityOptions)
+    kld_tolerance: float = 0.10  # relative growth of mean KLD allowed against the baseline
+    top1_tolerance: float = 0.005  # absolute drop of top-1 agreement allowed against the baseline
+
+
+@dataclass(frozen=True)
+class BaselineComparison:
+    label: str
+    metric: str
+    baseline: float
+    current: float | None
+    allowed: float
+    passed: bool
+
+
+@dataclass
+class CheckResult:
+    summary: QualitySummary
+    baseline: list[BaselineComparison]
+    junit: Path | None
+
+    @property
+    def passed(self) -> bool:
+        return self.summary.passed and all(c.passed for c in self.baseline)
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise InputError(
+            f"The manifest {path} does not exist. Pass the manifest.json that merge-quantize wrote."
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(
+            f"{path} is not valid JSON ({exc}); pass the manifest.json that merge-quantize wrote."
+        ) from exc
+    if manifest.get("format") != "edge-export/manifest/1":
+        raise InputError(f"{path} is not an edge-export manifest (format {manifest.get('format')!r}).")
+    return manifest
+
+
+def check_manifest(options: CheckOptions, report: Reporter = lambda _: None) -> CheckResult:
+    """Re-evaluate an export for CI: verify files, score against the reference, gates, baseline, JUnit."""
+    manifest = _read_manifest(options.manifest)
+    root = options.manifest.parent
+    for record in [*manifest.get("intermediates", []), *manifest["artifacts"]]:
+        path = root / record["path"]
+        if not path.is_file():
+            raise InputError(f"{path}, listed in {options.manifest}, is missing. Re-run merge-quantize.")
+        if sha256_file(path) != record["sha256"]:
+            raise InputError(
+                f"{path} has changed since {options.manifest} was written (its sha256 differs). Re-run "
+                "merge-quantize to re-export, or restore the file."
+            )
+    inputs = manifest["inputs"]
+    base_dir = Path(inputs["base"]["path"])
+    adapters = [read_adapter(Path(a["path"]), a["weight"], allow_pickle=True) for a in inputs["adapters"]]
+    for folder, recorded in [
+        (base_dir, inputs["base"]["files"]),
+        *[(a.path, r["files"]) for a, r in zip(adapters, inputs["adapters"], strict=True)],
+    ]:
+        if not folder.is_dir() or hash_files(_input_files(folder), folder) != recorded:
+            raise InputError(
+                f"{folder} is not the input {options.manifest} was exported from (missing or changed files), so "
+                "the reference would not be the fine-tune these GGUFs came from. Re-run merge-quantize."
+            )
+    merged = root / manifest.get("merge", {}).get("path", MERGED_DIR)
+    tokenizer_dir = merged if (merged / "tokenizer_config.json").is_file() else base_dir
+    files = tuple(Path(p) for p in manifest.get("options", {}).get("profile_files", []))
+    registry, _ = resolve_profiles((), files)
+    summary = check_artifacts(
+        manifest, root, base_dir, adapters, tokenizer_dir, registry, options.quality, report
+    )
+    comparisons = compare_with_baseline(summary, options) if options.baseline else []
+    junit = write_junit(options.junit, summary, comparisons) if options.junit else None
+    return CheckResult(summary, comparisons, junit)
+
+
+def compare_with_baseline(summary: QualitySummary, options: CheckOptions) -> list[BaselineComparison]:
+    assert options.baseline is not None
+    try:
+        baseline = json.loads(options.baseline.read_text())
+        rows = {row["label"]: row["metrics"] for row in baseline["artifacts"]}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise InputError(
+            f"The baseline {options.baseline} is not a report.json written by edge-export ({exc})."
+        ) from exc
+    comparisons = []
+    for item in summary.items:
+        old = rows.get(item.label)
+        if old is None or "mean_kld" not in old:
+            continue
+        kld, top1 = item.metrics.get("mean_kld"), item.metrics.get("top1")
+        kld_limit = old["mean_kld"] * (1 + options.kld_tolerance) + 1e-6
+        top1_limit = old["top1"] - options.top1_tolerance
+        comparisons += [
+            BaselineComparison(
+                item.label, "mean_kld", old["mean_kld"], kld, kld_limit, kld is not None and kld <= kld_limit
+            ),
+            BaselineComparison(
+                item.label, "top1", old["top1"], top1, top1_limit, top1 is not None and top1 >= top1_limit
+            ),
+        ]
+    return comparisons
+
+
+def write_junit(target: Path, summary: QualitySummary, comparisons: list[BaselineComparison]) -> Path:
+    """JUnit XML: one test case per gate and per baseline comparison, so CI systems show each."""
+    import xml.etree.ElementTree as ET
+
+    suite = ET.Element("testsuite", name="edge-export check")
+    count = failures = 0
+    for item in summary.items:
+        for gate in item.gates:
+            case = ET.SubElement(suite, "testcase", classname=f"edge-export.{item.label}", name=gate.gate)
+            count += 1
+            if not gate.passed:
+                failures += 1
+                detail = item.metrics.get("error") or f"{gate.gate}: {gate.value} against limit {gate.limit}"
+                ET.SubElement(case, "failure", message=detail[:500]).text = detail
+    for comparison in comparisons:
+        case = ET.SubElement(
+            suite,
+            "testcase",
+            classname=f"edge-export.{comparison.label}",
+            name=f"baseline {comparison.metric}",
+        )
+        count += 1
+        if not comparison.passed:
+            failures += 1
+            ET.SubElement(
+                case,
+                "failure",
+                message=(
+                    f"{comparison.metric} {comparison.current} against baseline {comparison.baseline} "
+                    f"(allowed {comparison.allowed:.6g})"
+                ),
+            )
+    suite.set("tests", str(count))
+    suite.set("failures", str(failures))
+    root = ET.Element("testsuites")
+    root.append(suite)
+    tree = ET.ElementTree(root)
+    ET.indent(tree)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.partial")
+    tree.write(partial, encoding="utf-8", xml_declaration=True)
     partial.replace(target)
     return target

@@ -16,6 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 # The demo inputs are a build cache shared with `make demo` (like pip's cache), not test output.
 DEMO_DIR = Path(os.environ.get("EDGE_EXPORT_DEMO_DIR", REPO / ".cache" / "demo"))
+DEMO_EVAL = REPO / "exporter" / "data" / "demo_eval.jsonl"  # held-out chats in the adapter's style
 DEMO_PROMPTS = [
     "What is the capital of France?",
     "What is the capital of Spain?",
@@ -82,29 +83,28 @@ class DemoExport:
     manifest: dict[str, Any]
     stdout: str
 
+    @property
+    def report(self) -> dict[str, Any]:
+        return json.loads((self.out / "report.json").read_text())
+
     def gguf(self, profile: str) -> Path:
         return self.out / f"smollm2-pirate-{profile}.gguf"
+
+
+def export_args(demo_inputs: DemoInputs, out: Path) -> list[str]:
+    """The demo export every integration test shares: three profiles, checked on the adapter's data."""
+    # fmt: off
+    return ["merge-quantize", "--adapter", str(demo_inputs.adapter), "--base", str(demo_inputs.base),
+            "--name", "smollm2-pirate", "--profile", "Q4_K_M", "--profile", "q8_0", "--profile", "Q2_K",
+            "--out", str(out), "--eval-data", str(DEMO_EVAL)]
+    # fmt: on
 
 
 @pytest.fixture(scope="session")
 def demo_export(demo_inputs: DemoInputs, tmp_path_factory: pytest.TempPathFactory) -> DemoExport:
     """`edge-export merge-quantize` on the real demo model, through the real CLI."""
     out = tmp_path_factory.mktemp("export") / "smollm2"
-    proc = run_cli(
-        "merge-quantize",
-        "--adapter",
-        str(demo_inputs.adapter),
-        "--base",
-        str(demo_inputs.base),
-        "--name",
-        "smollm2-pirate",
-        "--profile",
-        "Q4_K_M",
-        "--profile",
-        "q8_0",
-        "--out",
-        str(out),
-    )
+    proc = run_cli(*export_args(demo_inputs, out))
     assert proc.returncode == 0, proc.stderr + proc.stdout
     return DemoExport(out, json.loads((out / "manifest.json").read_text()), proc.stdout)
 

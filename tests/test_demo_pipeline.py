@@ -10,7 +10,7 @@ import pytest
 from converters.llama_runtime import greedy_generate
 from exporter.artifacts import read_gguf_header
 from exporter.hashing import sha256_file
-from tests.conftest import DEMO_PROMPTS, DemoExport, Reference
+from tests.conftest import DEMO_PROMPTS, DemoExport, Reference, export_args
 
 NEW_TOKENS = 24
 
@@ -62,7 +62,7 @@ def test_manifest_records_inputs_tools_and_artifacts(demo_export: DemoExport, de
         demo_inputs.base / "model.safetensors"
     )
     by_profile = {a["profile"]: a for a in manifest["artifacts"]}
-    assert set(by_profile) == {"Q4_K_M", "Q8_0"}
+    assert set(by_profile) == {"Q4_K_M", "Q8_0", "Q2_K"}
     for profile, record in by_profile.items():
         path = demo_export.out / record["path"]
         assert path.name == f"smollm2-pirate-{profile}.gguf"
@@ -75,7 +75,7 @@ def test_manifest_records_inputs_tools_and_artifacts(demo_export: DemoExport, de
 
 
 def test_modelfiles_point_at_the_exact_file_with_template_and_stops(demo_export: DemoExport):
-    for profile in ("Q4_K_M", "Q8_0"):
+    for profile in ("Q4_K_M", "Q8_0", "Q2_K"):
         path = demo_export.out / f"smollm2-pirate-{profile}.Modelfile"
         text = path.read_text()
         assert "\r" not in text
@@ -109,25 +109,12 @@ def test_cli_prints_the_result_table(demo_export: DemoExport):
 def test_second_run_refuses_then_force_replaces(demo_export: DemoExport, demo_inputs, tmp_path: Path):
     from tests.conftest import run_cli
 
-    args = [
-        "merge-quantize",
-        "--adapter",
-        str(demo_inputs.adapter),
-        "--base",
-        str(demo_inputs.base),
-        "--name",
-        "smollm2-pirate",
-        "--profile",
-        "Q4_K_M",
-        "--profile",
-        "q8_0",
-        "--out",
-        str(demo_export.out),
-    ]
+    args = export_args(demo_inputs, demo_export.out)
     refused = run_cli(*args)
     assert refused.returncode == 2 and "--force" in refused.stderr
-    before = {p: sha256_file(demo_export.gguf(p)) for p in ("F16", "Q4_K_M", "Q8_0")}
+    before = {p: sha256_file(demo_export.gguf(p)) for p in ("F16", "Q4_K_M", "Q8_0", "Q2_K")}
     forced = run_cli(*args, "--force")
     assert forced.returncode == 0, forced.stderr
     # Same inputs, same bytes.
     assert {p: sha256_file(demo_export.gguf(p)) for p in before} == before
+    assert demo_export.report["reference"]["from_cache"] is True  # the reference was not recomputed

@@ -1,0 +1,306 @@
+"""The quality check: every artifact against the unmerged reference (base + adapter in PyTorch).
+
+    eval data ──HF tokenizer──▶ token ids ──▶ PEFT model (base + adapters) ──▶ reference (cached)
+                                          └─▶ each GGUF in a llama.cpp child ──▶ KLD, top-1, ΔPPL, …
+
+The base model without the adapter is scored the same way, as a floor: "adapter effect kept" is
+1 − KLD(ref‖artifact) / KLD(ref‖base), the share of the fine-tune's change that survived export.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from converters.llama_runtime import score_gguf
+from exporter.adapter import LoraAdapter
+from exporter.errors import InputError
+from exporter.evaldata import EvalData, load_eval_data
+from exporter.metrics import TOP_K, compare_rows, greedy_agreement, log_softmax, reference_rows, summarize
+from quant_profiles import QuantProfile
+
+REFERENCE_FORMAT = 1
+GATE_KEYS = {
+    "max_mean_kld": "mean_kld",
+    "min_top1": "top1",
+    "max_ln_ppl_ratio": "ln_ppl_ratio",
+    "min_greedy_match": "greedy_match",
+    "min_adapter_effect_kept": "adapter_effect_kept",
+}
+
+
+def cache_root() -> Path:
+    """Where cached stages live: $EDGE_EXPORT_CACHE_DIR, else $XDG_CACHE_HOME/edge-export."""
+    override = os.environ.get("EDGE_EXPORT_CACHE_DIR")
+    if override:
+        return Path(override)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edge-export"
+
+
+@dataclass(frozen=True)
+class QualityOptions:
+    eval_data: Path | None = None
+    reference_dtype: str = "float32"
+    device: str = "cpu"
+    gates: tuple[str, ...] = ()
+    n_prompts: int = 6
+    max_new_tokens: int = 24
+    threads: int | None = None
+
+
+@dataclass
+class Reference:
+    """The unmerged model's compact log-probs on the eval data, its greedy answers, and the base floor."""
+
+    file: Path
+    eval: EvalData
+    nll: np.ndarray
+    greedy: list[list[int]]
+    base_metrics: dict[str, Any]
+    key: str
+    seconds: float
+    cached: bool
+
+
+@dataclass(frozen=True)
+class GateResult:
+    profile: str
+    gate: str
+    limit: float
+    value: float | None
+    passed: bool
+
+
+@dataclass
+class ArtifactQuality:
+    label: str  # profile name, or "base (no adapter)"
+    path: Path | None
+    size_bytes: int
+    bits_per_weight: float | None
+    metrics: dict[str, Any]
+    gates: list[GateResult] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(g.passed for g in self.gates)
+
+
+def reference_key(input_hashes: dict[str, Any], eval_data: EvalData, options: QualityOptions) -> str:
+    payload = {
+        "format": REFERENCE_FORMAT,
+        "inputs": input_hashes,
+        "eval": eval_data.fingerprint(),
+        "top_k": TOP_K,
+        "dtype": options.reference_dtype,
+        "max_new_tokens": options.max_new_tokens,
+        "versions": {p: version(p) for p in ("torch", "transformers", "peft")},
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def load_tokenizer(folder: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+def build_reference(
+    base_dir: Path,
+    adapters: list[LoraAdapter],
+    tokenizer_dir: Path,
+    input_hashes: dict[str, Any],
+    options: QualityOptions,
+) -> Reference:
+    """The reference for these inputs and eval data: from the cache, or computed once and cached."""
+    tokenizer = load_tokenizer(tokenizer_dir)
+    eval_data = load_eval_data(options.eval_data, tokenizer, n_prompts=options.n_prompts)
+    key = reference_key(input_hashes, eval_data, options)
+    folder = cache_root() / "reference"
+    data_file, meta_file = folder / f"{key}.npz", folder / f"{key}.json"
+    if data_file.is_file() and meta_file.is_file():
+        meta = json.loads(meta_file.read_text())
+        return Reference(
+            data_file,
+            eval_data,
+            np.load(data_file)["nll"],
+            meta["greedy"],
+            meta["base_metrics"],
+            key,
+            meta["seconds"],
+            cached=True,
+        )
+    start = time.perf_counter()
+    arrays, greedy, base_metrics = _compute_reference(base_dir, adapters, eval_data, options)
+    seconds = round(time.perf_counter() - start, 3)
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder, suffix=".npz", delete=False) as handle:
+        np.savez(handle, idx=arrays["idx"], lp=arrays["lp"], nll=arrays["nll"])
+    os.replace(handle.name, data_file)
+    meta = {
+        "greedy": greedy,
+        "base_metrics": base_metrics,
+        "seconds": seconds,
+        "eval_source": eval_data.source,
+    }
+    partial = meta_file.with_suffix(".json.partial")
+    partial.write_text(json.dumps(meta))
+    partial.replace(meta_file)
+    return Reference(data_file, eval_data, arrays["nll"], greedy, base_metrics, key, seconds, cached=False)
+
+
+def _reference_model(base_dir: Path, adapters: list[LoraAdapter], options: QualityOptions) -> Any:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    if options.reference_dtype not in dtypes:
+        raise InputError(
+            f"--reference-dtype {options.reference_dtype!r} is not supported; use float32 or bfloat16."
+        )
+    if options.device not in ("cpu", "mps"):
+        raise InputError(f"--reference-device {options.device!r} is not supported; use cpu or mps.")
+    if options.device == "mps" and not torch.backends.mps.is_available():
+        raise InputError(
+            "--reference-device mps was asked for, but this PyTorch has no Metal (MPS) support here."
+        )
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtypes[options.reference_dtype])
+    peft_model = PeftModel.from_pretrained(model, str(adapters[0].path), adapter_name="a0")
+    for index, adapter in enumerate(adapters[1:], start=1):
+        peft_model.load_adapter(str(adapter.path), adapter_name=f"a{index}")
+    if len(adapters) > 1 or adapters[0].weight != 1.0:
+        if any(a.peft_type != "LORA" for a in adapters):
+            raise InputError(
+                "The quality reference for several or weighted adapters supports LoRA adapters only."
+            )
+        peft_model.add_weighted_adapter(
+            [f"a{i}" for i in range(len(adapters))],
+            [a.weight for a in adapters],
+            "combined",
+            combination_type="cat",
+        )
+        peft_model.set_adapter("combined")
+    return peft_model.to(options.device).eval()
+
+
+def _compute_reference(
+    base_dir: Path, adapters: list[LoraAdapter], eval_data: EvalData, options: QualityOptions
+) -> tuple[dict[str, np.ndarray], list[list[int]], dict[str, Any]]:
+    import torch
+
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    model = _reference_model(base_dir, adapters, options)
+    device = options.device
+    parts: dict[str, list[np.ndarray]] = {"idx": [], "lp": [], "nll": []}
+    base_parts: dict[str, list[np.ndarray]] = {"kld": [], "same_top": [], "nll": []}
+    with torch.no_grad():
+        for sequence in eval_data.sequences:
+            ids = torch.tensor([sequence], device=device)
+            reference_lp = log_softmax(model(input_ids=ids).logits[0].float().cpu().numpy())
+            rows = reference_rows(reference_lp, np.asarray(sequence))
+            for key, value in rows.items():
+                parts[key].append(value)
+            with model.disable_adapter():
+                base_lp = log_softmax(model(input_ids=ids).logits[0].float().cpu().numpy())
+            for key, value in compare_rows(base_lp, np.asarray(sequence), rows["idx"], rows["lp"]).items():
+                base_parts[key].append(value)
+        greedy = [_greedy(model, prompt, options) for prompt in eval_data.prompts]
+        with model.disable_adapter():
+            base_greedy = [_greedy(model, prompt, options) for prompt in eval_data.prompts]
+    arrays = {key: np.concatenate(values) for key, values in parts.items()}
+    base = {key: np.concatenate(values) for key, values in base_parts.items()}
+    base_metrics = summarize(base["kld"], base["same_top"], base["nll"], arrays["nll"])
+    base_metrics.update(greedy_agreement(greedy, base_greedy))
+    base_metrics["adapter_effect_kept"] = 0.0
+    return arrays, greedy, base_metrics
+
+
+def _greedy(model: Any, prompt: tuple[int, ...], options: QualityOptions) -> list[int]:
+    import torch
+
+    ids = torch.tensor([prompt], device=options.device)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=options.max_new_tokens,
+        do_sample=False,
+        pad_token_id=model.config.eos_token_id,
+    )
+    generated = out[0, len(prompt) :].tolist()
+    stops = model.generation_config.eos_token_id
+    stops = set(stops if isinstance(stops, list) else [stops])
+    cut = next((i for i, token in enumerate(generated) if token in stops), len(generated))
+    return generated[:cut]
+
+
+def evaluate_gguf(gguf: Path, reference: Reference, options: QualityOptions) -> dict[str, Any]:
+    """Metrics of one GGUF against the reference (the GGUF runs in a llama.cpp child process)."""
+    with tempfile.TemporaryDirectory(prefix="edge-export-score-") as scratch:
+        output = Path(scratch) / "scores.npz"
+        result = score_gguf(
+            gguf,
+            reference.eval.sequences,
+            reference.file,
+            output,
+            reference.eval.prompts,
+            options.max_new_tokens,
+            options.threads,
+        )
+        scores = np.load(output)
+        metrics = summarize(scores["kld"], scores["same_top"], scores["nll"], reference.nll)
+    metrics.update(greedy_agreement(reference.greedy, result["greedy"]))
+    floor = reference.base_metrics["mean_kld"]
+    metrics["adapter_effect_kept"] = 1.0 - metrics["mean_kld"] / floor if floor > 0 else None
+    metrics["eval_tokens_per_s"] = (
+        result["tokens"] / result["eval_seconds"] if result["eval_seconds"] else None
+    )
+    metrics["generate_tokens_per_s"] = (
+        result["generated_tokens"] / result["generate_seconds"] if result["generate_seconds"] else None
+    )
+    return metrics
+
+
+def parse_gate_overrides(values: tuple[str, ...]) -> dict[tuple[str | None, str], float]:
+    """`--gate max_mean_kld=0.3` (every profile) or `--gate Q4_K_M:max_mean_kld=0.3` (one profile)."""
+    overrides: dict[tuple[str | None, str], float] = {}
+    for value in values:
+        target, sep, number = value.partition("=")
+        profile, _, key = target.rpartition(":")
+        if not sep or key not in GATE_KEYS:
+            raise InputError(
+                f"--gate {value!r} is not KEY=VALUE or PROFILE:KEY=VALUE with KEY one of {', '.join(GATE_KEYS)}."
+            )
+        try:
+            overrides[(profile.upper() or None, key)] = float(number)
+        except ValueError as exc:
+            raise InputError(f"--gate {value!r}: {number!r} is not a number.") from exc
+    return overrides
+
+
+def apply_gates(
+    profile: QuantProfile, metrics: dict[str, Any], overrides: dict[tuple[str | None, str], float]
+) -> list[GateResult]:
+    """The profile's gates (from its file), with --gate overrides, checked against the metrics."""
+    limits: dict[str, float] = {
+        "max_mean_kld": profile.gates.max_mean_kld,
+        "min_top1": profile.gates.min_top1,
+    }
+    for (target, key), number in overrides.items():
+        if target is None or target == profile.name.upper():
+            limits[key] = number
+    results = []
+    for key, limit in limits.items():
+        value = metrics.get(GATE_KEYS[key])
+        passed = value is not None and (value <= limit if key.startswith("max_") else value >= limit)
+        results.append(GateResult(profile.name, key, limit, value, passed))
+    return results
