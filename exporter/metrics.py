@@ -38,21 +38,41 @@ def reference_rows(logprobs: np.ndarray, ids: np.ndarray, k: int = TOP_K) -> dic
     return {"idx": top.astype(np.int32), "lp": top_lp.astype(np.float32), "nll": nll.astype(np.float32)}
 
 
+def compare_logits(
+    logits: np.ndarray, ids: np.ndarray, idx: np.ndarray, lp: np.ndarray
+) -> dict[str, np.ndarray]:
+    """compare_rows on raw logits, without materialising the full log-softmax (the GGUF side's hot loop).
+
+    Only the log-sum-exp of each row is needed over the whole vocabulary; the log-probs are then
+    gathered at the reference's top-K and at the next token.
+    """
+    rows = logits[:-1]
+    peak = rows.max(axis=1, keepdims=True)
+    lse = peak.astype(np.float64) + np.log(np.exp(rows - peak).sum(axis=1, keepdims=True, dtype=np.float64))
+    lq = np.take_along_axis(rows, idx, axis=1).astype(np.float64) - lse
+    nll = lse[:, 0] - rows[np.arange(len(rows)), ids[1:]]
+    return _kld_rows(lq, lp, rows.argmax(axis=1) == idx[:, 0], nll)
+
+
 def compare_rows(
     test_logprobs: np.ndarray, ids: np.ndarray, idx: np.ndarray, lp: np.ndarray
 ) -> dict[str, np.ndarray]:
     """Per-position KLD(reference ‖ test), same-top-1 and test nll for one sequence."""
     rows = test_logprobs[:-1]
     lq = np.take_along_axis(rows, idx, axis=1).astype(np.float64)
+    nll = -rows[np.arange(len(rows)), ids[1:]]
+    return _kld_rows(lq, lp, rows.argmax(axis=1) == idx[:, 0], nll)
+
+
+def _kld_rows(lq: np.ndarray, lp: np.ndarray, same_top: np.ndarray, nll: np.ndarray) -> dict[str, np.ndarray]:
+    """KLD over the reference's top-K plus one bucket for the rest of the vocabulary."""
     lp64 = lp.astype(np.float64)
     p_top = np.exp(lp64)
     p_rest = np.clip(1.0 - p_top.sum(axis=1), 0.0, 1.0)
     q_rest = np.clip(1.0 - np.exp(lq).sum(axis=1), TINY, 1.0)
     rest = np.where(p_rest > TINY, p_rest * (np.log(np.maximum(p_rest, TINY)) - np.log(q_rest)), 0.0)
     kld = np.maximum((p_top * (lp64 - lq)).sum(axis=1) + rest, 0.0)
-    same_top = rows.argmax(axis=1) == idx[:, 0]
-    nll = -rows[np.arange(len(rows)), ids[1:]]
-    return {"kld": kld.astype(np.float32), "same_top": same_top, "nll": nll.astype(np.float32)}
+    return {"kld": kld.astype(np.float32), "same_top": same_top, "nll": np.asarray(nll, dtype=np.float32)}
 
 
 def summarize(

@@ -156,3 +156,18 @@ def test_eval_data_errors(tmp_path: Path, demo_inputs):
     text.write_text("The quick brown fox jumps over the lazy dog. " * 100)
     data = load_eval_data(text, tokenizer)
     assert max(len(s) for s in data.sequences) == 256 and not data.prompts
+
+
+def test_kld_from_raw_logits_equals_kld_from_log_probs():
+    from exporter.metrics import compare_logits
+
+    rng = np.random.default_rng(1)
+    logits = (rng.normal(size=(9, 300)) * 4).astype(np.float32)
+    ids = rng.integers(0, 300, size=9)
+    reference = reference_rows(
+        log_softmax(logits + rng.normal(size=logits.shape).astype(np.float32)), ids, k=16
+    )
+    a = compare_rows(log_softmax(logits), ids, reference["idx"], reference["lp"])
+    b = compare_logits(logits, ids, reference["idx"], reference["lp"])
+    for key in a:
+        assert np.allclose(a[key], b[key], atol=1e-5), key
