@@ -38,15 +38,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _isolated_hf_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Tests never read or write the user's Hugging Face cache, and never reach the network."""
-    cache = tmp_path_factory.mktemp("hf-cache")
-    saved = {
-        k: os.environ.get(k) for k in ("HF_HUB_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+def _isolated_caches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Tests never touch the user's Hugging Face or edge-export caches, and never reach the network."""
+    cache = tmp_path_factory.mktemp("caches")
+    settings = {
+        "HF_HUB_CACHE": str(cache / "hub"),
+        "HF_HOME": str(cache / "hf"),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "EDGE_EXPORT_CACHE_DIR": str(cache / "edge-export"),
     }
-    os.environ.update(
-        HF_HUB_CACHE=str(cache / "hub"), HF_HOME=str(cache), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"
-    )
+    saved = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
     yield
     for key, value in saved.items():
         if value is None:

@@ -106,3 +106,12 @@ def test_no_bare_export_command():
     proc = run_cli("export")
     assert proc.returncode == 2
     assert "No such command" in proc.stderr
+
+
+def test_tests_use_their_own_caches():
+    import os
+
+    from exporter.quality import cache_root
+
+    assert cache_root() == Path(os.environ["EDGE_EXPORT_CACHE_DIR"])
+    assert "pytest" in str(cache_root())
