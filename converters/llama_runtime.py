@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from converters.child import child_main, run_child
+from converters.child import ChildInputError, child_main, run_child
 
 
 def cpu_flags() -> set[str]:
@@ -60,6 +60,7 @@ def score_gguf(
     prompts: Sequence[Sequence[int]] = (),
     max_new_tokens: int = 0,
     threads: int | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Evaluate `gguf` on the sequences against a reference file (exporter.quality's format).
 
@@ -77,6 +78,7 @@ def score_gguf(
         "max_new_tokens": max_new_tokens,
         "n_ctx": n_ctx,
         "threads": threads or os.cpu_count() or 1,
+        "device": device,
     }
     return run_child("converters.llama_runtime", request, f"Evaluating {gguf.name} with llama.cpp")
 
@@ -84,6 +86,13 @@ def score_gguf(
 def _load(request: dict[str, Any]) -> Any:
     import llama_cpp
     import llama_cpp.llama as llama_module
+
+    device = request.get("device", "cpu")
+    if device == "metal" and not llama_cpp.llama_supports_gpu_offload():
+        raise ChildInputError(
+            "--device metal was asked for, but this llama-cpp-python was built without Metal (or any GPU "
+            'offload). Reinstall it with CMAKE_ARGS="-DGGML_METAL=on" on a Mac, or use --device cpu.'
+        )
 
     if os.environ.get("EDGE_EXPORT_EXTRA_BUFTS") != "1":
         default_params = llama_cpp.llama_model_default_params
@@ -104,6 +113,7 @@ def _load(request: dict[str, Any]) -> Any:
         logits_all=True,
         verbose=False,
         seed=0,
+        n_gpu_layers=-1 if device == "metal" else 0,
     )
 
 

@@ -78,6 +78,10 @@ ReferenceDeviceOption = Annotated[
     str,
     typer.Option("--reference-device", help="Device of the PyTorch reference: cpu, or mps on Apple silicon."),
 ]
+DeviceOption = Annotated[
+    str,
+    typer.Option("--device", help="Where GGUFs are evaluated: cpu, or metal where llama-cpp-python has it."),
+]
 GateOption = Annotated[
     list[str],
     typer.Option(
@@ -89,12 +93,19 @@ GateOption = Annotated[
 
 
 def _quality_options(
-    eval_data: Path | None, dtype: str, device: str, gates: list[str], threads: int | None
+    eval_data: Path | None, dtype: str, device: str, gates: list[str], threads: int | None, gguf_device: str
 ) -> QualityOptions:
     from exporter.quality import QualityOptions
 
+    if gguf_device not in ("cpu", "metal"):
+        raise typer.BadParameter(f"--device {gguf_device!r}: use cpu or metal")
     return QualityOptions(
-        eval_data=eval_data, reference_dtype=dtype, device=device, gates=tuple(gates), threads=threads
+        eval_data=eval_data,
+        reference_dtype=dtype,
+        device=device,
+        gates=tuple(gates),
+        threads=threads,
+        gguf_device=gguf_device,
     )
 
 
@@ -209,6 +220,7 @@ def merge_quantize_command(
     reference_dtype: ReferenceDtypeOption = "float32",
     reference_device: ReferenceDeviceOption = "cpu",
     gate: GateOption = [],  # noqa: B006
+    device: DeviceOption = "cpu",
 ) -> None:
     """Merge the adapter into its base, convert to GGUF, quantize to each profile and check the quality."""
     from exporter.adapter import parse_adapter_argument
@@ -226,7 +238,7 @@ def merge_quantize_command(
         force=force,
         allow_pickle=allow_pickle,
         check=check,
-        quality=_quality_options(eval_data, reference_dtype, reference_device, gate, threads),
+        quality=_quality_options(eval_data, reference_dtype, reference_device, gate, threads, device),
     )
     with console.status("starting") as status:
 
@@ -339,6 +351,7 @@ def check_command(
     reference_dtype: ReferenceDtypeOption = "float32",
     reference_device: ReferenceDeviceOption = "cpu",
     gate: GateOption = [],  # noqa: B006
+    device: DeviceOption = "cpu",
     kld_tolerance: Annotated[
         float,
         typer.Option("--kld-tolerance", help="Allowed relative growth of mean KLD against the baseline."),
@@ -355,7 +368,7 @@ def check_command(
         manifest=manifest,
         baseline=baseline,
         junit=junit,
-        quality=_quality_options(eval_data, reference_dtype, reference_device, gate, threads),
+        quality=_quality_options(eval_data, reference_dtype, reference_device, gate, threads, device),
         kld_tolerance=kld_tolerance,
         top1_tolerance=top1_tolerance,
     )

@@ -55,6 +55,7 @@ class QualityOptions:
     n_prompts: int = 6
     max_new_tokens: int = 24
     threads: int | None = None
+    gguf_device: str = "cpu"  # or "metal", where llama-cpp-python was built with it
 
 
 @dataclass
@@ -255,6 +256,7 @@ def evaluate_gguf(gguf: Path, reference: Reference, options: QualityOptions) -> 
             reference.eval.prompts,
             options.max_new_tokens,
             options.threads,
+            options.gguf_device,
         )
         scores = np.load(output)
         metrics = summarize(scores["kld"], scores["same_top"], scores["nll"], reference.nll)

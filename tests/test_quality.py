@@ -171,3 +171,17 @@ def test_kld_from_raw_logits_equals_kld_from_log_probs():
     b = compare_logits(logits, ids, reference["idx"], reference["lp"])
     for key in a:
         assert np.allclose(a[key], b[key], atol=1e-5), key
+
+
+def test_metal_evaluation_without_a_metal_build_is_a_clear_error(demo_export: DemoExport):
+    proc = run_cli(
+        "check",
+        "--manifest",
+        str(demo_export.out / "manifest.json"),
+        "--device",
+        "metal",
+        "--eval-data",
+        str(Path(demo_export.report["reference"]["eval_data"])),
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "built without Metal" in " ".join(proc.stderr.split())
