@@ -9,6 +9,8 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -63,6 +65,24 @@ def _human_size(size: int) -> str:
     return str(size)
 
 
+AdapterOption = Annotated[
+    list[str],
+    typer.Option(
+        "--adapter", help="PEFT adapter folder; DIR:WEIGHT adds it with a weight. Repeat to merge several."
+    ),
+]
+BaseOption = Annotated[
+    str | None,
+    typer.Option(
+        "--base",
+        help="Base model folder or Hugging Face id (local cache only). "
+        "Default: base_model_name_or_path from adapter_config.json.",
+    ),
+]
+AllowPickleOption = Annotated[
+    bool,
+    typer.Option("--allow-pickle", help="Accept a pickle adapter_model.bin (loaded with weights_only=True)."),
+]
 EvalDataOption = Annotated[
     Path | None,
     typer.Option(
@@ -107,6 +127,18 @@ def _quality_options(
         threads=threads,
         gguf_device=gguf_device,
     )
+
+
+@contextmanager
+def _progress(first: str) -> Iterator[Callable[[str], None]]:
+    """A status line that shows the current stage, and a log line per stage."""
+    with console.status(first) as status:
+
+        def report(message: str) -> None:
+            status.update(message)
+            console.log(message)
+
+        yield report
 
 
 def _fmt(value: object, spec: str) -> str:
@@ -170,13 +202,7 @@ def _print_quality(summary: QualitySummary) -> None:
 
 @app.command("merge-quantize")
 def merge_quantize_command(
-    adapter: Annotated[
-        list[str],
-        typer.Option(
-            "--adapter",
-            help="PEFT adapter folder; DIR:WEIGHT adds it with a weight. Repeat to merge several.",
-        ),
-    ],
+    adapter: AdapterOption,
     out: Annotated[
         Path, typer.Option("--out", help="Output folder for GGUFs, Modelfiles and manifest.json.")
     ],
@@ -186,14 +212,7 @@ def merge_quantize_command(
             "--profile", help="Quantization profile (see `edge-export profiles`). Repeat for several."
         ),
     ] = ["Q4_K_M"],  # noqa: B006
-    base: Annotated[
-        str | None,
-        typer.Option(
-            "--base",
-            help="Base model folder or Hugging Face id (local cache only). "
-            "Default: base_model_name_or_path from adapter_config.json.",
-        ),
-    ] = None,
+    base: BaseOption = None,
     name: Annotated[str | None, typer.Option("--name", help="Model name used in file names.")] = None,
     profile_file: Annotated[
         list[Path],
@@ -207,12 +226,7 @@ def merge_quantize_command(
     ] = None,
     threads: Annotated[int | None, typer.Option("--threads", help="Threads for quantization.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an earlier export in --out.")] = False,
-    allow_pickle: Annotated[
-        bool,
-        typer.Option(
-            "--allow-pickle", help="Accept a pickle adapter_model.bin (loaded with weights_only=True)."
-        ),
-    ] = False,
+    allow_pickle: AllowPickleOption = False,
     check: Annotated[
         bool, typer.Option("--check/--no-check", help="Check every GGUF against the unmerged reference.")
     ] = True,
@@ -240,12 +254,7 @@ def merge_quantize_command(
         check=check,
         quality=_quality_options(eval_data, reference_dtype, reference_device, gate, threads, device),
     )
-    with console.status("starting") as status:
-
-        def report(message: str) -> None:
-            status.update(message)
-            console.log(message)
-
+    with _progress("starting") as report:
         result = merge_quantize(options, report=report)
     table = Table(title=f"{result.name} → {result.out}")
     for column in ("profile", "file", "size", "bits/weight", "sha256", "seconds"):
@@ -282,22 +291,9 @@ def _parse_size(text: str) -> int:
 
 @app.command("merge")
 def merge_command(
-    adapter: Annotated[
-        list[str],
-        typer.Option(
-            "--adapter",
-            help="PEFT adapter folder; DIR:WEIGHT adds it with a weight. Repeat to merge several.",
-        ),
-    ],
+    adapter: AdapterOption,
     out: Annotated[Path, typer.Option("--out", help="Folder for the merged Hugging Face model.")],
-    base: Annotated[
-        str | None,
-        typer.Option(
-            "--base",
-            help="Base model folder or Hugging Face id (local cache only). "
-            "Default: base_model_name_or_path from adapter_config.json.",
-        ),
-    ] = None,
+    base: BaseOption = None,
     dtype: Annotated[
         str | None, typer.Option("--dtype", help="float16, bfloat16 or float32 (default: the base's).")
     ] = None,
@@ -305,12 +301,7 @@ def merge_command(
         str, typer.Option("--max-shard-size", help="Largest output shard, e.g. 2GB or 500MB.")
     ] = "2GB",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out folder.")] = False,
-    allow_pickle: Annotated[
-        bool,
-        typer.Option(
-            "--allow-pickle", help="Accept a pickle adapter_model.bin (loaded with weights_only=True)."
-        ),
-    ] = False,
+    allow_pickle: AllowPickleOption = False,
 ) -> None:
     """Merge adapters into the base and write the merged model as safetensors (no GGUF)."""
     import time
@@ -328,8 +319,8 @@ def merge_command(
         allow_pickle=allow_pickle,
     )
     start = time.perf_counter()
-    with console.status("merging"):
-        result = merge_model(options, report=console.log)
+    with _progress("merging") as report:
+        result = merge_model(options, report=report)
     seconds = time.perf_counter() - start
     size = sum(f.stat().st_size for f in result.path.glob("*.safetensors"))
     console.print(
@@ -372,12 +363,7 @@ def check_command(
         kld_tolerance=kld_tolerance,
         top1_tolerance=top1_tolerance,
     )
-    with console.status("checking") as status:
-
-        def report(message: str) -> None:
-            status.update(message)
-            console.log(message)
-
+    with _progress("checking") as report:
         result = check_manifest(options, report=report)
     _print_quality(result.summary)
     if result.baseline:

@@ -68,24 +68,16 @@ def chat_spec(model_dir: Path) -> ChatSpec:
     template = tokenizer.chat_template
     stops = _stop_strings(tokenizer, model_dir)
     parameters = _generation_parameters(model_dir)
+
+    def untranslated(why: str) -> ChatSpec:
+        return ChatSpec(None, None, None, tuple(stops), parameters, note=why)
+
     if not template:
-        return ChatSpec(
-            None,
-            None,
-            None,
-            tuple(stops),
-            parameters,
-            note="the tokenizer has no chat template; the Modelfile has no TEMPLATE",
-        )
+        return untranslated("the tokenizer has no chat template; the Modelfile has no TEMPLATE")
     if "<|im_start|>" not in template or "<|im_end|>" not in template:
-        return ChatSpec(
-            None,
-            None,
-            None,
-            tuple(stops),
-            parameters,
-            note="the chat template is not ChatML; this version writes no TEMPLATE for it, so Ollama "
-            "will match the GGUF's embedded template itself",
+        return untranslated(
+            "the chat template is not ChatML; this version writes no TEMPLATE for it, so Ollama "
+            "will match the GGUF's embedded template itself"
         )
 
     def jinja(messages: list[dict[str, str]]) -> str:
@@ -101,14 +93,9 @@ def chat_spec(model_dir: Path) -> ChatSpec:
         expected = jinja(messages)
         ours = render_chatml(messages, default_system)
         if expected.removeprefix(bos) != ours:
-            return ChatSpec(
-                None,
-                None,
-                None,
-                tuple(stops),
-                parameters,
-                note="the ChatML-like template renders differently from standard ChatML; no TEMPLATE "
-                "written, Ollama will match the GGUF's embedded template itself",
+            return untranslated(
+                "the ChatML-like template renders differently from standard ChatML; no TEMPLATE "
+                "written, Ollama will match the GGUF's embedded template itself"
             )
     for marker in ("<|im_start|>", "<|im_end|>"):
         if marker not in stops:
