@@ -22,6 +22,16 @@ from exporter.errors import ExportError, NativeCrashError, StageError
 STDERR_TAIL = 2500
 
 
+def die_with_parent() -> None:
+    """preexec_fn for children: on Linux, SIGKILL the child when the parent dies (even by kill -9),
+    so an interrupted export leaves no converter or quantizer running on its own."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def stderr_tail(text: str, limit: int = STDERR_TAIL) -> str:
     text = text.strip()
     return text if len(text) <= limit else "…" + text[-limit:]
@@ -40,6 +50,7 @@ def run_child(
             proc = subprocess.run(
                 [sys.executable, "-m", module, str(request_file), str(response_file)],
                 capture_output=True,
+                preexec_fn=die_with_parent,
                 text=True,
                 timeout=timeout,
                 env=env,

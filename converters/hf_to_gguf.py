@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from converters.child import stderr_tail
+from converters.child import die_with_parent, stderr_tail
 from converters.vendor import VendoredLlamaCpp
 from exporter.errors import InputError, StageError
 
@@ -44,7 +44,12 @@ def convert_hf_to_gguf(
     ]
     try:
         proc = subprocess.run(
-            command, capture_output=True, text=True, env=converter_env(vendored), errors="replace"
+            command,
+            capture_output=True,
+            text=True,
+            env=converter_env(vendored),
+            errors="replace",
+            preexec_fn=die_with_parent,
         )
         if proc.returncode != 0:
             raise _conversion_error(model_dir, vendored, proc.returncode, proc.stderr)

@@ -235,6 +235,9 @@ def merge_quantize_command(
     reference_device: ReferenceDeviceOption = "cpu",
     gate: GateOption = [],  # noqa: B006
     device: DeviceOption = "cpu",
+    cache: Annotated[
+        bool, typer.Option("--cache/--no-cache", help="Reuse and keep finished stages in the stage cache.")
+    ] = True,
 ) -> None:
     """Merge the adapter into its base, convert to GGUF, quantize to each profile and check the quality."""
     from exporter.adapter import parse_adapter_argument
@@ -253,6 +256,7 @@ def merge_quantize_command(
         allow_pickle=allow_pickle,
         check=check,
         quality=_quality_options(eval_data, reference_dtype, reference_device, gate, threads, device),
+        use_cache=cache,
     )
     with _progress("starting") as report:
         result = merge_quantize(options, report=report)
@@ -384,6 +388,72 @@ def check_command(
         console.print(f"JUnit XML: {result.junit}")
     if not result.passed:
         raise typer.Exit(1)
+
+
+cache_app = typer.Typer(help="The stage cache: merged models, GGUFs, references and quality results.")
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("ls")
+def cache_ls_command() -> None:
+    """List the cached stages with their size and age."""
+    import time
+
+    from exporter.quality import cache_root
+    from exporter.stage_cache import StageCache
+
+    cache = StageCache(cache_root())
+    entries = cache.entries()
+    table = Table(title=f"stage cache: {cache.root}")
+    for column in ("stage", "key", "size", "age", "what"):
+        table.add_column(column, justify="right" if column in ("size", "age") else "left")
+    total = 0
+    for entry in entries:
+        size = entry.size_bytes
+        total += size
+        age_hours = (time.time() - entry.meta.get("created", time.time())) / 3600
+        what = entry.meta.get("what", "")
+        table.add_row(entry.kind, entry.key[:12], _human_size(size), f"{age_hours:.1f} h", what)
+    references = (
+        sorted((cache_root() / "reference").glob("*.npz")) if (cache_root() / "reference").is_dir() else []
+    )
+    for file in references:
+        total += file.stat().st_size
+        age_hours = (time.time() - file.stat().st_mtime) / 3600
+        table.add_row(
+            "reference",
+            file.stem[:12],
+            _human_size(file.stat().st_size),
+            f"{age_hours:.1f} h",
+            "unmerged model's log-probs",
+        )
+    console.print(table)
+    console.print(f"{len(entries) + len(references)} entries, {_human_size(total)}")
+
+
+@cache_app.command("prune")
+def cache_prune_command(
+    older_than: Annotated[
+        float | None, typer.Option("--older-than", help="Only entries older than this many days.")
+    ] = None,
+) -> None:
+    """Remove cached stages (all, or those older than --older-than days) and leftovers of interrupted runs."""
+    import shutil
+    import time
+
+    from exporter.quality import cache_root
+    from exporter.stage_cache import StageCache
+
+    removed, freed = StageCache(cache_root()).prune(older_than)
+    folder = cache_root() / "reference"
+    if folder.is_dir():
+        cutoff = None if older_than is None else time.time() - older_than * 86400
+        for file in folder.iterdir():
+            if cutoff is None or file.stat().st_mtime < cutoff:
+                freed += file.stat().st_size
+                removed += file.suffix == ".npz"
+                file.unlink() if file.is_file() else shutil.rmtree(file)
+    console.print(f"removed {removed} entries, freed {_human_size(freed)}")
 
 
 @app.command("profiles")

@@ -35,10 +35,12 @@ from exporter.quality import (
     QualityOptions,
     apply_gates,
     build_reference,
+    cache_root,
     evaluate_gguf,
     parse_gate_overrides,
 )
 from exporter.report import REPORT_FILES, REPORT_JSON, report_data, write_reports
+from exporter.stage_cache import StageCache, link_into, stage_key
 from quant_profiles import ProfileError, ProfileRegistry, QuantProfile, builtin_profiles
 
 MANIFEST = "manifest.json"
@@ -63,6 +65,7 @@ class ExportOptions:
     allow_pickle: bool = False
     check: bool = True
     quality: QualityOptions = field(default_factory=QualityOptions)
+    use_cache: bool = True
 
 
 @dataclass
@@ -140,10 +143,12 @@ def _check_output(out: Path, planned: list[Path], force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise InputError(f"The output path {out} exists and is not a folder. Choose another --out.")
     existing = [p for p in planned if p.exists()]
-    if existing and not force:
+    # Without a manifest the files are what an interrupted run left: the new run replaces them.
+    finished = (out / MANIFEST).exists() or out.name == MANIFEST
+    if existing and finished and not force:
         raise InputError(
             f"{existing[0]} already exists (and {len(existing) - 1} more of this run's outputs). Refusing to "
-            "overwrite a previous export; pass --force to replace it, or choose another --out."
+            "overwrite a finished export; pass --force to replace it, or choose another --out."
         )
     probe_dir = out if out.exists() else next((p for p in out.parents if p.exists()), Path("/"))
     if not os.access(probe_dir, os.W_OK):
@@ -159,7 +164,8 @@ def _timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
     seconds[stage] = round(time.perf_counter() - start, 3)
 
 
-def _artifact(path: Path, profile: QuantProfile, seconds: float) -> GGUFArtifact:
+def _artifact(path: Path, profile: QuantProfile, seconds: float, sha256: str) -> GGUFArtifact:
+    """The record of a GGUF whose sha256 is known (verified by the stage cache)."""
     header = read_gguf_header(path)
     if header.file_type != profile.ftype_id:
         raise StageError(
@@ -173,7 +179,7 @@ def _artifact(path: Path, profile: QuantProfile, seconds: float) -> GGUFArtifact
         file_type=header.file_type_name,
         size_bytes=size,
         bits_per_weight=round(size * 8 / max(header.n_params, 1), 3),
-        sha256=sha256_file(path),
+        sha256=sha256,
         seconds=round(seconds, 3),
     )
 
@@ -282,35 +288,124 @@ def merge_quantize(options: ExportOptions, report: Reporter = lambda _: None) ->
 
     guard = _OutputGuard(out)
     seconds: dict[str, float] = {}
+    cached: list[str] = []
+    inputs = hash_inputs(adapters, base_dir)
+    versions = tool_versions(vendored)
     try:
         out.mkdir(parents=True, exist_ok=True)
+        cache = StageCache(cache_root() if options.use_cache else None, scratch_parent=out)
+        if not options.use_cache:
+            guard.claim(cache.root)
         if options.force:  # an earlier export's manifest and reports must not describe this one
             for stale in (out / MANIFEST, *reports):
                 stale.unlink(missing_ok=True)
-        report(f"merging {len(adapters)} adapter(s) into {base_dir}")
+
+        merge_key = stage_key(
+            {
+                "stage": "merge",
+                "inputs": input_hashes({"inputs": inputs}),
+                "dtype": options.dtype,
+                "versions": {k: versions[k] for k in ("edge-export", "torch", "safetensors")},
+            }
+        )
         with _timed(seconds, "merge"):
-            merged = merge_adapters(
-                base_dir,
-                adapters,
-                guard.claim(out / MERGED_DIR),
-                dtype=options.dtype,
-                provenance=merge_provenance(adapters, base_dir),
-            )
-        report(f"converting to GGUF with llama.cpp {vendored.commit[:9]}")
+            entry = cache.lookup("merge", merge_key)
+            if entry is None:
+                report(f"merging {len(adapters)} adapter(s) into {base_dir}")
+                with cache.build("merge", merge_key) as (staging, meta):
+                    built = merge_adapters(
+                        base_dir,
+                        adapters,
+                        staging / MERGED_DIR,
+                        dtype=options.dtype,
+                        provenance=merge_provenance(adapters, base_dir),
+                    )
+                    meta.update(
+                        what=f"merged {name} ({built.dtype})",
+                        merged_tensors=built.merged_tensors,
+                        total_tensors=built.total_tensors,
+                        dtype=built.dtype,
+                        shards=built.shards,
+                        untied=built.untied_embeddings,
+                    )
+                entry = cache.lookup("merge", merge_key, verify=False)
+                assert entry is not None
+            else:
+                cached.append("merge")
+                report("merge: reusing the cached merged model")
+            link_into(entry.path / MERGED_DIR, guard.claim(out / MERGED_DIR))
+        meta = entry.meta
+        merged = MergeResult(
+            out / MERGED_DIR,
+            meta["merged_tensors"],
+            meta["total_tensors"],
+            meta["dtype"],
+            meta["shards"],
+            meta["untied"],
+        )
+
+        convert_key = stage_key(
+            {
+                "stage": "convert",
+                "merge": merge_key,
+                "llama.cpp": vendored.commit,
+                "outtype": "f16",
+                "name": name,
+            }
+        )
         with _timed(seconds, "convert"):
-            convert_hf_to_gguf(merged.path, guard.claim(f16_path), vendored, model_name=name)
+            entry = cache.lookup("convert", convert_key)
+            if entry is None:
+                report(f"converting to GGUF with llama.cpp {vendored.commit[:9]}")
+                with cache.build("convert", convert_key) as (staging, meta):
+                    start = time.perf_counter()
+                    convert_hf_to_gguf(merged.path, staging / "model.gguf", vendored, model_name=name)
+                    meta.update(seconds=round(time.perf_counter() - start, 3), what=f"{name} F16 GGUF")
+                entry = cache.lookup("convert", convert_key, verify=False)
+                assert entry is not None
+            else:
+                cached.append("convert")
+                report("convert: reusing the cached F16 GGUF")
+            link_into(entry.path / "model.gguf", guard.claim(f16_path))
         f16_profile = registry.get("F16")
         artifacts: dict[str, GGUFArtifact] = {}
-        f16_artifact = _artifact(f16_path, f16_profile, seconds["convert"])
+        f16_artifact = _artifact(
+            f16_path, f16_profile, entry.meta["seconds"], entry.meta["files"]["model.gguf"]
+        )
         for profile in profiles:
             target = planned_ggufs[profile.name]
             if profile.is_unquantized:
                 artifacts[profile.name] = f16_artifact
                 continue
-            report(f"quantizing to {profile.name}")
+            quantize_key = stage_key(
+                {
+                    "stage": "quantize",
+                    "convert": convert_key,
+                    "llama-cpp-python": versions["llama-cpp-python"],
+                    "ftype": profile.ftype,
+                    "overrides": profile.overrides.model_dump(mode="json"),
+                }
+            )
             with _timed(seconds, f"quantize {profile.name}"):
-                quantize_gguf(f16_path, guard.claim(target), profile, options.threads)
-            artifacts[profile.name] = _artifact(target, profile, seconds[f"quantize {profile.name}"])
+                entry = cache.lookup("quantize", quantize_key)
+                if entry is None:
+                    report(f"quantizing to {profile.name}")
+                    with cache.build("quantize", quantize_key) as (staging, meta):
+                        start = time.perf_counter()
+                        quantize_gguf(f16_path, staging / "model.gguf", profile, options.threads)
+                        meta.update(
+                            seconds=round(time.perf_counter() - start, 3), what=f"{name} {profile.name} GGUF"
+                        )
+                    entry = cache.lookup("quantize", quantize_key, verify=False)
+                    assert entry is not None
+                else:
+                    cached.append(f"quantize {profile.name}")
+                link_into(entry.path / "model.gguf", guard.claim(target))
+            artifacts[profile.name] = _artifact(
+                target, profile, entry.meta["seconds"], entry.meta["files"]["model.gguf"]
+            )
+        if cached:
+            report(f"reused from the cache: {', '.join(cached)}")
         report("writing Modelfiles and manifest")
         spec = chat_spec(merged.path)
         modelfiles = []
@@ -327,16 +422,17 @@ def merge_quantize(options: ExportOptions, report: Reporter = lambda _: None) ->
             out,
             name,
             options,
-            vendored,
-            adapters,
-            base_dir,
+            versions,
+            inputs,
             merged,
             f16_artifact,
             artifacts,
             spec,
             modelfiles,
             seconds,
+            cached,
         )
+        cache.close()
     except BaseException:  # Ctrl-C included: nothing half-done may stay behind
         guard.rollback()
         raise
@@ -348,7 +444,15 @@ def merge_quantize(options: ExportOptions, report: Reporter = lambda _: None) ->
         manifest_data = json.loads(manifest.read_text())
         with _timed(seconds, "check"):
             result.quality = check_artifacts(
-                manifest_data, out, base_dir, adapters, merged.path, registry, options.quality, report
+                manifest_data,
+                out,
+                base_dir,
+                adapters,
+                merged.path,
+                registry,
+                options.quality,
+                report,
+                stage_cache=StageCache(cache_root()) if options.use_cache else None,
             )
         manifest_data["stage_seconds"] = seconds
         manifest_data["quality"] = {"report": REPORT_JSON, "passed": result.quality.passed}
@@ -374,6 +478,7 @@ def check_artifacts(
     registry: ProfileRegistry,
     options: QualityOptions,
     report: Reporter = lambda _: None,
+    stage_cache: StageCache | None = None,
 ) -> QualitySummary:
     """Score every GGUF of a manifest against the unmerged reference, apply gates, write the reports."""
     overrides = parse_gate_overrides(options.gates)
@@ -387,10 +492,26 @@ def check_artifacts(
     for label, record in records.items():
         path = root / record["path"]
         report(f"evaluating {path.name}")
-        try:
-            metrics = evaluate_gguf(path, reference, options)
-        except StageError as exc:  # a crash in one artifact's evaluation fails that artifact, not the run
-            metrics = {"error": str(exc)}
+        quality_key = stage_key(
+            {
+                "stage": "quality",
+                "artifact": record["sha256"],
+                "reference": reference.key,
+                "device": options.gguf_device,
+                "llama-cpp-python": manifest.get("tools", {}).get("llama-cpp-python"),
+            }
+        )
+        entry = stage_cache.lookup("quality", quality_key) if stage_cache else None
+        if entry is not None:
+            metrics = entry.meta["metrics"]
+        else:
+            try:
+                metrics = evaluate_gguf(path, reference, options)
+            except StageError as exc:  # a crash in one artifact's evaluation fails that artifact, not the run
+                metrics = {"error": str(exc)}
+            if stage_cache and "error" not in metrics:
+                with stage_cache.build("quality", quality_key) as (_, meta):
+                    meta.update(metrics=metrics, what=f"quality of {path.name}")
         profile = registry.get(label)
         gates = (
             apply_gates(profile, metrics, overrides)
@@ -418,42 +539,48 @@ def _atomic_json(path: Path, data: dict[str, Any]) -> None:
     partial.replace(path)
 
 
+def hash_inputs(adapters: list[LoraAdapter], base_dir: Path) -> dict[str, Any]:
+    """Every input file's sha256, with the folders and weights: the manifest's "inputs"."""
+    return {
+        "adapters": [
+            {
+                "path": str(a.path.resolve()),
+                "weight": a.weight,
+                "files": hash_files(_input_files(a.path), a.path),
+            }
+            for a in adapters
+        ],
+        "base": {"path": str(base_dir.resolve()), "files": hash_files(_input_files(base_dir), base_dir)},
+    }
+
+
 def _write_manifest(
     out: Path,
     name: str,
     options: ExportOptions,
-    vendored: VendoredLlamaCpp,
-    adapters: list[LoraAdapter],
-    base_dir: Path,
+    versions: dict[str, str],
+    inputs: dict[str, Any],
     merged: MergeResult,
     f16: GGUFArtifact,
     artifacts: dict[str, GGUFArtifact],
     spec: ChatSpec,
     modelfiles: list[Path],
     seconds: dict[str, float],
+    cached: list[str],
 ) -> Path:
     manifest: dict[str, Any] = {
         "format": "edge-export/manifest/1",
         "name": name,
         "created_utc": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "tools": tool_versions(vendored),
+        "tools": versions,
         "options": {
             "profiles": [a.profile for a in artifacts.values()],
             "dtype": merged.dtype,
             "threads": options.threads,
             "profile_files": [str(p) for p in options.profile_files],
+            "cache": options.use_cache,
         },
-        "inputs": {
-            "adapters": [
-                {
-                    "path": str(a.path.resolve()),
-                    "weight": a.weight,
-                    "files": hash_files(_input_files(a.path), a.path),
-                }
-                for a in adapters
-            ],
-            "base": {"path": str(base_dir.resolve()), "files": hash_files(_input_files(base_dir), base_dir)},
-        },
+        "inputs": inputs,
         "merge": {
             "path": MERGED_DIR,
             "merged_tensors": merged.merged_tensors,
@@ -468,6 +595,7 @@ def _write_manifest(
             for m in modelfiles
         ],
         "stage_seconds": seconds,
+        "cached_stages": cached,
     }
     if spec.note:
         manifest["notes"] = [spec.note]

@@ -115,7 +115,9 @@ def test_adapter_for_another_base_by_shape(tmp_path: Path, tiny):
     (adapter / "adapter_config.json").write_text(json.dumps(config))
     out = tmp_path / "out"
     proc = merge_quantize("--adapter", str(adapter), "--base", str(tiny["other"]), "--out", str(out))
-    assert_clean_failure(proc, out, "adapter_model.safetensors", "do not fit the base tensor", "--base")
+    assert_clean_failure(
+        proc, out, "adapter_model.safetensors", "which does not fit the base tensor", "--base"
+    )
 
 
 def test_corrupt_adapter_weights(tmp_path: Path, tiny):

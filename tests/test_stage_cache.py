@@ -1,0 +1,115 @@
+"""The stage cache: atomic entries, verification, pruning, and reuse through the real pipeline."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from exporter.hashing import sha256_file
+from exporter.stage_cache import StageCache, link_into, stage_key
+from tests.conftest import REPO, DemoExport, DemoInputs, export_args, run_cli
+
+
+def test_entries_appear_only_when_complete_and_are_verified(tmp_path: Path):
+    cache = StageCache(tmp_path)
+    key = stage_key({"stage": "x", "n": 1})
+    assert key == stage_key({"n": 1, "stage": "x"}) != stage_key({"stage": "x", "n": 2})
+    with pytest.raises(RuntimeError), cache.build("x", key) as (staging, meta):
+        (staging / "data.bin").write_bytes(b"half")
+        raise RuntimeError("interrupted")
+    assert cache.lookup("x", key) is None and not list((tmp_path / "stages" / "x").iterdir())
+    with cache.build("x", key) as (staging, meta):
+        (staging / "data.bin").write_bytes(b"whole")
+        meta["what"] = "test"
+    entry = cache.lookup("x", key)
+    assert entry is not None and entry.meta["what"] == "test"
+    assert entry.meta["files"] == {"data.bin": sha256_file(entry.path / "data.bin")}
+    target = tmp_path / "out" / "data.bin"
+    target.parent.mkdir()
+    link_into(entry.path / "data.bin", target)
+    assert (
+        target.read_bytes() == b"whole" and os.stat(target).st_ino == os.stat(entry.path / "data.bin").st_ino
+    )
+    (entry.path / "data.bin").write_bytes(b"tampered")  # damaged entries are dropped, not trusted
+    assert cache.lookup("x", key) is None
+
+
+def test_prune_removes_entries_and_leftovers(tmp_path: Path):
+    cache = StageCache(tmp_path)
+    for n in range(3):
+        with cache.build("x", stage_key({"n": n})) as (staging, _):
+            (staging / "f").write_text(str(n))
+    (tmp_path / "stages" / "x" / ".abc.partial-1").mkdir()
+    assert len(cache.entries()) == 3
+    assert cache.prune(older_than_days=1) == (1, 0)  # only the leftover of an interrupted run
+    removed, freed = cache.prune()
+    assert removed == 3 and freed > 3 and cache.entries() == []  # the files and their done.json
+
+
+def test_unchanged_rerun_reuses_every_stage_and_gives_the_same_bytes(demo_export: DemoExport, demo_inputs):
+    manifest = json.loads((demo_export.out / "manifest.json").read_text())
+    # The session's first export filled the cache; the second run (test_demo_pipeline) or this one reuses it.
+    proc = run_cli(*export_args(demo_inputs, demo_export.out), "--force", "--no-check")
+    assert proc.returncode == 0, proc.stderr
+    again = json.loads((demo_export.out / "manifest.json").read_text())
+    assert set(again["cached_stages"]) == {
+        "merge",
+        "convert",
+        "quantize Q4_K_M",
+        "quantize Q8_0",
+        "quantize Q2_K",
+    }
+    assert [a["sha256"] for a in again["artifacts"]] == [a["sha256"] for a in manifest["artifacts"]]
+    assert "reused from the cache" in proc.stdout
+
+
+def test_adding_a_profile_quantizes_only_that_profile(demo_export: DemoExport, demo_inputs, tmp_path: Path):
+    out = tmp_path / "more"
+    proc = run_cli(*export_args(demo_inputs, out), "--profile", "Q5_K_M", "--no-check")
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "quantize Q5_K_M" not in manifest["cached_stages"]
+    assert {"merge", "convert", "quantize Q4_K_M", "quantize Q8_0", "quantize Q2_K"} <= set(
+        manifest["cached_stages"]
+    )
+
+
+def test_cold_run_without_cache_gives_byte_identical_files(
+    demo_export: DemoExport, demo_inputs, tmp_path: Path
+):
+    out = tmp_path / "cold"
+    proc = run_cli(*export_args(demo_inputs, out), "--no-cache", "--no-check")
+    assert proc.returncode == 0, proc.stderr
+    cold = json.loads((out / "manifest.json").read_text())
+    assert cold["cached_stages"] == []
+    warm = {a["profile"]: a["sha256"] for a in demo_export.manifest["artifacts"]}
+    assert {a["profile"]: a["sha256"] for a in cold["artifacts"]} == warm
+    assert not list(out.glob(".edge-export-stages-*"))  # the throwaway cache is gone
+
+
+def test_killed_run_leaves_nothing_finished_looking_and_resumes(demo_inputs: DemoInputs, tmp_path: Path):
+    cache = tmp_path / "cache"
+    out = tmp_path / "out"
+    env = dict(os.environ, EDGE_EXPORT_CACHE_DIR=str(cache))
+    args = [sys.executable, "-m", "exporter", *export_args(demo_inputs, out), "--no-check"]
+    process = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((cache / "stages" / "convert").glob(".*.partial-*")):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)  # in the middle of the conversion
+    process.wait()
+    assert not list((cache / "stages").glob("convert/*/done.json"))
+    assert list((cache / "stages").glob("merge/*/done.json"))  # the finished stage is kept
+    assert not (out / "manifest.json").exists()
+    assert not list(out.glob("*.gguf"))
+    resumed = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["cached_stages"] == ["merge"]
