@@ -224,7 +224,9 @@ def merge_quantize_command(
         str | None,
         typer.Option("--dtype", help="dtype of the merged model: float16, bfloat16 (default: the base's)."),
     ] = None,
-    threads: Annotated[int | None, typer.Option("--threads", help="Threads for quantization.")] = None,
+    threads: Annotated[
+        int | None, typer.Option("--threads", help="Threads per quantization (default: cores / --jobs).")
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an earlier export in --out.")] = False,
     allow_pickle: AllowPickleOption = False,
     check: Annotated[
@@ -238,6 +240,10 @@ def merge_quantize_command(
     cache: Annotated[
         bool, typer.Option("--cache/--no-cache", help="Reuse and keep finished stages in the stage cache.")
     ] = True,
+    jobs: Annotated[
+        int,
+        typer.Option("--jobs", min=1, help="Profiles quantized at once; the cores are shared between them."),
+    ] = 1,
 ) -> None:
     """Merge the adapter into its base, convert to GGUF, quantize to each profile and check the quality."""
     from exporter.adapter import parse_adapter_argument
@@ -257,6 +263,7 @@ def merge_quantize_command(
         check=check,
         quality=_quality_options(eval_data, reference_dtype, reference_device, gate, threads, device),
         use_cache=cache,
+        jobs=jobs,
     )
     with _progress("starting") as report:
         result = merge_quantize(options, report=report)

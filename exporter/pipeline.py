@@ -12,6 +12,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -66,6 +67,7 @@ class ExportOptions:
     check: bool = True
     quality: QualityOptions = field(default_factory=QualityOptions)
     use_cache: bool = True
+    jobs: int = 1
 
 
 @dataclass
@@ -368,15 +370,16 @@ def merge_quantize(options: ExportOptions, report: Reporter = lambda _: None) ->
                 report("convert: reusing the cached F16 GGUF")
             link_into(entry.path / "model.gguf", guard.claim(f16_path))
         f16_profile = registry.get("F16")
-        artifacts: dict[str, GGUFArtifact] = {}
         f16_artifact = _artifact(
             f16_path, f16_profile, entry.meta["seconds"], entry.meta["files"]["model.gguf"]
         )
-        for profile in profiles:
+        to_quantize = [p for p in profiles if not p.is_unquantized]
+        jobs = max(1, min(options.jobs, len(to_quantize)))
+        # Threads are shared out between parallel quantizations; llama.cpp's output does not depend on them.
+        threads = options.threads or max(1, (os.cpu_count() or 1) // jobs)
+
+        def quantize_stage(profile: QuantProfile) -> GGUFArtifact:
             target = planned_ggufs[profile.name]
-            if profile.is_unquantized:
-                artifacts[profile.name] = f16_artifact
-                continue
             quantize_key = stage_key(
                 {
                     "stage": "quantize",
@@ -386,24 +389,27 @@ def merge_quantize(options: ExportOptions, report: Reporter = lambda _: None) ->
                     "overrides": profile.overrides.model_dump(mode="json"),
                 }
             )
-            with _timed(seconds, f"quantize {profile.name}"):
-                entry = cache.lookup("quantize", quantize_key)
-                if entry is None:
-                    report(f"quantizing to {profile.name}")
-                    with cache.build("quantize", quantize_key) as (staging, meta):
-                        start = time.perf_counter()
-                        quantize_gguf(f16_path, staging / "model.gguf", profile, options.threads)
-                        meta.update(
-                            seconds=round(time.perf_counter() - start, 3), what=f"{name} {profile.name} GGUF"
-                        )
-                    entry = cache.lookup("quantize", quantize_key, verify=False)
-                    assert entry is not None
-                else:
-                    cached.append(f"quantize {profile.name}")
-                link_into(entry.path / "model.gguf", guard.claim(target))
-            artifacts[profile.name] = _artifact(
-                target, profile, entry.meta["seconds"], entry.meta["files"]["model.gguf"]
-            )
+            start = time.perf_counter()
+            entry = cache.lookup("quantize", quantize_key)
+            if entry is None:
+                report(f"quantizing to {profile.name}")
+                with cache.build("quantize", quantize_key) as (staging, meta):
+                    quantize_gguf(f16_path, staging / "model.gguf", profile, threads)
+                    meta.update(
+                        seconds=round(time.perf_counter() - start, 3), what=f"{name} {profile.name} GGUF"
+                    )
+                entry = cache.lookup("quantize", quantize_key, verify=False)
+                assert entry is not None
+            else:
+                cached.append(f"quantize {profile.name}")
+            link_into(entry.path / "model.gguf", guard.claim(target))
+            seconds[f"quantize {profile.name}"] = round(time.perf_counter() - start, 3)
+            return _artifact(target, profile, entry.meta["seconds"], entry.meta["files"]["model.gguf"])
+
+        with ThreadPoolExecutor(max_workers=jobs) as pool:  # each quantization runs in its own child process
+            names = [p.name for p in to_quantize]
+            quantized = dict(zip(names, pool.map(quantize_stage, to_quantize), strict=True))
+        artifacts = {p.name: f16_artifact if p.is_unquantized else quantized[p.name] for p in profiles}
         if cached:
             report(f"reused from the cache: {', '.join(cached)}")
         report("writing Modelfiles and manifest")

@@ -72,10 +72,24 @@ def test_unchanged_rerun_reuses_every_stage_and_gives_the_same_bytes(demo_export
 
 def test_adding_a_profile_quantizes_only_that_profile(demo_export: DemoExport, demo_inputs, tmp_path: Path):
     out = tmp_path / "more"
-    proc = run_cli(*export_args(demo_inputs, out), "--profile", "Q5_K_M", "--no-check")
+    proc = run_cli(
+        *export_args(demo_inputs, out),
+        "--profile",
+        "Q5_K_M",
+        "--profile",
+        "Q6_K",
+        "--jobs",
+        "2",
+        "--no-check",
+    )
     assert proc.returncode == 0, proc.stderr
     manifest = json.loads((out / "manifest.json").read_text())
-    assert "quantize Q5_K_M" not in manifest["cached_stages"]
+    assert (
+        "quantize Q5_K_M" not in manifest["cached_stages"]
+        and "quantize Q6_K" not in manifest["cached_stages"]
+    )
+    files = {a["profile"]: a["file_type"] for a in manifest["artifacts"]}
+    assert files["Q5_K_M"] == "Q5_K_M" and files["Q6_K"] == "Q6_K"  # built in parallel, each as asked
     assert {"merge", "convert", "quantize Q4_K_M", "quantize Q8_0", "quantize Q2_K"} <= set(
         manifest["cached_stages"]
     )
