@@ -28,23 +28,84 @@ class GGUFHeader:
         return FTYPE_NAMES.get(self.file_type, str(self.file_type))
 
 
+# GGUF metadata value types: id -> struct format of a scalar (8 = string, 9 = array).
+_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
+_WANTED_KEYS = ("general.architecture", "general.file_type", "tokenizer.chat_template")
+
+
 def read_gguf_header(path: Path) -> GGUFHeader:
-    """Read a GGUF file's metadata and tensor table (memory-mapped; no tensor data is read)."""
-    from gguf import GGUFReader
+    """Read a GGUF file's metadata and tensor table, skipping arrays (the vocabulary) and tensor data.
 
-    reader = GGUFReader(str(path))
+    A small reader of the documented format: the gguf package's reader parses every vocabulary
+    string into numpy objects, which takes seconds per file and is not needed here.
+    """
+    import struct
 
-    def field_value(key: str) -> Any:
-        field = reader.get_field(key)
-        return None if field is None else field.contents()
+    with path.open("rb") as handle:
 
-    n_params = sum(int(t.n_elements) for t in reader.tensors)
+        def unpack(fmt: str) -> Any:
+            size = struct.calcsize(fmt)
+            data = handle.read(size)
+            if len(data) != size:
+                raise ValueError(f"{path} is truncated")
+            return struct.unpack(fmt, data)[0]
+
+        def string() -> str:
+            return handle.read(unpack("<Q")).decode("utf-8", errors="replace")
+
+        def skip(value_type: int) -> None:
+            if value_type == 8:
+                handle.seek(unpack("<Q"), 1)
+            elif value_type == 9:
+                element_type, count = unpack("<I"), unpack("<Q")
+                if element_type in _SCALARS:
+                    handle.seek(struct.calcsize(_SCALARS[element_type]) * count, 1)
+                else:
+                    for _ in range(count):
+                        skip(element_type)
+            else:
+                handle.seek(struct.calcsize(_SCALARS[value_type]), 1)
+
+        if handle.read(4) != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file")
+        unpack("<I")  # version
+        n_tensors, n_kv = unpack("<Q"), unpack("<Q")
+        values: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key, value_type = string(), unpack("<I")
+            if key in _WANTED_KEYS and value_type == 8:
+                values[key] = string()
+            elif key in _WANTED_KEYS and value_type in _SCALARS:
+                values[key] = unpack(_SCALARS[value_type])
+            else:
+                skip(value_type)
+        n_params = 0
+        for _ in range(n_tensors):
+            string()  # name
+            dims = [unpack("<Q") for _ in range(unpack("<I"))]
+            handle.seek(4 + 8, 1)  # ggml type, data offset
+            count = 1
+            for dim in dims:
+                count *= dim
+            n_params += count
     return GGUFHeader(
-        architecture=str(field_value("general.architecture")),
-        file_type=field_value("general.file_type"),
+        architecture=str(values.get("general.architecture")),
+        file_type=values.get("general.file_type"),
         n_params=n_params,
-        n_tensors=len(reader.tensors),
-        chat_template=field_value("tokenizer.chat_template"),
+        n_tensors=n_tensors,
+        chat_template=values.get("tokenizer.chat_template"),
     )
 
 

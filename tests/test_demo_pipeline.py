@@ -118,3 +118,17 @@ def test_second_run_refuses_then_force_replaces(demo_export: DemoExport, demo_in
     # Same inputs, same bytes.
     assert {p: sha256_file(demo_export.gguf(p)) for p in before} == before
     assert demo_export.report["reference"]["from_cache"] is True  # the reference was not recomputed
+
+
+def test_header_reader_agrees_with_the_gguf_package(demo_export: DemoExport):
+    from gguf import GGUFReader
+
+    for profile in ("F16", "Q4_K_M"):
+        path = demo_export.gguf(profile)
+        ours = read_gguf_header(path)
+        reader = GGUFReader(str(path))
+        assert ours.file_type == reader.get_field("general.file_type").contents()
+        assert ours.architecture == reader.get_field("general.architecture").contents()
+        assert ours.chat_template == reader.get_field("tokenizer.chat_template").contents()
+        assert ours.n_tensors == len(reader.tensors)
+        assert ours.n_params == sum(int(t.n_elements) for t in reader.tensors)
