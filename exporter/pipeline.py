@@ -585,6 +585,7 @@ def _write_manifest(
             "threads": options.threads,
             "profile_files": [str(p) for p in options.profile_files],
             "cache": options.use_cache,
+            "allow_pickle": options.allow_pickle,
         },
         "inputs": inputs,
         "merge": {
@@ -674,7 +675,9 @@ def check_manifest(options: CheckOptions, report: Reporter = lambda _: None) -> 
             )
     inputs = manifest["inputs"]
     base_dir = Path(inputs["base"]["path"])
-    adapters = [read_adapter(Path(a["path"]), a["weight"], allow_pickle=True) for a in inputs["adapters"]]
+    # A pickle adapter is read again only if the export itself was allowed to read it.
+    allow_pickle = bool(manifest.get("options", {}).get("allow_pickle", False))
+    adapters = [read_adapter(Path(a["path"]), a["weight"], allow_pickle) for a in inputs["adapters"]]
     for folder, recorded in [
         (base_dir, inputs["base"]["files"]),
         *[(a.path, r["files"]) for a, r in zip(adapters, inputs["adapters"], strict=True)],
