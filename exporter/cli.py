@@ -397,6 +397,24 @@ def check_command(
         raise typer.Exit(1)
 
 
+@app.command("modelfile")
+def modelfile_command(
+    check: Annotated[Path, typer.Option("--check", help="Validate this Modelfile by Ollama's parser rules.")],
+) -> None:
+    """Validate a Modelfile: commands, quoting, PARAMETER names, FROM/ADAPTER files, LF endings."""
+    from exporter.errors import InputError
+    from exporter.modelfile_check import parse_modelfile
+
+    if not check.is_file():
+        raise InputError(f"The Modelfile {check} does not exist.")
+    instructions, problems = parse_modelfile(check)
+    if problems:
+        for problem in problems:
+            err_console.print(f"[red]FAIL[/] {check}: {problem}", highlight=False)
+        raise typer.Exit(1)
+    console.print(f"OK   {check}: {len(instructions)} instructions, valid for Ollama", highlight=False)
+
+
 cache_app = typer.Typer(help="The stage cache: merged models, GGUFs, references and quality results.")
 app.add_typer(cache_app, name="cache")
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from exporter.errors import InputError
+from exporter.errors import InputError, StageError
+from exporter.modelfile_check import parse_modelfile
 
 log = logging.getLogger(__name__)
 
@@ -151,4 +152,10 @@ def write_modelfile(target: Path, gguf: Path, spec: ChatSpec, header_comment: st
     lines += [f"PARAMETER {name} {value}" for name, value in spec.parameters.items()]
     partial = target.with_name(f".{target.name}.partial")
     partial.write_text("\n".join(lines) + "\n", encoding="utf-8", newline="\n")
+    _, problems = parse_modelfile(partial)
+    if problems:
+        partial.unlink()
+        raise StageError(
+            f"The Modelfile written for {target} does not pass validation: {'; '.join(problems)}"
+        )
     partial.replace(target)
