@@ -137,7 +137,19 @@ def _quoted(value: str, what: str, target: Path) -> str:
     return f'"""{value}"""'
 
 
-def write_modelfile(target: Path, gguf: Path, spec: ChatSpec, header_comment: str) -> None:
+def model_license(model_dir: Path) -> str | None:
+    """The text of the model's license file (carried through the merge from the base), if any."""
+    from exporter.merge import LICENSE_PATTERN
+
+    for entry in sorted(model_dir.iterdir()):
+        if entry.is_file() and LICENSE_PATTERN.match(entry.name) and entry.name.upper().startswith("LICEN"):
+            return entry.read_text(encoding="utf-8", errors="replace").strip("\n")
+    return None
+
+
+def write_modelfile(
+    target: Path, gguf: Path, spec: ChatSpec, header_comment: str, license_text: str | None = None
+) -> None:
     """Write a Modelfile whose FROM is the GGUF's path relative to the Modelfile (atomically, LF endings)."""
     relative = Path(gguf).relative_to(target.parent) if gguf.is_relative_to(target.parent) else gguf
     lines = [
@@ -148,6 +160,8 @@ def write_modelfile(target: Path, gguf: Path, spec: ChatSpec, header_comment: st
         lines.append(f"TEMPLATE {_quoted(spec.go_template, 'chat template', target)}")
     if spec.default_system:
         lines.append(f"SYSTEM {_quoted(spec.default_system, 'default system prompt', target)}")
+    if license_text:
+        lines.append(f"LICENSE {_quoted(license_text, 'license text', target)}")
     lines += [f'PARAMETER stop "{stop}"' for stop in spec.stops]
     lines += [f"PARAMETER {name} {value}" for name, value in spec.parameters.items()]
     partial = target.with_name(f".{target.name}.partial")

@@ -29,7 +29,7 @@ from exporter.artifacts import GGUFArtifact, read_gguf_header
 from exporter.errors import InputError, StageError
 from exporter.hashing import hash_files, sha256_file
 from exporter.merge import DEFAULT_SHARD_BYTES, MergeResult, merge_adapters
-from exporter.modelfile import ChatSpec, chat_spec, write_modelfile
+from exporter.modelfile import ChatSpec, chat_spec, model_license, write_modelfile
 from exporter.quality import (
     ArtifactQuality,
     GateResult,
@@ -414,6 +414,7 @@ def merge_quantize(options: ExportOptions, report: Reporter = lambda _: None) ->
             report(f"reused from the cache: {', '.join(cached)}")
         report("writing Modelfiles and manifest")
         spec = chat_spec(merged.path)
+        license_text = model_license(merged.path)
         modelfiles = []
         for profile in profiles:
             target = guard.claim(planned_modelfiles[profile.name])
@@ -422,6 +423,7 @@ def merge_quantize(options: ExportOptions, report: Reporter = lambda _: None) ->
                 artifacts[profile.name].path,
                 spec,
                 f"{name} ({profile.name}), written by edge-export {__version__}",
+                license_text,
             )
             modelfiles.append(target)
         manifest = _write_manifest(

@@ -85,6 +85,7 @@ def test_modelfiles_point_at_the_exact_file_with_template_and_stops(demo_export:
         assert 'TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}' in text
         assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in text
         assert 'PARAMETER stop "<|im_end|>"' in text and 'PARAMETER stop "<|im_start|>"' in text
+        assert 'LICENSE """' in text and "Apache License" in text  # the base's license file, carried through
 
 
 def test_merged_folder_is_a_complete_hf_model(demo_export: DemoExport):
