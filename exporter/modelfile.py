@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from exporter.atomic import atomic_target
 from exporter.errors import InputError, StageError
 from exporter.modelfile_check import parse_modelfile
 
@@ -164,12 +165,10 @@ def write_modelfile(
         lines.append(f"LICENSE {_quoted(license_text, 'license text', target)}")
     lines += [f'PARAMETER stop "{stop}"' for stop in spec.stops]
     lines += [f"PARAMETER {name} {value}" for name, value in spec.parameters.items()]
-    partial = target.with_name(f".{target.name}.partial")
-    partial.write_text("\n".join(lines) + "\n", encoding="utf-8", newline="\n")
-    _, problems = parse_modelfile(partial)
-    if problems:
-        partial.unlink()
-        raise StageError(
-            f"The Modelfile written for {target} does not pass validation: {'; '.join(problems)}"
-        )
-    partial.replace(target)
+    with atomic_target(target) as partial:
+        partial.write_text("\n".join(lines) + "\n", encoding="utf-8", newline="\n")
+        _, problems = parse_modelfile(partial)
+        if problems:
+            raise StageError(
+                f"The Modelfile written for {target} does not pass validation: {'; '.join(problems)}"
+            )

@@ -26,6 +26,7 @@ from converters.vendor import VendoredLlamaCpp, locate_vendored
 from exporter import __version__
 from exporter.adapter import LoraAdapter, read_adapter, resolve_base
 from exporter.artifacts import GGUFArtifact, read_gguf_header
+from exporter.atomic import atomic_target, write_text_atomic
 from exporter.errors import InputError, StageError
 from exporter.hashing import hash_files, sha256_file
 from exporter.merge import DEFAULT_SHARD_BYTES, MergeResult, merge_adapters
@@ -542,9 +543,7 @@ def check_artifacts(
 
 
 def _atomic_json(path: Path, data: dict[str, Any]) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(data, indent=2) + "\n")
-    partial.replace(path)
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def hash_inputs(adapters: list[LoraAdapter], base_dir: Path) -> dict[str, Any]:
@@ -768,7 +767,6 @@ def write_junit(target: Path, summary: QualitySummary, comparisons: list[Baselin
     tree = ET.ElementTree(root)
     ET.indent(tree)
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.partial")
-    tree.write(partial, encoding="utf-8", xml_declaration=True)
-    partial.replace(target)
+    with atomic_target(target) as partial:
+        tree.write(partial, encoding="utf-8", xml_declaration=True)
     return target

@@ -23,6 +23,7 @@ import numpy as np
 
 from converters.llama_runtime import score_gguf
 from exporter.adapter import LoraAdapter
+from exporter.atomic import write_text_atomic
 from exporter.errors import InputError
 from exporter.evaldata import EvalData, load_eval_data
 from exporter.metrics import TOP_K, compare_rows, greedy_agreement, log_softmax, reference_rows, summarize
@@ -152,9 +153,7 @@ def build_reference(
         "seconds": seconds,
         "eval_source": eval_data.source,
     }
-    partial = meta_file.with_suffix(".json.partial")
-    partial.write_text(json.dumps(meta))
-    partial.replace(meta_file)
+    write_text_atomic(meta_file, json.dumps(meta))
     return Reference(data_file, eval_data, arrays["nll"], greedy, base_metrics, key, seconds, cached=False)
 
 

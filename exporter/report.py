@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from exporter.atomic import atomic_target, write_text_atomic
 from exporter.quality import ArtifactQuality, QualityOptions, Reference
 
 REPORT_JSON = "report.json"
@@ -73,21 +74,15 @@ def write_reports(out: Path, data: dict[str, Any]) -> list[Path]:
     """Write report.json, report.md and quality.png into `out` (each atomically)."""
     written = []
     target = out / REPORT_JSON
-    _atomic_write(target, json.dumps(data, indent=2) + "\n")
+    write_text_atomic(target, json.dumps(data, indent=2) + "\n")
     written.append(target)
     plot = out / PLOT
     if _plot(data, plot):
         written.append(plot)
     target = out / REPORT_MD
-    _atomic_write(target, render_markdown(data, plot.name if plot.exists() else None))
+    write_text_atomic(target, render_markdown(data, plot.name if plot.exists() else None))
     written.append(target)
     return written
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text, encoding="utf-8")
-    partial.replace(path)
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -211,8 +206,7 @@ def _plot(data: dict[str, Any], target: Path) -> bool:
     axes.set_title(f"{data['name']}: size against quality")
     axes.grid(True, which="both", alpha=0.3)
     figure.tight_layout()
-    partial = target.with_name(f".{target.name}.partial.png")
-    figure.savefig(partial)
+    with atomic_target(target) as partial:
+        figure.savefig(partial)
     plt.close(figure)
-    partial.replace(target)
     return True
