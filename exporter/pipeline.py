@@ -214,21 +214,27 @@ class MergeOptions:
     allow_pickle: bool = False
 
 
-def merge_provenance(adapters: list[LoraAdapter], base_dir: Path) -> dict[str, Any]:
-    """What a merged folder came from: tool version and the adapters' file hashes (bases can be huge)."""
+def adapter_records(adapters: list[LoraAdapter]) -> list[dict[str, Any]]:
+    """Each adapter's folder, weight, PEFT type and file hashes, as manifests and provenance record them."""
+    return [
+        {
+            "path": str(a.path.resolve()),
+            "weight": a.weight,
+            "peft_type": a.peft_type,
+            "files": hash_files(_input_files(a.path), a.path),
+        }
+        for a in adapters
+    ]
+
+
+def merge_provenance(records: list[dict[str, Any]], base_dir: Path) -> dict[str, Any]:
+    """What a merged folder came from: tool version, the base, and the adapters (hashes of theirs only:
+    bases can be huge)."""
     return {
         "tool": f"edge-export {__version__}",
         "created_utc": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "base": str(base_dir.resolve()),
-        "adapters": [
-            {
-                "path": str(a.path.resolve()),
-                "weight": a.weight,
-                "peft_type": a.peft_type,
-                "files": hash_files(_input_files(a.path), a.path),
-            }
-            for a in adapters
-        ],
+        "adapters": records,
     }
 
 
@@ -250,7 +256,7 @@ def merge_model(options: MergeOptions, report: Reporter = lambda _: None) -> Mer
         out,
         dtype=options.dtype,
         max_shard_bytes=options.max_shard_bytes,
-        provenance=merge_provenance(adapters, base_dir),
+        provenance=merge_provenance(adapter_records(adapters), base_dir),
     )
 
 
@@ -311,29 +317,28 @@ def merge_quantize(options: ExportOptions, report: Reporter = lambda _: None) ->
                 "versions": {k: versions[k] for k in ("edge-export", "torch", "safetensors")},
             }
         )
+
+        def produce_merge(staging: Path, meta: dict[str, Any]) -> None:
+            report(f"merging {len(adapters)} adapter(s) into {base_dir}")
+            built = merge_adapters(
+                base_dir,
+                adapters,
+                staging / MERGED_DIR,
+                dtype=options.dtype,
+                provenance=merge_provenance(inputs["adapters"], base_dir),
+            )
+            meta.update(
+                what=f"merged {name} ({built.dtype})",
+                merged_tensors=built.merged_tensors,
+                total_tensors=built.total_tensors,
+                dtype=built.dtype,
+                shards=built.shards,
+                untied=built.untied_embeddings,
+            )
+
         with _timed(seconds, "merge"):
-            entry = cache.lookup("merge", merge_key)
-            if entry is None:
-                report(f"merging {len(adapters)} adapter(s) into {base_dir}")
-                with cache.build("merge", merge_key) as (staging, meta):
-                    built = merge_adapters(
-                        base_dir,
-                        adapters,
-                        staging / MERGED_DIR,
-                        dtype=options.dtype,
-                        provenance=merge_provenance(adapters, base_dir),
-                    )
-                    meta.update(
-                        what=f"merged {name} ({built.dtype})",
-                        merged_tensors=built.merged_tensors,
-                        total_tensors=built.total_tensors,
-                        dtype=built.dtype,
-                        shards=built.shards,
-                        untied=built.untied_embeddings,
-                    )
-                entry = cache.lookup("merge", merge_key, verify=False)
-                assert entry is not None
-            else:
+            entry, reused = cache.get_or_build("merge", merge_key, produce_merge)
+            if reused:
                 cached.append("merge")
                 report("merge: reusing the cached merged model")
             link_into(entry.path / MERGED_DIR, guard.claim(out / MERGED_DIR))
@@ -356,17 +361,16 @@ def merge_quantize(options: ExportOptions, report: Reporter = lambda _: None) ->
                 "name": name,
             }
         )
+
+        def produce_f16(staging: Path, meta: dict[str, Any]) -> None:
+            report(f"converting to GGUF with llama.cpp {vendored.commit[:9]}")
+            start = time.perf_counter()
+            convert_hf_to_gguf(merged.path, staging / "model.gguf", vendored, model_name=name)
+            meta.update(seconds=round(time.perf_counter() - start, 3), what=f"{name} F16 GGUF")
+
         with _timed(seconds, "convert"):
-            entry = cache.lookup("convert", convert_key)
-            if entry is None:
-                report(f"converting to GGUF with llama.cpp {vendored.commit[:9]}")
-                with cache.build("convert", convert_key) as (staging, meta):
-                    start = time.perf_counter()
-                    convert_hf_to_gguf(merged.path, staging / "model.gguf", vendored, model_name=name)
-                    meta.update(seconds=round(time.perf_counter() - start, 3), what=f"{name} F16 GGUF")
-                entry = cache.lookup("convert", convert_key, verify=False)
-                assert entry is not None
-            else:
+            entry, reused = cache.get_or_build("convert", convert_key, produce_f16)
+            if reused:
                 cached.append("convert")
                 report("convert: reusing the cached F16 GGUF")
             link_into(entry.path / "model.gguf", guard.claim(f16_path))
@@ -391,17 +395,14 @@ def merge_quantize(options: ExportOptions, report: Reporter = lambda _: None) ->
                 }
             )
             start = time.perf_counter()
-            entry = cache.lookup("quantize", quantize_key)
-            if entry is None:
+
+            def produce(staging: Path, meta: dict[str, Any]) -> None:
                 report(f"quantizing to {profile.name}")
-                with cache.build("quantize", quantize_key) as (staging, meta):
-                    quantize_gguf(f16_path, staging / "model.gguf", profile, threads)
-                    meta.update(
-                        seconds=round(time.perf_counter() - start, 3), what=f"{name} {profile.name} GGUF"
-                    )
-                entry = cache.lookup("quantize", quantize_key, verify=False)
-                assert entry is not None
-            else:
+                quantize_gguf(f16_path, staging / "model.gguf", profile, threads)
+                meta.update(seconds=round(time.perf_counter() - start, 3), what=f"{name} {profile.name} GGUF")
+
+            entry, reused = cache.get_or_build("quantize", quantize_key, produce)
+            if reused:
                 cached.append(f"quantize {profile.name}")
             link_into(entry.path / "model.gguf", guard.claim(target))
             seconds[f"quantize {profile.name}"] = round(time.perf_counter() - start, 3)
@@ -549,14 +550,7 @@ def _atomic_json(path: Path, data: dict[str, Any]) -> None:
 def hash_inputs(adapters: list[LoraAdapter], base_dir: Path) -> dict[str, Any]:
     """Every input file's sha256, with the folders and weights: the manifest's "inputs"."""
     return {
-        "adapters": [
-            {
-                "path": str(a.path.resolve()),
-                "weight": a.weight,
-                "files": hash_files(_input_files(a.path), a.path),
-            }
-            for a in adapters
-        ],
+        "adapters": adapter_records(adapters),
         "base": {"path": str(base_dir.resolve()), "files": hash_files(_input_files(base_dir), base_dir)},
     }
 

@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +101,19 @@ class StageCache:
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
+
+    def get_or_build(
+        self, kind: str, key: str, produce: Callable[[Path, dict[str, Any]], None]
+    ) -> tuple[CacheEntry, bool]:
+        """The verified entry for `key`, or one built now by `produce(staging, meta)`; and whether it was reused."""
+        entry = self.lookup(kind, key)
+        if entry is not None:
+            return entry, True
+        with self.build(kind, key) as (staging, meta):
+            produce(staging, meta)
+        entry = self.lookup(kind, key, verify=False)  # just written and hashed
+        assert entry is not None
+        return entry, False
 
     def entries(self) -> list[CacheEntry]:
         found: list[CacheEntry] = []
