@@ -244,6 +244,18 @@ def merge_quantize_command(
         int,
         typer.Option("--jobs", min=1, help="Profiles quantized at once; the cores are shared between them."),
     ] = 1,
+    calibration: Annotated[
+        Path | None,
+        typer.Option(
+            "--calibration",
+            help="Text (.txt) or JSONL chats from the adapter's domain: compute an importance matrix on the "
+            "merged model and quantize every profile with it (needed by IQ4_XS, IQ3_M).",
+        ),
+    ] = None,
+    calibration_tokens: Annotated[
+        int,
+        typer.Option("--calibration-tokens", min=256, help="Most calibration tokens to read."),
+    ] = 65536,
 ) -> None:
     """Merge the adapter into its base, convert to GGUF, quantize to each profile and check the quality."""
     from exporter.adapter import parse_adapter_argument
@@ -264,6 +276,8 @@ def merge_quantize_command(
         quality=_quality_options(eval_data, reference_dtype, reference_device, gate, threads, device),
         use_cache=cache,
         jobs=jobs,
+        calibration=calibration,
+        calibration_tokens=calibration_tokens,
     )
     with _progress("starting") as report:
         result = merge_quantize(options, report=report)
@@ -282,6 +296,12 @@ def merge_quantize_command(
     console.print(table)
     stages = ", ".join(f"{stage} {secs:.1f}s" for stage, secs in result.stage_seconds.items())
     console.print(f"stages: {stages}")
+    if result.imatrix:
+        info = result.imatrix.result
+        console.print(
+            f"importance matrix: {result.imatrix.output.name} ({info['entries']} tensors, "
+            f"{info['tokens']} tokens in {info['chunks']} chunks of {result.imatrix.calibration.name})"
+        )
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}")
     console.print(f"Modelfiles: {', '.join(m.name for m in result.modelfiles)}")

@@ -20,6 +20,7 @@ from exporter.errors import InputError
 DEFAULT_SET = "eval_default.jsonl"
 WINDOW = 256
 MIN_TOKENS = 16
+LABEL = ("evaluation data", "--eval-data")
 
 
 @dataclass(frozen=True)
@@ -43,18 +44,17 @@ class EvalData:
         return digest.hexdigest()
 
 
-def _read_rows(path: Path | None) -> tuple[str, list[dict[str, Any]] | str]:
+def _read_rows(path: Path | None, label: tuple[str, str] = LABEL) -> tuple[str, list[dict[str, Any]] | str]:
+    what, option = label
     if path is None:
         text = resources.files("exporter").joinpath("data", DEFAULT_SET).read_text(encoding="utf-8")
         return f"built-in ({DEFAULT_SET})", [json.loads(line) for line in text.splitlines() if line.strip()]
     if not path.is_file():
-        raise InputError(
-            f"The evaluation data {path} does not exist. Pass a .txt or .jsonl file to --eval-data."
-        )
+        raise InputError(f"The {what} {path} does not exist. Pass a .txt or .jsonl file to {option}.")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise InputError(f"The evaluation data {path} is not UTF-8 text ({exc}).") from exc
+        raise InputError(f"The {what} {path} is not UTF-8 text ({exc}); convert it to UTF-8.") from exc
     if path.suffix != ".jsonl":
         return str(path), text
     rows = []
@@ -73,9 +73,18 @@ def _read_rows(path: Path | None) -> tuple[str, list[dict[str, Any]] | str]:
     return str(path), rows
 
 
-def load_eval_data(path: Path | None, tokenizer: Any, window: int = WINDOW, n_prompts: int = 8) -> EvalData:
-    """Tokenize evaluation data into sequences of at most `window` tokens, plus chat prompts."""
-    source, rows = _read_rows(path)
+def load_eval_data(
+    path: Path | None,
+    tokenizer: Any,
+    window: int = WINDOW,
+    n_prompts: int = 8,
+    label: tuple[str, str] = LABEL,
+) -> EvalData:
+    """Tokenize evaluation data into sequences of at most `window` tokens, plus chat prompts.
+
+    `label` names the data and its option in error messages (also used for calibration data).
+    """
+    source, rows = _read_rows(path, label)
     sequences: list[tuple[int, ...]] = []
     prompts: list[tuple[int, ...]] = []
 
@@ -112,6 +121,6 @@ def load_eval_data(path: Path | None, tokenizer: Any, window: int = WINDOW, n_pr
                 add_text(str(row["text"]))
     if not sequences or sum(len(s) - 1 for s in sequences) < MIN_TOKENS:
         raise InputError(
-            f"The evaluation data {source} yields fewer than {MIN_TOKENS} tokens to score. Give it more text."
+            f"The {label[0]} {source} yields fewer than {MIN_TOKENS} tokens to score. Give it more text."
         )
     return EvalData(source, tuple(sequences), tuple(prompts))

@@ -29,6 +29,8 @@ from exporter.artifacts import GGUFArtifact, read_gguf_header
 from exporter.atomic import atomic_target, write_text_atomic
 from exporter.errors import InputError, StageError
 from exporter.hashing import hash_files, sha256_file
+from exporter.imatrix import DEFAULT_MAX_TOKENS as IMATRIX_MAX_TOKENS
+from exporter.imatrix import ImatrixStage, compute_imatrix
 from exporter.merge import DEFAULT_SHARD_BYTES, MergeResult, merge_adapters
 from exporter.modelfile import ChatSpec, chat_spec, model_license, write_modelfile
 from exporter.quality import (
@@ -69,6 +71,8 @@ class ExportOptions:
     quality: QualityOptions = field(default_factory=QualityOptions)
     use_cache: bool = True
     jobs: int = 1
+    calibration: Path | None = None
+    calibration_tokens: int = IMATRIX_MAX_TOKENS
 
 
 @dataclass
@@ -98,6 +102,7 @@ class ExportResult:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     quality: QualitySummary | None = None
+    imatrix: ImatrixStage | None = None
 
 
 def sanitize_name(raw: str) -> str:
@@ -269,11 +274,17 @@ def merge_quantize(options: ExportOptions, report: Reporter = lambda _: None) ->
             "No --profile given. Name at least one, e.g. --profile Q4_K_M (see `edge-export profiles`)."
         )
     for profile in profiles:
-        if profile.needs_imatrix:
+        if profile.needs_imatrix and options.calibration is None:
             raise InputError(
-                f"Profile {profile.name} needs an importance matrix, which this version cannot compute yet. "
-                "Choose a profile that does not (e.g. Q4_K_M) — see `edge-export profiles`."
+                f"Profile {profile.name} needs an importance matrix, and none can be computed without "
+                "calibration data. Pass --calibration FILE (plain text, or JSONL chats from the adapter's "
+                "domain), or choose a profile that does not need one (e.g. Q4_K_M; see `edge-export profiles`)."
             )
+    if options.calibration is not None and not options.calibration.is_file():
+        raise InputError(
+            f"The calibration data {options.calibration} does not exist. Pass a .txt or .jsonl file to "
+            "--calibration."
+        )
     adapters = [read_adapter(path, weight, options.allow_pickle) for path, weight in options.adapters]
     base_dir = resolve_base(options.base, adapters[0])
     name = sanitize_name(options.name or adapters[0].path.resolve().name)
@@ -291,6 +302,7 @@ def merge_quantize(options: ExportOptions, report: Reporter = lambda _: None) ->
             *planned_ggufs.values(),
             *planned_modelfiles.values(),
             *reports,
+            *([out / f"{name}.imatrix.gguf"] if options.calibration else []),
         ],
         options.force,
     )
@@ -379,6 +391,23 @@ def merge_quantize(options: ExportOptions, report: Reporter = lambda _: None) ->
             f16_path, f16_profile, entry.meta["seconds"], entry.meta["files"]["model.gguf"]
         )
         to_quantize = [p for p in profiles if not p.is_unquantized]
+        imatrix = None
+        if options.calibration is not None and to_quantize:
+            with _timed(seconds, "imatrix"):
+                imatrix = _imatrix_stage(
+                    cache,
+                    guard,
+                    options,
+                    vendored,
+                    versions,
+                    merged.path,
+                    f16_path,
+                    convert_key,
+                    name,
+                    report,
+                )
+                if imatrix.reused:
+                    cached.append("imatrix")
         jobs = max(1, min(options.jobs, len(to_quantize)))
         # Threads are shared out between parallel quantizations; llama.cpp's output does not depend on them.
         threads = options.threads or max(1, (os.cpu_count() or 1) // jobs)
@@ -392,13 +421,21 @@ def merge_quantize(options: ExportOptions, report: Reporter = lambda _: None) ->
                     "llama-cpp-python": versions["llama-cpp-python"],
                     "ftype": profile.ftype,
                     "overrides": profile.overrides.model_dump(mode="json"),
+                    "imatrix": imatrix.key if imatrix else None,
                 }
             )
             start = time.perf_counter()
 
             def produce(staging: Path, meta: dict[str, Any]) -> None:
                 report(f"quantizing to {profile.name}")
-                quantize_gguf(f16_path, staging / "model.gguf", profile, threads)
+                quantize_gguf(
+                    f16_path,
+                    staging / "model.gguf",
+                    profile,
+                    threads,
+                    imatrix=imatrix.cached if imatrix else None,
+                    metadata=imatrix.gguf_metadata() if imatrix else None,
+                )
                 meta.update(seconds=round(time.perf_counter() - start, 3), what=f"{name} {profile.name} GGUF")
 
             entry, reused = cache.get_or_build("quantize", quantize_key, produce)
@@ -441,13 +478,16 @@ def merge_quantize(options: ExportOptions, report: Reporter = lambda _: None) ->
             modelfiles,
             seconds,
             cached,
+            imatrix,
         )
         cache.close()
     except BaseException:  # Ctrl-C included: nothing half-done may stay behind
         guard.rollback()
         raise
     notes = [spec.note] if spec.note else []
-    result = ExportResult(out, name, list(artifacts.values()), modelfiles, manifest, seconds, notes)
+    result = ExportResult(
+        out, name, list(artifacts.values()), modelfiles, manifest, seconds, notes, imatrix=imatrix
+    )
     if options.check:
         # After the manifest: a failure here (even a native crash) leaves the finished export intact.
         report("checking quality against the unmerged reference")
@@ -468,6 +508,60 @@ def merge_quantize(options: ExportOptions, report: Reporter = lambda _: None) ->
         manifest_data["quality"] = {"report": REPORT_JSON, "passed": result.quality.passed}
         _atomic_json(manifest, manifest_data)
     return result
+
+
+def _imatrix_stage(
+    cache: StageCache,
+    guard: _OutputGuard,
+    options: ExportOptions,
+    vendored: VendoredLlamaCpp,
+    versions: dict[str, str],
+    merged_dir: Path,
+    f16_path: Path,
+    convert_key: str,
+    name: str,
+    report: Reporter,
+) -> ImatrixStage:
+    """The importance matrix from --calibration (cached), published as <name>.imatrix.gguf."""
+    assert options.calibration is not None
+    calibration_sha256 = sha256_file(options.calibration)
+    key = stage_key(
+        {
+            "stage": "imatrix",
+            "convert": convert_key,
+            "calibration": calibration_sha256,
+            "max_tokens": options.calibration_tokens,
+            "versions": {k: versions[k] for k in ("edge-export", "torch", "transformers")},
+        }
+    )
+
+    def produce(staging: Path, meta: dict[str, Any]) -> None:
+        report(f"computing the importance matrix from {options.calibration}")
+        result = compute_imatrix(
+            merged_dir,
+            f16_path,
+            options.calibration,  # type: ignore[arg-type]
+            staging / "imatrix.gguf",
+            vendored,
+            max_tokens=options.calibration_tokens,
+            threads=options.threads,
+        )
+        meta.update(result.to_json(), what=f"{name} importance matrix")
+
+    entry, reused = cache.get_or_build("imatrix", key, produce)
+    output = guard.claim(options.out / f"{name}.imatrix.gguf")
+    link_into(entry.path / "imatrix.gguf", output)
+    result = {k: entry.meta[k] for k in ("entries", "tokens", "chunks", "skipped", "seconds")}
+    return ImatrixStage(
+        key,
+        entry.path / "imatrix.gguf",
+        output,
+        entry.meta["files"]["imatrix.gguf"],
+        options.calibration,
+        calibration_sha256,
+        result,
+        reused,
+    )
 
 
 def input_hashes(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -568,6 +662,7 @@ def _write_manifest(
     modelfiles: list[Path],
     seconds: dict[str, float],
     cached: list[str],
+    imatrix: ImatrixStage | None = None,
 ) -> Path:
     manifest: dict[str, Any] = {
         "format": "edge-export/manifest/1",
@@ -599,6 +694,8 @@ def _write_manifest(
         "stage_seconds": seconds,
         "cached_stages": cached,
     }
+    if imatrix is not None:
+        manifest["imatrix"] = imatrix.to_json(out)
     if spec.note:
         manifest["notes"] = [spec.note]
     target = out / MANIFEST

@@ -1,0 +1,244 @@
+"""Importance matrices computed from the user's own data, on the merged model.
+
+For every linear layer that llama.cpp quantizes, the importance of an input column is the mean of
+the squared activations that reach it (what llama.cpp's llama-imatrix collects). Activations are
+collected with PyTorch forward hooks on the merged Hugging Face model while it reads the
+calibration text, then written as a llama.cpp imatrix GGUF (`<tensor>.in_sum2`, `<tensor>.counts`)
+under the GGUF tensor names. The HF -> GGUF name mapping is done by the vendored gguf-py (the same
+table convert_hf_to_gguf.py uses) and checked against the F16 GGUF's tensors and widths, so a
+matrix can never be attached to the wrong tensor.
+
+Like llama-imatrix by default, the output projection (lm_head) is not collected; the token
+embedding is a lookup, not a matrix product, and has no activations to collect.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from converters.child import die_with_parent, stderr_tail
+from converters.hf_to_gguf import converter_env
+from converters.vendor import VendoredLlamaCpp
+from exporter.errors import InputError, StageError
+
+log = logging.getLogger(__name__)
+
+CHUNK = 512  # tokens per calibration sequence (llama-imatrix's default context)
+DEFAULT_MAX_TOKENS = 65536
+MIN_TOKENS = 256
+
+
+@dataclass(frozen=True)
+class ImatrixResult:
+    """What was collected: entries written, calibration tokens and sequences, and what was skipped."""
+
+    entries: int
+    tokens: int
+    chunks: int
+    skipped: tuple[str, ...]
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "entries": self.entries,
+            "tokens": self.tokens,
+            "chunks": self.chunks,
+            "skipped": list(self.skipped),
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def calibration_sequences(path: Path, tokenizer: Any, max_tokens: int) -> list[tuple[int, ...]]:
+    """The calibration file as token sequences of at most CHUNK tokens (text windows or chat renders)."""
+    from exporter.evaldata import load_eval_data
+
+    data = load_eval_data(
+        path, tokenizer, window=CHUNK, n_prompts=0, label=("calibration data", "--calibration")
+    )
+    sequences: list[tuple[int, ...]] = []
+    total = 0
+    for sequence in data.sequences:
+        if total >= max_tokens:
+            break
+        sequence = sequence[: max_tokens - total]
+        sequences.append(sequence)
+        total += len(sequence)
+    if total < MIN_TOKENS:
+        raise InputError(
+            f"The calibration data {path} gives only {total} tokens; an importance matrix needs at least "
+            f"{MIN_TOKENS} (thousands are better). Give --calibration more text from the model's domain."
+        )
+    return sequences
+
+
+def _reference_dtype(model_dir: Path) -> Any:
+    """float32 when the model fits comfortably in memory that way, else bfloat16."""
+    import torch
+
+    weights = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))  # 16-bit on disk
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        available = 0
+    return torch.float32 if available == 0 or weights * 2 < available // 2 else torch.bfloat16
+
+
+def collect_activations(
+    model_dir: Path, sequences: list[tuple[int, ...]], threads: int | None = None
+) -> dict[str, tuple[Any, int]]:
+    """Per linear layer of the merged model: (sum of squared inputs per column, tokens seen)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if threads:
+        torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), dtype=_reference_dtype(model_dir), local_files_only=True
+    )
+    model.eval()
+    output = model.get_output_embeddings()
+    sums: dict[str, Any] = {}
+    counts: dict[str, int] = {}
+    handles = []
+
+    def hook(name: str) -> Any:
+        def collect(_module: Any, inputs: tuple[Any, ...]) -> None:
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float64)
+            squared = (x * x).sum(dim=0)
+            if name in sums:
+                sums[name] += squared
+            else:
+                sums[name] = squared
+            counts[name] = counts.get(name, 0) + x.shape[0]
+
+        return collect
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and module is not output:
+            handles.append(module.register_forward_pre_hook(hook(name)))
+    try:
+        with torch.inference_mode():
+            for sequence in sequences:
+                model(torch.tensor([sequence]), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: (sums[name].numpy(), counts[name]) for name in sums}
+
+
+def compute_imatrix(
+    model_dir: Path,
+    f16_gguf: Path,
+    calibration: Path,
+    target: Path,
+    vendored: VendoredLlamaCpp,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    threads: int | None = None,
+) -> ImatrixResult:
+    """Compute the importance matrix of the merged model in `model_dir` and write it to `target`."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    sequences = calibration_sequences(calibration, tokenizer, max_tokens)
+    stats = collect_activations(model_dir, sequences, threads)
+    with tempfile.TemporaryDirectory(prefix="edge-export-imatrix-") as scratch:
+        arrays = Path(scratch) / "stats.npz"
+        np.savez(
+            arrays, **{f"{name}.weight": values.astype(np.float32) for name, (values, _) in stats.items()}
+        )
+        request = {
+            "stats": str(arrays),
+            "counts": {f"{name}.weight": count for name, (_, count) in stats.items()},
+            "f16_gguf": str(f16_gguf),
+            "target": str(target),
+            "dataset": calibration.name,
+            "chunks": len(sequences),
+            "chunk_size": CHUNK,
+        }
+        response = _write_imatrix_gguf(request, vendored)
+    skipped = tuple(response["skipped"])
+    if skipped:
+        log.warning(
+            "no GGUF tensor for %d collected layer(s) (%s); they are quantized without importance data",
+            len(skipped),
+            ", ".join(skipped[:5]),
+        )
+    if response["entries"] == 0:
+        raise StageError(
+            f"None of the {len(stats)} layers collected from {model_dir} maps to a tensor of {f16_gguf}; "
+            "the importance matrix would be empty. Quantize without --calibration for this architecture."
+        )
+    return ImatrixResult(
+        response["entries"],
+        sum(len(s) for s in sequences),
+        len(sequences),
+        skipped,
+        time.perf_counter() - start,
+    )
+
+
+def _write_imatrix_gguf(request: dict[str, Any], vendored: VendoredLlamaCpp) -> dict[str, Any]:
+    """Map names and write the imatrix GGUF in a subprocess that runs the vendored gguf-py."""
+    with tempfile.TemporaryDirectory(prefix="edge-export-imatrix-child-") as scratch:
+        request_file, response_file = Path(scratch) / "request.json", Path(scratch) / "response.json"
+        request_file.write_text(json.dumps(request))
+        proc = subprocess.run(
+            [sys.executable, "-m", "converters.imatrix_gguf", str(request_file), str(response_file)],
+            capture_output=True,
+            text=True,
+            env=converter_env(vendored),
+            errors="replace",
+            preexec_fn=die_with_parent,
+        )
+        if proc.returncode != 0 or not response_file.is_file():
+            raise StageError(
+                f"Writing the importance matrix {request['target']} failed (exit code {proc.returncode}). "
+                f"Stderr:\n{stderr_tail(proc.stderr)}"
+            )
+        response: dict[str, Any] = json.loads(response_file.read_text())
+        return response
+
+
+@dataclass(frozen=True)
+class ImatrixStage:
+    """The importance matrix of one export: where it is cached and published, and its provenance."""
+
+    key: str
+    cached: Path
+    output: Path
+    sha256: str
+    calibration: Path
+    calibration_sha256: str
+    result: dict[str, Any]
+    reused: bool
+
+    def gguf_metadata(self) -> dict[str, str | int]:
+        """Provenance keys for every GGUF quantized with it (llama-quantize's own keys, plus hashes)."""
+        return {
+            "quantize.imatrix.file": self.output.name,
+            "quantize.imatrix.dataset": self.calibration.name,
+            "quantize.imatrix.entries_count": int(self.result["entries"]),
+            "quantize.imatrix.chunks_count": int(self.result["chunks"]),
+            "edge_export.imatrix.sha256": self.sha256,
+            "edge_export.imatrix.calibration_sha256": self.calibration_sha256,
+            "edge_export.imatrix.tokens": int(self.result["tokens"]),
+        }
+
+    def to_json(self, root: Path) -> dict[str, Any]:
+        return {
+            "path": self.output.relative_to(root).as_posix(),
+            "sha256": self.sha256,
+            "calibration": {"path": str(self.calibration), "sha256": self.calibration_sha256},
+            **self.result,
+        }
