@@ -121,6 +121,6 @@ def load_eval_data(
                 add_text(str(row["text"]))
     if not sequences or sum(len(s) - 1 for s in sequences) < MIN_TOKENS:
         raise InputError(
-            f"The {label[0]} {source} yields fewer than {MIN_TOKENS} tokens to score. Give it more text."
+            f"The {label[0]} {source} yields fewer than {MIN_TOKENS} tokens to score. Give {label[1]} more text."
         )
     return EvalData(source, tuple(sequences), tuple(prompts))

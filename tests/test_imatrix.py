@@ -1,0 +1,85 @@
+"""Importance matrices from --calibration: what is collected, and its use through the real pipeline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from exporter.imatrix import collect_activations
+from tests.conftest import REPO, DemoExport, DemoInputs, export_args, run_cli
+from tests.tiny import make_tiny_llama
+
+DEMO_TRAIN = REPO / "exporter" / "data" / "demo_train.jsonl"
+
+
+def test_collected_statistics_are_sums_of_squared_layer_inputs(tmp_path: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model_dir = make_tiny_llama(tmp_path / "base")
+    sequences = [(1, 5, 9, 3, 7), (2, 4, 6)]
+    stats = collect_activations(model_dir, sequences)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    layer = model.model.layers[0]
+    expected = 0
+    with torch.no_grad():
+        for sequence in sequences:
+            hidden = model.model.embed_tokens(torch.tensor([sequence]))
+            expected = expected + (layer.input_layernorm(hidden).double() ** 2).sum(dim=(0, 1)).numpy()
+    q_sum, q_count = stats["model.layers.0.self_attn.q_proj"]
+    np.testing.assert_allclose(q_sum, expected, rtol=1e-5)
+    assert q_count == 8
+    np.testing.assert_array_equal(stats["model.layers.0.self_attn.k_proj"][0], q_sum)  # same input
+    assert "lm_head" not in stats and "model.layers.0.mlp.down_proj" in stats
+
+
+@pytest.fixture(scope="session")
+def imatrix_export(
+    demo_inputs: DemoInputs, demo_export: DemoExport, tmp_path_factory: pytest.TempPathFactory
+):
+    out = tmp_path_factory.mktemp("imatrix") / "smollm2"
+    # fmt: off
+    args = ["merge-quantize", "--adapter", str(demo_inputs.adapter), "--base", str(demo_inputs.base),
+            "--name", "smollm2-pirate", "--profile", "Q4_K_M", "--profile", "IQ4_XS", "--out", str(out)]
+    # fmt: on
+    proc = run_cli(*args, "--no-check", "--calibration", str(DEMO_TRAIN), "--calibration-tokens", "1024")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    return out, proc.stdout
+
+
+def test_calibration_builds_a_matrix_that_reaches_the_quantizer(imatrix_export, demo_export: DemoExport):
+    from gguf import GGUFReader
+
+    out, stdout = imatrix_export
+    manifest = json.loads((out / "manifest.json").read_text())
+    info = manifest["imatrix"]
+    assert info["entries"] == 30 * 7 and info["skipped"] == [] and info["tokens"] <= 1024
+    assert "importance matrix: smollm2-pirate.imatrix.gguf (210 tensors" in stdout
+    matrix = GGUFReader(out / info["path"])
+    assert matrix.fields["general.type"].contents() == "imatrix"
+    names = {t.name for t in matrix.tensors}
+    assert {"blk.0.attn_q.weight.in_sum2", "blk.29.ffn_down.weight.counts"} <= names
+    for profile in ("Q4_K_M", "IQ4_XS"):
+        fields = GGUFReader(out / f"smollm2-pirate-{profile}.gguf").fields
+        assert fields["quantize.imatrix.entries_count"].contents() == 210
+        assert fields["edge_export.imatrix.sha256"].contents() == info["sha256"]
+        assert fields["quantize.imatrix.dataset"].contents() == DEMO_TRAIN.name
+    # The matrix changes the quantized bytes; merge and conversion came from the shared cache.
+    q4 = next(a for a in manifest["artifacts"] if a["profile"] == "Q4_K_M")
+    plain = next(a for a in demo_export.manifest["artifacts"] if a["profile"] == "Q4_K_M")
+    assert q4["sha256"] != plain["sha256"]
+    assert {"merge", "convert"} <= set(manifest["cached_stages"])
+
+
+def test_too_little_calibration_text_is_refused(demo_inputs: DemoInputs, tmp_path: Path):
+    short = tmp_path / "short.txt"
+    short.write_text("Arr, matey.\n")
+    out = tmp_path / "out"
+    args = export_args(demo_inputs, out)
+    proc = run_cli(*args, "--no-check", "--calibration", str(short))
+    assert proc.returncode == 2, proc.stderr
+    assert str(short) in proc.stderr and "--calibration" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (out / "manifest.json").exists() and not list(out.glob("*.gguf"))
