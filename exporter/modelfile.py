@@ -148,15 +148,26 @@ def model_license(model_dir: Path) -> str | None:
     return None
 
 
+def _file_reference(command: str, path: Path, target: Path) -> str:
+    relative = path.relative_to(target.parent) if path.is_relative_to(target.parent) else path
+    return f"{command} ./{relative.as_posix()}" if not relative.is_absolute() else f"{command} {relative}"
+
+
 def write_modelfile(
-    target: Path, gguf: Path, spec: ChatSpec, header_comment: str, license_text: str | None = None
+    target: Path,
+    gguf: Path,
+    spec: ChatSpec,
+    header_comment: str,
+    license_text: str | None = None,
+    adapter: Path | None = None,
 ) -> None:
-    """Write a Modelfile whose FROM is the GGUF's path relative to the Modelfile (atomically, LF endings)."""
-    relative = Path(gguf).relative_to(target.parent) if gguf.is_relative_to(target.parent) else gguf
-    lines = [
-        f"# {header_comment}",
-        f"FROM ./{relative.as_posix()}" if not relative.is_absolute() else f"FROM {relative}",
-    ]
+    """Write a Modelfile whose FROM is the GGUF's path relative to the Modelfile (atomically, LF endings).
+
+    With `adapter`, an ADAPTER line names a GGUF LoRA that Ollama applies on top of FROM.
+    """
+    lines = [f"# {header_comment}", _file_reference("FROM", gguf, target)]
+    if adapter is not None:
+        lines.append(_file_reference("ADAPTER", adapter, target))
     if spec.go_template:
         lines.append(f"TEMPLATE {_quoted(spec.go_template, 'chat template', target)}")
     if spec.default_system:
