@@ -148,11 +148,6 @@ def model_license(model_dir: Path) -> str | None:
     return None
 
 
-def _file_reference(command: str, path: Path, target: Path) -> str:
-    relative = path.relative_to(target.parent) if path.is_relative_to(target.parent) else path
-    return f"{command} ./{relative.as_posix()}" if not relative.is_absolute() else f"{command} {relative}"
-
-
 def write_modelfile(
     target: Path,
     gguf: Path,
@@ -165,9 +160,16 @@ def write_modelfile(
 
     With `adapter`, an ADAPTER line names a GGUF LoRA that Ollama applies on top of FROM.
     """
-    lines = [f"# {header_comment}", _file_reference("FROM", gguf, target)]
+    relative = Path(gguf).relative_to(target.parent) if gguf.is_relative_to(target.parent) else gguf
+    lines = [
+        f"# {header_comment}",
+        f"FROM ./{relative.as_posix()}" if not relative.is_absolute() else f"FROM {relative}",
+    ]
     if adapter is not None:
-        lines.append(_file_reference("ADAPTER", adapter, target))
+        relative = adapter.relative_to(target.parent) if adapter.is_relative_to(target.parent) else adapter
+        lines.append(
+            f"ADAPTER ./{relative.as_posix()}" if not relative.is_absolute() else f"ADAPTER {relative}"
+        )
     if spec.go_template:
         lines.append(f"TEMPLATE {_quoted(spec.go_template, 'chat template', target)}")
     if spec.default_system:
