@@ -6,6 +6,7 @@ package of the same version number is different code and breaks the converter.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -27,10 +28,19 @@ def converter_env(vendored: VendoredLlamaCpp) -> dict[str, str]:
 
 
 def convert_hf_to_gguf(
-    model_dir: Path, target: Path, vendored: VendoredLlamaCpp, model_name: str, outtype: str = "f16"
+    model_dir: Path,
+    target: Path,
+    vendored: VendoredLlamaCpp,
+    model_name: str,
+    outtype: str = "f16",
+    metadata: dict[str, str] | None = None,
 ) -> None:
-    """Write `target` (a GGUF of `outtype`) from `model_dir`; `target` appears only when complete."""
+    """Write `target` (a GGUF of `outtype`) from `model_dir`; `target` appears only when complete.
+
+    `metadata` overrides general.* keys (the converter's --metadata), e.g. general.uuid.
+    """
     partial = target.with_name(f".{target.name}.partial")
+    metadata_file = target.with_name(f".{target.name}.metadata.json")
     command = [
         sys.executable,
         str(vendored.convert_hf_script),
@@ -42,6 +52,9 @@ def convert_hf_to_gguf(
         "--model-name",
         model_name,
     ]
+    if metadata:
+        metadata_file.write_text(json.dumps(metadata))
+        command += ["--metadata", str(metadata_file)]
     try:
         proc = subprocess.run(
             command,
@@ -56,6 +69,7 @@ def convert_hf_to_gguf(
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)
+        metadata_file.unlink(missing_ok=True)
 
 
 def _conversion_error(model_dir: Path, vendored: VendoredLlamaCpp, code: int, stderr: str) -> Exception:

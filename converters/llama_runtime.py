@@ -61,8 +61,11 @@ def score_gguf(
     max_new_tokens: int = 0,
     threads: int | None = None,
     device: str = "cpu",
+    lora: Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate `gguf` on the sequences against a reference file (exporter.quality's format).
+
+    With `lora`, a GGUF LoRA is applied at run time on top of `gguf` (scale 1), as Ollama's ADAPTER does.
 
     The child writes per-position kld / same_top / nll arrays to `output_file` (npz) and returns the
     greedy continuations of `prompts` and its evaluation time.
@@ -79,8 +82,10 @@ def score_gguf(
         "n_ctx": n_ctx,
         "threads": threads or os.cpu_count() or 1,
         "device": device,
+        "lora": str(lora) if lora else None,
     }
-    return run_child("converters.llama_runtime", request, f"Evaluating {gguf.name} with llama.cpp")
+    what = f"Evaluating {gguf.name}" + (f" with the adapter {lora.name}" if lora else "")
+    return run_child("converters.llama_runtime", request, f"{what} with llama.cpp")
 
 
 def _load(request: dict[str, Any]) -> Any:
@@ -114,6 +119,8 @@ def _load(request: dict[str, Any]) -> Any:
         verbose=False,
         seed=0,
         n_gpu_layers=-1 if device == "metal" else 0,
+        lora_path=request.get("lora"),
+        lora_scale=1.0,
     )
 
 

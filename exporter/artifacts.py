@@ -51,6 +51,26 @@ def read_gguf_header(path: Path) -> GGUFHeader:
     A small reader of the documented format: the gguf package's reader parses every vocabulary
     string into numpy objects, which takes seconds per file and is not needed here.
     """
+    values, tensors = read_gguf_metadata(path, _WANTED_KEYS)
+    n_params = 0
+    for dims in tensors.values():
+        count = 1
+        for dim in dims:
+            count *= dim
+        n_params += count
+    return GGUFHeader(
+        architecture=str(values.get("general.architecture")),
+        file_type=values.get("general.file_type"),
+        n_params=n_params,
+        n_tensors=len(tensors),
+        chat_template=values.get("tokenizer.chat_template"),
+    )
+
+
+def read_gguf_metadata(
+    path: Path, keys: tuple[str, ...]
+) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
+    """The scalar and string values of `keys` in a GGUF file, and its tensors' names and shapes."""
     import struct
 
     with path.open("rb") as handle:
@@ -85,28 +105,18 @@ def read_gguf_header(path: Path) -> GGUFHeader:
         values: dict[str, Any] = {}
         for _ in range(n_kv):
             key, value_type = string(), unpack("<I")
-            if key in _WANTED_KEYS and value_type == 8:
+            if key in keys and value_type == 8:
                 values[key] = string()
-            elif key in _WANTED_KEYS and value_type in _SCALARS:
+            elif key in keys and value_type in _SCALARS:
                 values[key] = unpack(_SCALARS[value_type])
             else:
                 skip(value_type)
-        n_params = 0
+        tensors: dict[str, tuple[int, ...]] = {}
         for _ in range(n_tensors):
-            string()  # name
-            dims = [unpack("<Q") for _ in range(unpack("<I"))]
+            name = string()
+            tensors[name] = tuple(unpack("<Q") for _ in range(unpack("<I")))
             handle.seek(4 + 8, 1)  # ggml type, data offset
-            count = 1
-            for dim in dims:
-                count *= dim
-            n_params += count
-    return GGUFHeader(
-        architecture=str(values.get("general.architecture")),
-        file_type=values.get("general.file_type"),
-        n_params=n_params,
-        n_tensors=n_tensors,
-        chat_template=values.get("tokenizer.chat_template"),
-    )
+    return values, tensors
 
 
 @dataclass(frozen=True)

@@ -312,6 +312,125 @@ def merge_quantize_command(
             raise typer.Exit(1)
 
 
+@app.command("runtime-lora")
+def runtime_lora_command(
+    adapter: Annotated[
+        list[str], typer.Option("--adapter", help="PEFT LoRA adapter folder. Repeat for several on one base.")
+    ],
+    out: Annotated[
+        Path,
+        typer.Option("--out", help="Output folder for the base GGUFs, adapter GGUFs, Modelfiles, manifest."),
+    ],
+    profile: Annotated[
+        list[str], typer.Option("--profile", help="Quantization profile of the base. Repeat for several.")
+    ] = ["Q4_K_M"],  # noqa: B006
+    base: BaseOption = None,
+    name: Annotated[str | None, typer.Option("--name", help="Base model name used in file names.")] = None,
+    profile_file: Annotated[
+        list[Path], typer.Option("--profile-file", help="Extra profile definitions (TOML).")
+    ] = [],  # noqa: B006
+    threads: Annotated[int | None, typer.Option("--threads", help="Threads for quantizing.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an earlier export in --out.")] = False,
+    allow_pickle: AllowPickleOption = False,
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check/--no-check", help="Check every base+adapter pair against the unmerged reference."
+        ),
+    ] = True,
+    compare_merged: Annotated[
+        bool,
+        typer.Option(
+            "--compare-merged",
+            help="Also export each adapter by merge-then-quantize and report both side by side.",
+        ),
+    ] = False,
+    eval_data: EvalDataOption = None,
+    reference_dtype: ReferenceDtypeOption = "float32",
+    reference_device: ReferenceDeviceOption = "cpu",
+    gate: GateOption = [],  # noqa: B006
+    device: DeviceOption = "cpu",
+    cache: Annotated[
+        bool, typer.Option("--cache/--no-cache", help="Reuse and keep finished stages in the stage cache.")
+    ] = True,
+) -> None:
+    """Quantize the unmerged base once per profile and convert each adapter to a GGUF LoRA on it."""
+    from exporter.runtime_lora import RuntimeLoraOptions, runtime_lora
+
+    options = RuntimeLoraOptions(
+        adapters=tuple(Path(a) for a in adapter),
+        profiles=tuple(profile),
+        out=out,
+        base=base,
+        name=name,
+        profile_files=tuple(profile_file),
+        threads=threads,
+        force=force,
+        allow_pickle=allow_pickle,
+        check=check,
+        compare_merged=compare_merged,
+        quality=_quality_options(eval_data, reference_dtype, reference_device, gate, threads, device),
+        use_cache=cache,
+    )
+    with _progress("starting") as report:
+        result = runtime_lora(options, report=report)
+    table = Table(title=f"{result.base_name} + {len(result.adapters)} adapter(s) → {result.out}")
+    for column in ("file", "what", "size", "sha256"):
+        table.add_column(column, justify="right" if column == "size" else "left")
+    for profile_name, path in result.bases.items():
+        table.add_row(path.name, f"base, {profile_name}", _human_size(path.stat().st_size), "")
+    for item in result.adapters:
+        what = f"GGUF LoRA; scale correction: {item.correction.corrected_modules} modules"
+        table.add_row(item.gguf.name, what, _human_size(item.size_bytes), item.sha256[:12])
+    console.print(table)
+    stages = ", ".join(f"{stage} {secs:.1f}s" for stage, secs in result.stage_seconds.items())
+    console.print(f"stages: {stages}")
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    console.print(f"Modelfiles: {', '.join(m.name for m in result.modelfiles)}")
+    console.print(f"manifest: {result.manifest}")
+    if result.quality:
+        quality = Table(title="runtime adapter vs merge-then-quantize, against the unmerged fine-tune")
+        for column in ("adapter", "profile", "path", "size", "mean KLD", "top-1", "gen tok/s", "gates"):
+            quality.add_column(
+                column, justify="left" if column in ("adapter", "profile", "path", "gates") else "right"
+            )
+        for q in result.quality:
+            r = q.runtime
+            status = (
+                "[red]evaluation failed[/]"
+                if "error" in r
+                else ("[green]pass[/]" if q.passed else "[red]FAIL[/]")
+            )
+            quality.add_row(
+                q.adapter,
+                q.profile,
+                "runtime",
+                _human_size(q.runtime_size),
+                _fmt(r.get("mean_kld"), ".5f"),
+                _fmt(r.get("top1"), ".1%"),
+                _fmt(r.get("generate_tokens_per_s"), ".0f"),
+                status,
+            )
+            if q.merged is not None:
+                m = q.merged
+                quality.add_row(
+                    "",
+                    "",
+                    "merged",
+                    _human_size(q.merged_size or 0),
+                    _fmt(m.get("mean_kld"), ".5f"),
+                    _fmt(m.get("top1"), ".1%"),
+                    _fmt(m.get("generate_tokens_per_s"), ".0f"),
+                    "",
+                )
+        console.print(quality)
+        for path in result.reports:
+            console.print(f"report: {path}")
+        if not result.passed:
+            raise typer.Exit(1)
+
+
 def _parse_size(text: str) -> int:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", text, re.IGNORECASE)
     if not match:

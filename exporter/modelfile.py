@@ -149,14 +149,27 @@ def model_license(model_dir: Path) -> str | None:
 
 
 def write_modelfile(
-    target: Path, gguf: Path, spec: ChatSpec, header_comment: str, license_text: str | None = None
+    target: Path,
+    gguf: Path,
+    spec: ChatSpec,
+    header_comment: str,
+    license_text: str | None = None,
+    adapter: Path | None = None,
 ) -> None:
-    """Write a Modelfile whose FROM is the GGUF's path relative to the Modelfile (atomically, LF endings)."""
+    """Write a Modelfile whose FROM is the GGUF's path relative to the Modelfile (atomically, LF endings).
+
+    With `adapter`, an ADAPTER line names a GGUF LoRA that Ollama applies on top of FROM.
+    """
     relative = Path(gguf).relative_to(target.parent) if gguf.is_relative_to(target.parent) else gguf
     lines = [
         f"# {header_comment}",
         f"FROM ./{relative.as_posix()}" if not relative.is_absolute() else f"FROM {relative}",
     ]
+    if adapter is not None:
+        relative = adapter.relative_to(target.parent) if adapter.is_relative_to(target.parent) else adapter
+        lines.append(
+            f"ADAPTER ./{relative.as_posix()}" if not relative.is_absolute() else f"ADAPTER {relative}"
+        )
     if spec.go_template:
         lines.append(f"TEMPLATE {_quoted(spec.go_template, 'chat template', target)}")
     if spec.default_system:

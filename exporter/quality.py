@@ -243,8 +243,13 @@ def _greedy(model: Any, prompt: tuple[int, ...], options: QualityOptions) -> lis
     return generated[:cut]
 
 
-def evaluate_gguf(gguf: Path, reference: Reference, options: QualityOptions) -> dict[str, Any]:
-    """Metrics of one GGUF against the reference (the GGUF runs in a llama.cpp child process)."""
+def evaluate_gguf(
+    gguf: Path, reference: Reference, options: QualityOptions, lora: Path | None = None
+) -> dict[str, Any]:
+    """Metrics of one GGUF (with `lora`: base GGUF + runtime GGUF LoRA) against the reference.
+
+    The GGUF runs in a llama.cpp child process.
+    """
     with tempfile.TemporaryDirectory(prefix="edge-export-score-") as scratch:
         output = Path(scratch) / "scores.npz"
         result = score_gguf(
@@ -256,6 +261,7 @@ def evaluate_gguf(gguf: Path, reference: Reference, options: QualityOptions) -> 
             options.max_new_tokens,
             options.threads,
             options.gguf_device,
+            lora,
         )
         scores = np.load(output)
         metrics = summarize(scores["kld"], scores["same_top"], scores["nll"], reference.nll)

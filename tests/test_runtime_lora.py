@@ -1,0 +1,230 @@
+"""The runtime-LoRA path: refusals and scale corrections on tiny models, then the real demo model
+through the real converter, quantizer and llama.cpp runtime LoRA against the unmerged PEFT reference."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from exporter.adapter import read_adapter
+from exporter.errors import InputError
+from exporter.runtime_lora import check_pair, runtime_correction
+from tests.conftest import DEMO_EVAL, DemoExport, DemoInputs, run_cli
+from tests.tiny import make_adapter, make_tiny_llama
+
+# ------------------------------------------------------------------------------------ tiny models
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("rt-tiny") / "base", tie=True)
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({"use_dora": True}, "DoRA"),
+        ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+        ({"target_modules": ["q_proj", "lm_head"]}, "ties the two"),
+        ({"target_modules": ["q_proj", "embed_tokens"]}, "ties the two"),
+        ({"bias": "lora_only"}, "biases"),
+    ],
+)
+def test_what_cannot_run_at_runtime_is_refused(
+    tiny_base: Path, tmp_path: Path, options: dict[str, Any], expected: str
+) -> None:
+    adapter = make_adapter(tiny_base, tmp_path / "adapter", perturb=True, **options)
+    with pytest.raises(InputError) as error:
+        runtime_correction(read_adapter(adapter), tiny_base)
+    assert expected in str(error.value)
+    assert "merge-quantize" in str(error.value)
+
+
+def test_scale_corrections_fold_peft_scaling_into_lora_b(tiny_base: Path, tmp_path: Path) -> None:
+    plain = runtime_correction(
+        read_adapter(make_adapter(tiny_base, tmp_path / "plain", r=4, lora_alpha=8)), tiny_base
+    )
+    assert set(plain.factors.values()) == {1.0} and plain.corrected_modules == 0
+
+    rs = make_adapter(tiny_base, tmp_path / "rs", r=4, lora_alpha=8, use_rslora=True)
+    rs_correction = runtime_correction(read_adapter(rs), tiny_base)
+    # PEFT: 8/√4 = 4; llama.cpp: 8/4 = 2; factor 2 = √r
+    assert all(math.isclose(f, 2.0) for f in rs_correction.factors.values())
+    assert rs_correction.reasons == ("use_rslora",)
+
+    patterned = make_adapter(
+        tiny_base,
+        tmp_path / "pattern",
+        r=4,
+        lora_alpha=8,
+        rank_pattern={"v_proj": 2},
+        alpha_pattern={"q_proj": 32},
+    )
+    factors = runtime_correction(read_adapter(patterned), tiny_base).factors
+    q = factors["model.layers.0.self_attn.q_proj"]
+    v = factors["model.layers.0.self_attn.v_proj"]
+    k = factors["model.layers.0.self_attn.k_proj"]
+    assert (q, v, k) == (4.0, 1.0, 1.0)  # 32/4 over 8/4; rank_pattern alone is read from the shapes
+
+
+def test_adapter_for_another_base_is_refused(tiny_base: Path, tmp_path: Path) -> None:
+    other = make_tiny_llama(tmp_path / "other", hidden=96)
+    adapter = make_adapter(tiny_base, tmp_path / "adapter")
+    with pytest.raises(InputError, match="different base|was trained on"):
+        runtime_correction(read_adapter(adapter), other)
+
+
+def test_dora_refused_through_the_command_line(demo_inputs: DemoInputs, tmp_path: Path) -> None:
+    adapter = tmp_path / "dora"
+    shutil.copytree(demo_inputs.adapter, adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    out = tmp_path / "out"
+    proc = run_cli(
+        "runtime-lora", "--adapter", str(adapter), "--base", str(demo_inputs.base), "--out", str(out)
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "DoRA" in proc.stderr and "merge-quantize" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------------- the real demo model
+
+
+def _variant(source: Path, target: Path, **changes: Any) -> Path:
+    """The demo adapter's trained tensors with a changed scaling config (what rsLoRA / alpha_pattern
+    training saves: the same kind of tensors, a different scale)."""
+    shutil.copytree(source, target)
+    config = json.loads((target / "adapter_config.json").read_text())
+    (target / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+    return target
+
+
+@dataclass(frozen=True)
+class RuntimeExport:
+    out: Path
+    adapters: dict[str, Path]
+    stdout: str
+
+    @property
+    def report(self) -> dict[str, Any]:
+        return json.loads((self.out / "report.json").read_text())
+
+    def pair(self, adapter: str, profile: str) -> dict[str, Any]:
+        return next(p for p in self.report["pairs"] if p["adapter"] == adapter and p["profile"] == profile)
+
+
+@pytest.fixture(scope="session")
+def runtime_export(demo_inputs: DemoInputs, tmp_path_factory: pytest.TempPathFactory) -> RuntimeExport:
+    """`edge-export runtime-lora` with two adapters (rsLoRA, alpha_pattern) on the demo base, F16 and Q4_K_M."""
+    root = tmp_path_factory.mktemp("runtime-lora")
+    adapters = {
+        "pirate-rslora": _variant(demo_inputs.adapter, root / "pirate-rslora", use_rslora=True),
+        "pirate-alpha": _variant(
+            demo_inputs.adapter, root / "pirate-alpha", alpha_pattern={"q_proj": 32, "down_proj": 4}
+        ),
+    }
+    out = root / "out"
+    # fmt: off
+    proc = run_cli("runtime-lora", "--adapter", str(adapters["pirate-rslora"]), "--adapter",
+                   str(adapters["pirate-alpha"]), "--base", str(demo_inputs.base), "--name", "smollm2",
+                   "--profile", "F16", "--profile", "Q4_K_M", "--out", str(out), "--eval-data", str(DEMO_EVAL))
+    # fmt: on
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    return RuntimeExport(out, adapters, proc.stdout)
+
+
+def test_two_adapters_share_one_base_file_per_profile(runtime_export: RuntimeExport) -> None:
+    from exporter.modelfile_check import parse_modelfile
+
+    out = runtime_export.out
+    assert sorted(p.name for p in out.glob("*.gguf")) == [
+        "pirate-alpha.lora.gguf",
+        "pirate-rslora.lora.gguf",
+        "smollm2-F16.gguf",
+        "smollm2-Q4_K_M.gguf",
+    ]
+    modelfiles = sorted(out.glob("*.Modelfile"))
+    assert len(modelfiles) == 4
+    text = (out / "pirate-rslora-Q4_K_M.Modelfile").read_text()
+    assert "FROM ./smollm2-Q4_K_M.gguf\nADAPTER ./pirate-rslora.lora.gguf\n" in text
+    assert 'PARAMETER stop "<|im_end|>"' in text and "TEMPLATE" in text
+    for modelfile in modelfiles:
+        assert parse_modelfile(modelfile)[1] == []
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [b["profile"] for b in manifest["bases"]] == ["F16", "Q4_K_M"]
+    assert {a["name"]: a["corrected_modules"] for a in manifest["adapters"]} == {
+        "pirate-rslora": 210,  # every LoRA module: 30 layers × 7
+        "pirate-alpha": 60,  # q_proj and down_proj of 30 layers
+    }
+
+
+def _uncorrected_kld(
+    runtime_export: RuntimeExport, demo_inputs: DemoInputs, name: str, tmp_path: Path
+) -> float:
+    """What llama.cpp's converter alone gives: the same adapter converted without our correction."""
+    from converters.lora_to_gguf import convert_lora_to_gguf
+    from converters.vendor import locate_vendored
+    from exporter.pipeline import hash_inputs, input_hashes
+    from exporter.quality import QualityOptions, build_reference, evaluate_gguf
+
+    adapter = read_adapter(runtime_export.adapters[name])
+    plain = tmp_path / f"{name}-uncorrected.gguf"
+    convert_lora_to_gguf(
+        adapter.path, adapter.config, adapter.weights, demo_inputs.base, plain, locate_vendored(), {}, {}
+    )
+    options = QualityOptions(eval_data=DEMO_EVAL)
+    hashes = input_hashes({"inputs": hash_inputs([adapter], demo_inputs.base)})
+    reference = build_reference(demo_inputs.base, [adapter], demo_inputs.base, hashes, options)
+    assert reference.cached  # the same reference the command used
+    return float(
+        evaluate_gguf(runtime_export.out / "smollm2-F16.gguf", reference, options, lora=plain)["mean_kld"]
+    )
+
+
+@pytest.mark.parametrize("name", ["pirate-rslora", "pirate-alpha"])
+def test_runtime_adapter_matches_peft_at_f16_only_with_the_correction(
+    runtime_export: RuntimeExport, demo_inputs: DemoInputs, name: str, tmp_path: Path
+) -> None:
+    metrics = runtime_export.pair(name, "F16")["runtime"]["metrics"]
+    uncorrected = _uncorrected_kld(runtime_export, demo_inputs, name, tmp_path)
+    message = f"{name} at F16: corrected mean KLD {metrics['mean_kld']:.3g}, uncorrected {uncorrected:.3g}"
+    print(message)
+    assert metrics["mean_kld"] <= 1e-4, message
+    assert metrics["top1"] >= 0.995, message
+    assert uncorrected > 100 * 1e-4, message  # the converter alone is far off
+
+
+def test_quantized_pair_is_checked_like_a_merged_gguf(runtime_export: RuntimeExport) -> None:
+    report = runtime_export.report
+    for name in runtime_export.adapters:
+        runtime = runtime_export.pair(name, "Q4_K_M")["runtime"]
+        metrics = runtime["metrics"]
+        assert runtime["gates_passed"]
+        assert 1e-4 < metrics["mean_kld"] < report["base_floor"][name]["mean_kld"] / 10
+        assert metrics["generate_tokens_per_s"] > 0
+        assert runtime["size_bytes"] < (runtime_export.out / "smollm2-F16.gguf").stat().st_size
+    assert "runtime adapter vs merge-then-quantize" in runtime_export.stdout
+
+
+def test_adapter_records_its_base_and_refuses_another(
+    runtime_export: RuntimeExport, demo_export: DemoExport
+) -> None:
+    from exporter.artifacts import read_gguf_metadata
+
+    out = runtime_export.out
+    adapter = out / "pirate-rslora.lora.gguf"
+    recorded, _ = read_gguf_metadata(adapter, ("edge_export.base.uuid", "edge_export.base.architecture"))
+    base, _ = read_gguf_metadata(out / "smollm2-Q4_K_M.gguf", ("general.uuid",))
+    assert recorded["edge_export.base.uuid"] == base["general.uuid"]  # kept through quantization
+    assert recorded["edge_export.base.architecture"] == "llama"
+    check_pair(adapter, out / "smollm2-Q4_K_M.gguf")
+    # Same architecture and shapes, another model: the merged fine-tune's GGUF.
+    with pytest.raises(InputError, match="made for another base"):
+        check_pair(adapter, demo_export.gguf("Q4_K_M"))
