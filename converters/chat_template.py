@@ -109,7 +109,7 @@ class TemplateTranslation:
 
 
 def _sentinel(index: int) -> str:
-    return f"QXCONTENT{index}XQ"
+    return f"QxContent{index}Qx"  # mixed case: a template that changes case is caught
 
 
 def _strip_bos(text: str, bos: str) -> str:
@@ -262,7 +262,8 @@ def _family(rendered: str, system_supported: bool) -> str:
 def _turn_markers(glue: _Glue, special_tokens: Collection[str], family: str) -> tuple[str, ...]:
     texts = [*glue.before.values(), *glue.after.values()]
     markers: list[str] = [m for m in TEXT_MARKERS.get(family, ()) if any(m in text for text in texts)]
-    for token in sorted(special_tokens, key=lambda t: min((x.find(t) for x in texts if t in x), default=0)):
+    first_seen = "".join(texts)
+    for token in sorted(special_tokens, key=lambda t: (first_seen.find(t), t)):
         if token and any(token in text for text in texts) and token not in markers:
             markers.append(token)
     if not any(token in text for token in special_tokens for text in texts):
@@ -337,13 +338,9 @@ def jinja_render(template: str, special_tokens: dict[str, str]) -> JinjaRender:
     from transformers.utils.chat_template_utils import render_jinja_template
 
     def render(messages: list[Message], generation: bool) -> str:
-        rendered, _ = render_jinja_template(
-            conversations=[messages],
-            chat_template=template,
-            add_generation_prompt=generation,
-            **special_tokens,
-        )
-        return str(rendered[0])
+        options: dict[str, Any] = {"add_generation_prompt": generation, **special_tokens}
+        result: Any = render_jinja_template(conversations=[messages], chat_template=template, **options)
+        return str(result[0][0])
 
     return render
 
