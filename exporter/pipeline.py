@@ -43,6 +43,7 @@ from exporter.quality import (
 )
 from exporter.report import REPORT_FILES, REPORT_JSON, report_data, write_reports
 from exporter.stage_cache import StageCache, link_into, stage_key
+from exporter.tokenizer_parity import ParityReport, check_embedded_chat_template, check_tokenizer_parity
 from quant_profiles import ProfileError, ProfileRegistry, QuantProfile, builtin_profiles
 
 MANIFEST = "manifest.json"
@@ -414,6 +415,10 @@ def merge_quantize(options: ExportOptions, report: Reporter = lambda _: None) ->
         artifacts = {p.name: f16_artifact if p.is_unquantized else quantized[p.name] for p in profiles}
         if cached:
             report(f"reused from the cache: {', '.join(cached)}")
+        report("checking the tokenizer: HF against llama.cpp, and each GGUF's chat template")
+        check_embedded_chat_template(merged.path, [f16_path, *(a.path for a in artifacts.values())])
+        parity = check_tokenizer_parity(merged.path, f16_path)
+        report(parity.summary())
         report("writing Modelfiles and manifest")
         spec = chat_spec(merged.path)
         license_text = model_license(merged.path)
@@ -441,12 +446,13 @@ def merge_quantize(options: ExportOptions, report: Reporter = lambda _: None) ->
             modelfiles,
             seconds,
             cached,
+            parity,
         )
         cache.close()
     except BaseException:  # Ctrl-C included: nothing half-done may stay behind
         guard.rollback()
         raise
-    notes = [spec.note] if spec.note else []
+    notes = [n for n in (spec.note, None if parity.passed else parity.summary()) if n]
     result = ExportResult(out, name, list(artifacts.values()), modelfiles, manifest, seconds, notes)
     if options.check:
         # After the manifest: a failure here (even a native crash) leaves the finished export intact.
@@ -568,6 +574,7 @@ def _write_manifest(
     modelfiles: list[Path],
     seconds: dict[str, float],
     cached: list[str],
+    parity: ParityReport,
 ) -> Path:
     manifest: dict[str, Any] = {
         "format": "edge-export/manifest/1",
@@ -593,9 +600,15 @@ def _write_manifest(
         "intermediates": [f16.to_json(out)],
         "artifacts": [a.to_json(out) for a in artifacts.values()],
         "modelfiles": [
-            {"path": m.name, "chat_template_family": spec.family, "stops": list(spec.stops)}
+            {
+                "path": m.name,
+                "chat_template_family": spec.family,
+                "stops": list(spec.stops),
+                "verified_conversations": spec.verified_conversations,
+            }
             for m in modelfiles
         ],
+        "tokenizer_parity": parity.to_json(),
         "stage_seconds": seconds,
         "cached_stages": cached,
     }
