@@ -228,3 +228,15 @@ def test_golden_modelfiles_per_family(case: str, tmp_path: Path):
     if os.environ.get("EDGE_EXPORT_UPDATE_GOLDEN") == "1":
         golden.write_text(target.read_text(), newline="\n")
     assert target.read_text() == golden.read_text(), f"regenerate with EDGE_EXPORT_UPDATE_GOLDEN=1: {golden}"
+
+
+def test_modelfile_command_needs_one_existing_input(tmp_path: Path):
+    from tests.conftest import run_cli
+
+    neither = run_cli("modelfile")
+    assert neither.returncode == 2 and "exactly one of --gguf" in neither.stderr
+    missing = run_cli("modelfile", "--gguf", str(tmp_path / "absent.gguf"))
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    (tmp_path / "bad.gguf").write_bytes(b"not a gguf")
+    bad = run_cli("modelfile", "--gguf", str(tmp_path / "bad.gguf"))
+    assert bad.returncode == 2 and "not a readable GGUF" in bad.stderr and "Traceback" not in bad.stderr

@@ -160,6 +160,21 @@ def test_side_files_are_carried_through(tiny_base: Path, tmp_path: Path):
     assert not list(tmp_path.glob(".merged.partial-*"))
 
 
+def test_adapters_chat_template_is_not_overridden_by_the_bases_jinja_file(tiny_base: Path, tmp_path: Path):
+    base = tmp_path / "base"
+    base.mkdir()
+    for file in tiny_base.iterdir():
+        (base / file.name).write_bytes(file.read_bytes())
+    (base / "chat_template.jinja").write_text("base template")
+    adapter = make_adapter(base, tmp_path / "adapter")
+    (adapter / "tokenizer_config.json").write_text('{"chat_template": "from the adapter"}')
+    out = tmp_path / "merged"
+    merge_adapters(base, [read_adapter(adapter)], out)
+    # transformers prefers chat_template.jinja: copying the base's would silently replace the adapter's.
+    assert not (out / "chat_template.jinja").exists()
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == "from the adapter"
+
+
 def test_dora(tiny_base: Path, tmp_path: Path):
     adapter = make_adapter(tiny_base, tmp_path / "adapter", use_dora=True, perturb=True)
     assert_matches_peft(tiny_base, [(adapter, 1.0)], tmp_path / "merged")
