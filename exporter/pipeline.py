@@ -352,6 +352,8 @@ def merge_quantize(options: ExportOptions, report: Reporter = lambda _: None) ->
             meta["shards"],
             meta["untied"],
         )
+        # Before the long stages: a chat template that cannot be translated stops the export here.
+        spec = chat_spec(merged.path)
 
         convert_key = stage_key(
             {
@@ -420,7 +422,6 @@ def merge_quantize(options: ExportOptions, report: Reporter = lambda _: None) ->
         parity = check_tokenizer_parity(merged.path, f16_path)
         report(parity.summary())
         report("writing Modelfiles and manifest")
-        spec = chat_spec(merged.path)
         license_text = model_license(merged.path)
         modelfiles = []
         for profile in profiles:
