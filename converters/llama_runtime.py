@@ -88,6 +88,23 @@ def score_gguf(
     return run_child("converters.llama_runtime", request, f"{what} with llama.cpp")
 
 
+def tokenize_with_llama_cpp(gguf: Path, texts: Sequence[str], add_special: bool) -> list[list[int]]:
+    """llama.cpp's token ids for each text (special tokens parsed), from the GGUF's vocabulary alone."""
+    request = {"op": "tokenize", "gguf": str(gguf), "texts": list(texts), "add_special": add_special}
+    response = run_child("converters.llama_runtime", request, f"Tokenizing with {gguf.name}'s vocabulary")
+    return [list(map(int, ids)) for ids in response["ids"]]
+
+
+def _tokenize(request: dict[str, Any]) -> dict[str, Any]:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=request["gguf"], vocab_only=True, verbose=False)
+    add_special = bool(request["add_special"])
+    return {
+        "ids": [llm.tokenize(t.encode("utf-8"), add_bos=add_special, special=True) for t in request["texts"]]
+    }
+
+
 def _load(request: dict[str, Any]) -> Any:
     import llama_cpp
     import llama_cpp.llama as llama_module
@@ -203,6 +220,7 @@ _OPERATIONS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "generate": _generate,
     "score": _score,
     "raw_eval": _raw_eval,
+    "tokenize": _tokenize,
 }
 
 if __name__ == "__main__":

@@ -538,12 +538,43 @@ def check_command(
 
 @app.command("modelfile")
 def modelfile_command(
-    check: Annotated[Path, typer.Option("--check", help="Validate this Modelfile by Ollama's parser rules.")],
+    check: Annotated[
+        Path | None, typer.Option("--check", help="Validate this Modelfile by Ollama's parser rules.")
+    ] = None,
+    gguf: Annotated[
+        Path | None,
+        typer.Option("--gguf", help="(Re)write the Modelfile for this GGUF from its embedded chat template."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Where to write it (default: next to the GGUF, .Modelfile).")
+    ] = None,
+    num_ctx: Annotated[
+        int | None, typer.Option("--num-ctx", help="num_ctx to write (default: the model's, at most 4096).")
+    ] = None,
 ) -> None:
-    """Validate a Modelfile: commands, quoting, PARAMETER names, FROM/ADAPTER files, LF endings."""
+    """Write a verified Modelfile for a GGUF (--gguf), or validate one (--check)."""
     from exporter.errors import InputError
     from exporter.modelfile_check import parse_modelfile
 
+    if (check is None) == (gguf is None):
+        raise InputError("Pass exactly one of --gguf MODEL.gguf (write a Modelfile) or --check MODELFILE.")
+    if gguf is not None:
+        from exporter import __version__
+        from exporter.modelfile import chat_spec_from_gguf, write_modelfile
+
+        if not gguf.is_file():
+            raise InputError(f"The GGUF {gguf} does not exist. Pass the path of a .gguf model file.")
+        spec = chat_spec_from_gguf(gguf, num_ctx)
+        check = out or gguf.with_suffix(".Modelfile")
+        write_modelfile(check, gguf, spec, f"{gguf.stem}, written by edge-export {__version__}")
+        console.print(
+            f"wrote {check}: template {spec.family}, verified on {spec.verified_conversations} conversations, "
+            f"stops {', '.join(spec.stops)}",
+            highlight=False,
+        )
+        if spec.note:
+            console.print(f"note: {spec.note}", highlight=False)
+    assert check is not None
     if not check.is_file():
         raise InputError(f"The Modelfile {check} does not exist.")
     instructions, problems = parse_modelfile(check)

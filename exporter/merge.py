@@ -66,6 +66,7 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 PASSTHROUGH_FILES = ("generation_config.json",)
 LICENSE_PATTERN = re.compile(r"^(LICEN[CS]E|NOTICE|USE_POLICY)(\.\w+)?$", re.IGNORECASE)
 DEFAULT_SHARD_BYTES = 2 << 30
@@ -631,6 +632,16 @@ def _output_dtype(requested: str | None, base: BaseModel) -> torch.dtype:
     return torch.float16
 
 
+def _has_chat_template(folder: Path) -> bool:
+    if any((folder / name).is_file() for name in CHAT_TEMPLATE_FILES):
+        return True
+    config = folder / "tokenizer_config.json"
+    try:
+        return config.is_file() and bool(json.loads(config.read_text()).get("chat_template"))
+    except (json.JSONDecodeError, AttributeError):
+        return False
+
+
 def _write_side_files(
     base_dir: Path,
     tokenizer_dir: Path,
@@ -641,9 +652,15 @@ def _write_side_files(
 ) -> None:
     config = {**base_config, **config_changes, "torch_dtype": str(dtype).removeprefix("torch.")}
     (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    own_template = _has_chat_template(tokenizer_dir)
     for name in TOKENIZER_FILES:
         source = tokenizer_dir / name
-        if not source.is_file() and tokenizer_dir != base_dir:
+        # The base's chat template must not override the one the adapter's tokenizer carries.
+        if (
+            not source.is_file()
+            and tokenizer_dir != base_dir
+            and not (own_template and name in CHAT_TEMPLATE_FILES)
+        ):
             source = base_dir / name
         if source.is_file():
             shutil.copyfile(source, staging / name)

@@ -45,6 +45,7 @@ from exporter.quality import (
 )
 from exporter.report import REPORT_FILES, REPORT_JSON, report_data, write_reports
 from exporter.stage_cache import StageCache, link_into, stage_key
+from exporter.tokenizer_parity import ParityReport, check_embedded_chat_template, check_tokenizer_parity
 from quant_profiles import ProfileError, ProfileRegistry, QuantProfile, builtin_profiles
 
 MANIFEST = "manifest.json"
@@ -363,6 +364,8 @@ def merge_quantize(options: ExportOptions, report: Reporter = lambda _: None) ->
             meta["shards"],
             meta["untied"],
         )
+        # Before the long stages: a chat template that cannot be translated stops the export here.
+        spec = chat_spec(merged.path)
 
         convert_key = stage_key(
             {
@@ -451,8 +454,11 @@ def merge_quantize(options: ExportOptions, report: Reporter = lambda _: None) ->
         artifacts = {p.name: f16_artifact if p.is_unquantized else quantized[p.name] for p in profiles}
         if cached:
             report(f"reused from the cache: {', '.join(cached)}")
+        report("checking the tokenizer: HF against llama.cpp, and each GGUF's chat template")
+        check_embedded_chat_template(merged.path, [f16_path, *(a.path for a in artifacts.values())])
+        parity = check_tokenizer_parity(merged.path, f16_path)
+        report(parity.summary())
         report("writing Modelfiles and manifest")
-        spec = chat_spec(merged.path)
         license_text = model_license(merged.path)
         modelfiles = []
         for profile in profiles:
@@ -478,13 +484,14 @@ def merge_quantize(options: ExportOptions, report: Reporter = lambda _: None) ->
             modelfiles,
             seconds,
             cached,
+            parity,
             imatrix,
         )
         cache.close()
     except BaseException:  # Ctrl-C included: nothing half-done may stay behind
         guard.rollback()
         raise
-    notes = [spec.note] if spec.note else []
+    notes = [n for n in (spec.note, None if parity.passed else parity.summary()) if n]
     result = ExportResult(
         out, name, list(artifacts.values()), modelfiles, manifest, seconds, notes, imatrix=imatrix
     )
@@ -662,6 +669,7 @@ def _write_manifest(
     modelfiles: list[Path],
     seconds: dict[str, float],
     cached: list[str],
+    parity: ParityReport,
     imatrix: ImatrixStage | None = None,
 ) -> Path:
     manifest: dict[str, Any] = {
@@ -688,9 +696,15 @@ def _write_manifest(
         "intermediates": [f16.to_json(out)],
         "artifacts": [a.to_json(out) for a in artifacts.values()],
         "modelfiles": [
-            {"path": m.name, "chat_template_family": spec.family, "stops": list(spec.stops)}
+            {
+                "path": m.name,
+                "chat_template_family": spec.family,
+                "stops": list(spec.stops),
+                "verified_conversations": spec.verified_conversations,
+            }
             for m in modelfiles
         ],
+        "tokenizer_parity": parity.to_json(),
         "stage_seconds": seconds,
         "cached_stages": cached,
     }

@@ -267,8 +267,10 @@ def runtime_lora(options: RuntimeLoraOptions, report: Any = lambda _: None) -> R
     for profile in profiles:
         if profile.needs_imatrix:
             raise InputError(
-                f"Profile {profile.name} needs an importance matrix, which this version cannot compute yet. "
-                "Choose a profile that does not (e.g. Q4_K_M) — see `edge-export profiles`."
+                f"Profile {profile.name} needs an importance matrix, which runtime-lora does not compute "
+                "(the base is shared by every adapter, so no single adapter's data fits it). Choose a profile "
+                "that does not need one (e.g. Q4_K_M; see `edge-export profiles`), or use merge-quantize "
+                "--calibration FILE."
             )
     if not options.adapters:
         raise InputError("No --adapter given. Name at least one PEFT LoRA adapter folder.")

@@ -133,3 +133,29 @@ def test_header_reader_agrees_with_the_gguf_package(demo_export: DemoExport):
         assert ours.chat_template == reader.get_field("tokenizer.chat_template").contents()
         assert ours.n_tensors == len(reader.tensors)
         assert ours.n_params == sum(int(t.n_elements) for t in reader.tensors)
+
+
+def test_tokenizer_parity_and_embedded_templates_are_checked(demo_export: DemoExport):
+    parity = demo_export.manifest["tokenizer_parity"]
+    assert parity["passed"] and parity["mismatches"] == [] and not parity["double_bos"]
+    assert parity["texts"] >= 10  # plain, special-token and chat-formatted texts
+    assert "tokenizer parity: HF and llama.cpp agree" in demo_export.stdout
+    for record in demo_export.manifest["modelfiles"]:
+        assert record["chat_template_family"] == "chatml" and record["verified_conversations"] == 4
+
+
+def test_modelfile_from_gguf_matches_the_exported_one(demo_export: DemoExport, tmp_path: Path):
+    from tests.conftest import run_cli
+
+    gguf = tmp_path / "model.gguf"
+    gguf.symlink_to(demo_export.gguf("Q4_K_M"))
+    proc = run_cli("modelfile", "--gguf", str(gguf))
+    assert proc.returncode == 0, proc.stderr
+    assert "template chatml, verified on 4 conversations" in proc.stdout
+    written = (tmp_path / "model.Modelfile").read_text()
+    exported = (demo_export.out / "smollm2-pirate-Q4_K_M.Modelfile").read_text()
+    for line in ("TEMPLATE", "SYSTEM", "PARAMETER stop", "PARAMETER num_ctx"):
+        assert [x for x in written.splitlines() if x.startswith(line)] == [
+            x for x in exported.splitlines() if x.startswith(line)
+        ], line
+    assert run_cli("modelfile", "--check", str(tmp_path / "model.Modelfile")).returncode == 0

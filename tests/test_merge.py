@@ -140,11 +140,15 @@ def test_streaming_into_several_shards(tiny_base: Path, tmp_path: Path):
     assert again.total_tensors == len(one)
 
 
+def copy_of(folder: Path, target: Path) -> Path:
+    target.mkdir()
+    for file in folder.iterdir():
+        (target / file.name).write_bytes(file.read_bytes())
+    return target
+
+
 def test_side_files_are_carried_through(tiny_base: Path, tmp_path: Path):
-    base = tmp_path / "base"
-    base.mkdir()
-    for file in tiny_base.iterdir():
-        (base / file.name).write_bytes(file.read_bytes())
+    base = copy_of(tiny_base, tmp_path / "base")
     (base / "LICENSE").write_text("license text")
     (base / "tokenizer_config.json").write_text('{"chat_template": "base"}')
     (base / "tokenizer.json").write_text("{}")
@@ -158,6 +162,18 @@ def test_side_files_are_carried_through(tiny_base: Path, tmp_path: Path):
     assert (out / "tokenizer.json").read_text() == "{}"
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float16"
     assert not list(tmp_path.glob(".merged.partial-*"))
+
+
+def test_adapters_chat_template_is_not_overridden_by_the_bases_jinja_file(tiny_base: Path, tmp_path: Path):
+    base = copy_of(tiny_base, tmp_path / "base")
+    (base / "chat_template.jinja").write_text("base template")
+    adapter = make_adapter(base, tmp_path / "adapter")
+    (adapter / "tokenizer_config.json").write_text('{"chat_template": "from the adapter"}')
+    out = tmp_path / "merged"
+    merge_adapters(base, [read_adapter(adapter)], out)
+    # transformers prefers chat_template.jinja: copying the base's would silently replace the adapter's.
+    assert not (out / "chat_template.jinja").exists()
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == "from the adapter"
 
 
 def test_dora(tiny_base: Path, tmp_path: Path):
