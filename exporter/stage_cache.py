@@ -121,6 +121,8 @@ class StageCache:
             entry = self.lookup(kind, key)
             if entry is not None:
                 return entry, True
+            for stale in (self.root / kind).glob(f".{key[:16]}.partial-*"):  # left by a killed run
+                shutil.rmtree(stale, ignore_errors=True)
             with self.build(kind, key) as (staging, meta):
                 produce(staging, meta)
         entry = self.lookup(kind, key, verify=False)  # just written and hashed
