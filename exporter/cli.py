@@ -249,7 +249,7 @@ def merge_quantize_command(
         bool, typer.Option("--check/--no-check", help="Check every GGUF against the unmerged reference.")
     ] = True,
     eval_data: EvalDataOption = None,
-    reference_dtype: ReferenceDtypeOption = "float32",
+    reference_dtype: ReferenceDtypeOption = None,
     reference_device: ReferenceDeviceOption = "cpu",
     gate: GateOption = [],  # noqa: B006
     device: DeviceOption = "cpu",
@@ -391,7 +391,7 @@ def check_command(
     ] = None,
     junit: Annotated[Path | None, typer.Option("--junit", help="Write JUnit XML here for CI.")] = None,
     eval_data: EvalDataOption = None,
-    reference_dtype: ReferenceDtypeOption = "float32",
+    reference_dtype: ReferenceDtypeOption = None,
     reference_device: ReferenceDeviceOption = "cpu",
     gate: GateOption = [],  # noqa: B006
     device: DeviceOption = "cpu",

@@ -143,9 +143,9 @@ def fit_check(
     left the dtype open), with the estimates; or an error before any work."""
     reference = estimate_reference(base_dir, adapters, options.reference_dtype)
     if reference.peak_bytes > limit and not dtype_fixed and options.reference_dtype == "float32":
-        smaller = estimate_reference(base_dir, adapters, "bfloat16")
-        if smaller.peak_bytes <= limit:
-            options, reference = replace(options, reference_dtype="bfloat16"), smaller
+        # Even if bfloat16 does not fit either, its estimate is the one to report.
+        options = replace(options, reference_dtype="bfloat16")
+        reference = estimate_reference(base_dir, adapters, "bfloat16")
     if reference.peak_bytes > limit:
         fix = (
             "Pass --reference-dtype bfloat16 (half the weights), raise --max-memory, or skip the check with --no-check."

@@ -184,6 +184,12 @@ def empty_eval_data(inputs: Inputs, tmp: Path) -> list[str]:
     ]
 
 
+def triple_quote_in_modelfile(inputs: Inputs, tmp: Path) -> list[str]:
+    base = copy_folder(inputs.demo.base, tmp / "base")
+    (base / "LICENSE").write_text('Licensed under the """Example""" license.\n')
+    return ["--adapter", str(inputs.demo.adapter), "--base", str(base), "--no-check", "--no-cache"]
+
+
 def custom_code(inputs: Inputs, tmp: Path) -> list[str]:
     base = shutil.copytree(inputs.base, tmp / "custom-base")
     edit_json(base / "config.json", auto_map={"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"})
@@ -235,6 +241,11 @@ CASES = [
     ),
     Case("NaN/Inf in merged weights", nan_weights, ("NaN or Inf", "adapter_model.safetensors")),
     Case("empty evaluation data", empty_eval_data, ("eval.txt", "fewer than 16 tokens", "more text")),
+    Case(
+        'Modelfile content containing """',
+        triple_quote_in_modelfile,
+        ("license text", "cannot hold", "export again"),
+    ),
     Case(
         "base config with auto_map, without --trust-remote-code",
         custom_code,
