@@ -21,13 +21,13 @@ def test_a_held_lock_refuses_or_times_out_and_is_removed_when_released(tmp_path:
     messages: list[str] = []
     with hold_lock(lock, "the thing", LockPolicy()):
         assert lock.read_text() == str(os.getpid())
-        with pytest.raises(BusyError, match=r"the thing is in use by another edge-export run \(pid \d+\)"):
-            with hold_lock(lock, "the thing", LockPolicy(wait=False)):
-                pass
+        busy = r"the thing is in use by another edge-export run \(pid \d+\)"
+        with pytest.raises(BusyError, match=busy), hold_lock(lock, "the thing", LockPolicy(wait=False)):
+            pass
         start = time.monotonic()
-        with pytest.raises(BusyError, match="after waiting"):
-            with hold_lock(lock, "the thing", LockPolicy(timeout=0.5, report=messages.append)):
-                pass
+        patient = LockPolicy(timeout=0.5, report=messages.append)
+        with pytest.raises(BusyError, match="after waiting"), hold_lock(lock, "the thing", patient):
+            pass
         assert time.monotonic() - start >= 0.5
         assert messages and messages[0].startswith("waiting for another edge-export run")
     assert not lock.exists()  # nothing left behind
