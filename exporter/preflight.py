@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 FREE_DISK_ENV = "EDGE_EXPORT_FREE_DISK_BYTES"
 # Quantized files hold more than their nominal bits per weight (token embeddings and the output
 # tensor are kept at higher precision, plus metadata); the plan leaves this margin.
-QUANT_MARGIN = 1.15
+QUANT_MARGIN = 1.2
 EMBEDDING_BITS = 6.56  # llama.cpp's Q6_K, the type K-quant mixes give the output tensor
 TOKENIZER_WEIGHTS = ("tokenizer.json", "tokenizer.model")
 
