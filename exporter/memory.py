@@ -26,7 +26,7 @@ from exporter.safetensors_io import TensorEntry, read_header
 MiB = 1 << 20
 # Measured resident sizes of the processes before they load a model (Linux, x86-64, CPU torch).
 PYTORCH_PROCESS = 240 * MiB  # python + torch + safetensors (the merge)
-REFERENCE_PROCESS = 420 * MiB  # python + torch + transformers + peft (the reference)
+REFERENCE_PROCESS = 440 * MiB  # python + torch + transformers + peft (the reference)
 LLAMA_CHILD = 120 * MiB  # python + llama-cpp-python, before the model is mapped
 LOGIT_COPIES = 4  # logits, their fp32 copy, the numpy array and its log-softmax
 FP32_WORK_COPIES = 3  # the fp32 base tensor, the LoRA product, the merged result
