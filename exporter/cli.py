@@ -91,8 +91,19 @@ EvalDataOption = Annotated[
     ),
 ]
 ReferenceDtypeOption = Annotated[
-    str,
-    typer.Option("--reference-dtype", help="dtype of the unmerged PyTorch reference: float32 or bfloat16."),
+    str | None,
+    typer.Option(
+        "--reference-dtype",
+        help="dtype of the unmerged PyTorch reference: float32 (default) or bfloat16 "
+        "(chosen automatically when --max-memory needs it and this is not given).",
+    ),
+]
+MaxMemoryOption = Annotated[
+    str | None,
+    typer.Option(
+        "--max-memory",
+        help="Memory budget, e.g. 4GB: stay under it (a bfloat16 reference if need be) or stop before any work.",
+    ),
 ]
 ReferenceDeviceOption = Annotated[
     str,
@@ -113,7 +124,12 @@ GateOption = Annotated[
 
 
 def _quality_options(
-    eval_data: Path | None, dtype: str, device: str, gates: list[str], threads: int | None, gguf_device: str
+    eval_data: Path | None,
+    dtype: str | None,
+    device: str,
+    gates: list[str],
+    threads: int | None,
+    gguf_device: str,
 ) -> QualityOptions:
     from exporter.quality import QualityOptions
 
@@ -121,7 +137,7 @@ def _quality_options(
         raise typer.BadParameter(f"--device {gguf_device!r}: use cpu or metal")
     return QualityOptions(
         eval_data=eval_data,
-        reference_dtype=dtype,
+        reference_dtype=dtype or "float32",
         device=device,
         gates=tuple(gates),
         threads=threads,
@@ -233,7 +249,7 @@ def merge_quantize_command(
         bool, typer.Option("--check/--no-check", help="Check every GGUF against the unmerged reference.")
     ] = True,
     eval_data: EvalDataOption = None,
-    reference_dtype: ReferenceDtypeOption = "float32",
+    reference_dtype: ReferenceDtypeOption = None,
     reference_device: ReferenceDeviceOption = "cpu",
     gate: GateOption = [],  # noqa: B006
     device: DeviceOption = "cpu",
@@ -256,9 +272,28 @@ def merge_quantize_command(
         int,
         typer.Option("--calibration-tokens", min=256, help="Most calibration tokens to read."),
     ] = 65536,
+    trust_remote_code: Annotated[
+        bool,
+        typer.Option(
+            "--trust-remote-code",
+            help="Allow a base whose config.json has auto_map to run its own Python code.",
+        ),
+    ] = False,
+    max_memory: MaxMemoryOption = None,
+    no_wait: Annotated[
+        bool,
+        typer.Option(
+            "--no-wait", help="Fail at once if another run holds --out or a cache entry, instead of waiting."
+        ),
+    ] = False,
+    lock_timeout: Annotated[
+        float | None,
+        typer.Option("--lock-timeout", min=0, help="Wait at most this many seconds for another run's locks."),
+    ] = None,
 ) -> None:
     """Merge the adapter into its base, convert to GGUF, quantize to each profile and check the quality."""
     from exporter.adapter import parse_adapter_argument
+    from exporter.locks import LockPolicy
     from exporter.pipeline import ExportOptions, merge_quantize
 
     options = ExportOptions(
@@ -278,6 +313,10 @@ def merge_quantize_command(
         jobs=jobs,
         calibration=calibration,
         calibration_tokens=calibration_tokens,
+        trust_remote_code=trust_remote_code,
+        lock=LockPolicy(wait=not no_wait, timeout=lock_timeout),
+        max_memory=_parse_size(max_memory) if max_memory else None,
+        reference_dtype_fixed=reference_dtype is not None,
     )
     with _progress("starting") as report:
         result = merge_quantize(options, report=report)
@@ -452,6 +491,7 @@ def merge_command(
     ] = "2GB",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out folder.")] = False,
     allow_pickle: AllowPickleOption = False,
+    max_memory: MaxMemoryOption = None,
 ) -> None:
     """Merge adapters into the base and write the merged model as safetensors (no GGUF)."""
     import time
@@ -467,6 +507,7 @@ def merge_command(
         max_shard_bytes=_parse_size(max_shard_size),
         force=force,
         allow_pickle=allow_pickle,
+        max_memory=_parse_size(max_memory) if max_memory else None,
     )
     start = time.perf_counter()
     with _progress("merging") as report:
@@ -489,7 +530,7 @@ def check_command(
     ] = None,
     junit: Annotated[Path | None, typer.Option("--junit", help="Write JUnit XML here for CI.")] = None,
     eval_data: EvalDataOption = None,
-    reference_dtype: ReferenceDtypeOption = "float32",
+    reference_dtype: ReferenceDtypeOption = None,
     reference_device: ReferenceDeviceOption = "cpu",
     gate: GateOption = [],  # noqa: B006
     device: DeviceOption = "cpu",
@@ -501,6 +542,7 @@ def check_command(
         float, typer.Option("--top1-tolerance", help="Allowed absolute drop of top-1 against the baseline.")
     ] = 0.005,
     threads: Annotated[int | None, typer.Option("--threads", help="Threads for evaluation.")] = None,
+    max_memory: MaxMemoryOption = None,
 ) -> None:
     """Re-check an export on CPU for CI: gates, an optional baseline, JUnit XML. Exit 1 on failure."""
     from exporter.pipeline import CheckOptions, check_manifest
@@ -512,6 +554,8 @@ def check_command(
         quality=_quality_options(eval_data, reference_dtype, reference_device, gate, threads, device),
         kld_tolerance=kld_tolerance,
         top1_tolerance=top1_tolerance,
+        max_memory=_parse_size(max_memory) if max_memory else None,
+        reference_dtype_fixed=reference_dtype is not None,
     )
     with _progress("checking") as report:
         result = check_manifest(options, report=report)

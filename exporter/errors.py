@@ -29,3 +29,7 @@ class StageError(ExportError):
 
 class NativeCrashError(StageError):
     """llama.cpp crashed in a child process; the CLI survived and reports it."""
+
+
+class BusyError(ExportError):
+    """Another run holds the output folder or a stage cache entry (and we were told not to wait longer)."""

@@ -338,9 +338,15 @@ def _plan_lora(
             out_dim, in_dim = shape[::-1] if fan_in_fan_out else shape
             expected_a, expected_b = (rank, in_dim), (out_dim, rank)
         if tuple(lora_a.shape) != expected_a or tuple(lora_b.shape) != expected_b:
+            vocab = lora_a.shape[-1] if embedding else lora_b.shape[0]
+            hint = (
+                f" (a vocabulary of {vocab} tokens, where the base has {shape[0]})"
+                if (embedding or target == OUTPUT_NAME) and vocab != shape[0]
+                else ""
+            )
             raise _shape_error(
                 adapter,
-                f"{module} has {a_key} {tuple(lora_a.shape)} and {b_key} {tuple(lora_b.shape)} at rank {rank}",
+                f"{module} has {a_key} {tuple(lora_a.shape)} and {b_key} {tuple(lora_b.shape)} at rank {rank}{hint}",
                 target,
                 shape,
             )

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -28,11 +28,16 @@ from exporter.adapter import LoraAdapter, read_adapter, resolve_base
 from exporter.artifacts import GGUFArtifact, read_gguf_header
 from exporter.atomic import atomic_target, write_text_atomic
 from exporter.errors import InputError, StageError
+from exporter.faults import kill_point
 from exporter.hashing import hash_files, sha256_file
 from exporter.imatrix import DEFAULT_MAX_TOKENS as IMATRIX_MAX_TOKENS
 from exporter.imatrix import ImatrixStage, compute_imatrix
+from exporter.locks import LockPolicy, hold_lock, output_lock_path
+from exporter.memory import fit_check, fit_merge
 from exporter.merge import DEFAULT_SHARD_BYTES, MergeResult, merge_adapters
+from exporter.merge import DTYPES as MERGE_DTYPES
 from exporter.modelfile import ChatSpec, chat_spec, model_license, write_modelfile
+from exporter.preflight import check_writable, preflight_export
 from exporter.quality import (
     ArtifactQuality,
     GateResult,
@@ -74,6 +79,10 @@ class ExportOptions:
     jobs: int = 1
     calibration: Path | None = None
     calibration_tokens: int = IMATRIX_MAX_TOKENS
+    trust_remote_code: bool = False
+    lock: LockPolicy = field(default_factory=LockPolicy)
+    max_memory: int | None = None  # bytes; None = no budget
+    reference_dtype_fixed: bool = True  # False: --max-memory may switch the reference to bfloat16
 
 
 @dataclass
@@ -159,11 +168,7 @@ def _check_output(out: Path, planned: list[Path], force: bool) -> None:
             f"{existing[0]} already exists (and {len(existing) - 1} more of this run's outputs). Refusing to "
             "overwrite a finished export; pass --force to replace it, or choose another --out."
         )
-    probe_dir = out if out.exists() else next((p for p in out.parents if p.exists()), Path("/"))
-    if not os.access(probe_dir, os.W_OK):
-        raise InputError(
-            f"The output folder {probe_dir} is not writable. Choose another --out or fix its permissions."
-        )
+    check_writable(out)
 
 
 @contextmanager
@@ -218,6 +223,7 @@ class MergeOptions:
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
     force: bool = False
     allow_pickle: bool = False
+    max_memory: int | None = None  # bytes; None = no budget
 
 
 def adapter_records(adapters: list[LoraAdapter]) -> list[dict[str, Any]]:
@@ -255,6 +261,10 @@ def merge_model(options: MergeOptions, report: Reporter = lambda _: None) -> Mer
             "replace it, or choose another --out."
         )
     _check_output(out, [], options.force)
+    if options.max_memory:
+        requested = MERGE_DTYPES.get((options.dtype or "").lower())
+        estimate = fit_merge(base_dir, adapters, options.max_memory, requested.itemsize if requested else 2)
+        report(f"memory: the merge needs about {estimate.peak_bytes >> 20} MiB ({estimate.detail})")
     report(f"merging {len(adapters)} adapter(s) into {base_dir}")
     return merge_adapters(
         base_dir,
@@ -267,7 +277,15 @@ def merge_model(options: MergeOptions, report: Reporter = lambda _: None) -> Mer
 
 
 def merge_quantize(options: ExportOptions, report: Reporter = lambda _: None) -> ExportResult:
-    """Run merge → convert → quantize → Modelfiles → manifest; on failure remove what this run wrote."""
+    """Run merge → convert → quantize → Modelfiles → manifest; on failure remove what this run wrote.
+
+    The output folder is locked for the whole run: a second run on it waits or fails clearly."""
+    policy = replace(options.lock, report=options.lock.report or report)
+    with hold_lock(output_lock_path(options.out), f"the output folder {options.out}", policy):
+        return _merge_quantize(replace(options, lock=policy), report)
+
+
+def _merge_quantize(options: ExportOptions, report: Reporter) -> ExportResult:
     vendored = locate_vendored()
     registry, profiles = resolve_profiles(options.profiles, options.profile_files)
     if not profiles:
@@ -307,6 +325,10 @@ def merge_quantize(options: ExportOptions, report: Reporter = lambda _: None) ->
         ],
         options.force,
     )
+    options = replace(
+        options,
+        quality=preflight_export(options, base_dir, adapters, profiles, vendored, cache_root(), report),
+    )
 
     guard = _OutputGuard(out)
     seconds: dict[str, float] = {}
@@ -315,7 +337,9 @@ def merge_quantize(options: ExportOptions, report: Reporter = lambda _: None) ->
     versions = tool_versions(vendored)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        cache = StageCache(cache_root() if options.use_cache else None, scratch_parent=out)
+        cache = StageCache(
+            cache_root() if options.use_cache else None, scratch_parent=out, lock_policy=options.lock
+        )
         if not options.use_cache:
             guard.claim(cache.root)
         if options.force:  # an earlier export's manifest and reports must not describe this one
@@ -349,12 +373,14 @@ def merge_quantize(options: ExportOptions, report: Reporter = lambda _: None) ->
                 untied=built.untied_embeddings,
             )
 
+        kill_point("merge")
         with _timed(seconds, "merge"):
             entry, reused = cache.get_or_build("merge", merge_key, produce_merge)
             if reused:
                 cached.append("merge")
                 report("merge: reusing the cached merged model")
             link_into(entry.path / MERGED_DIR, guard.claim(out / MERGED_DIR))
+        kill_point("merged")
         meta = entry.meta
         merged = MergeResult(
             out / MERGED_DIR,
@@ -383,12 +409,14 @@ def merge_quantize(options: ExportOptions, report: Reporter = lambda _: None) ->
             convert_hf_to_gguf(merged.path, staging / "model.gguf", vendored, model_name=name)
             meta.update(seconds=round(time.perf_counter() - start, 3), what=f"{name} F16 GGUF")
 
+        kill_point("convert")
         with _timed(seconds, "convert"):
             entry, reused = cache.get_or_build("convert", convert_key, produce_f16)
             if reused:
                 cached.append("convert")
                 report("convert: reusing the cached F16 GGUF")
             link_into(entry.path / "model.gguf", guard.claim(f16_path))
+        kill_point("converted")
         f16_profile = registry.get("F16")
         f16_artifact = _artifact(
             f16_path, f16_profile, entry.meta["seconds"], entry.meta["files"]["model.gguf"]
@@ -428,6 +456,7 @@ def merge_quantize(options: ExportOptions, report: Reporter = lambda _: None) ->
                 }
             )
             start = time.perf_counter()
+            kill_point(f"quantize:{profile.name}")
 
             def produce(staging: Path, meta: dict[str, Any]) -> None:
                 report(f"quantizing to {profile.name}")
@@ -445,6 +474,7 @@ def merge_quantize(options: ExportOptions, report: Reporter = lambda _: None) ->
             if reused:
                 cached.append(f"quantize {profile.name}")
             link_into(entry.path / "model.gguf", guard.claim(target))
+            kill_point(f"quantized:{profile.name}")
             seconds[f"quantize {profile.name}"] = round(time.perf_counter() - start, 3)
             return _artifact(target, profile, entry.meta["seconds"], entry.meta["files"]["model.gguf"])
 
@@ -471,6 +501,7 @@ def merge_quantize(options: ExportOptions, report: Reporter = lambda _: None) ->
                 license_text,
             )
             modelfiles.append(target)
+        kill_point("modelfiles")
         manifest = _write_manifest(
             out,
             name,
@@ -495,8 +526,10 @@ def merge_quantize(options: ExportOptions, report: Reporter = lambda _: None) ->
     result = ExportResult(
         out, name, list(artifacts.values()), modelfiles, manifest, seconds, notes, imatrix=imatrix
     )
+    kill_point("manifest")
     if options.check:
         # After the manifest: a failure here (even a native crash) leaves the finished export intact.
+        kill_point("check")
         report("checking quality against the unmerged reference")
         manifest_data = json.loads(manifest.read_text())
         with _timed(seconds, "check"):
@@ -684,6 +717,8 @@ def _write_manifest(
             "profile_files": [str(p) for p in options.profile_files],
             "cache": options.use_cache,
             "allow_pickle": options.allow_pickle,
+            "trust_remote_code": options.trust_remote_code,
+            "reference_dtype": options.quality.reference_dtype,
         },
         "inputs": inputs,
         "merge": {
@@ -726,6 +761,8 @@ class CheckOptions:
     junit: Path | None = None
     quality: QualityOptions = field(default_factory=QualityOptions)
     kld_tolerance: float = 0.10  # relative growth of mean KLD allowed against the baseline
+    max_memory: int | None = None  # bytes; None = no budget
+    reference_dtype_fixed: bool = True  # False: --max-memory may switch the reference to bfloat16
     top1_tolerance: float = 0.005  # absolute drop of top-1 agreement allowed against the baseline
 
 
@@ -797,9 +834,16 @@ def check_manifest(options: CheckOptions, report: Reporter = lambda _: None) -> 
     tokenizer_dir = merged if (merged / "tokenizer_config.json").is_file() else base_dir
     files = tuple(Path(p) for p in manifest.get("options", {}).get("profile_files", []))
     registry, _ = resolve_profiles((), files)
-    summary = check_artifacts(
-        manifest, root, base_dir, adapters, tokenizer_dir, registry, options.quality, report
+    quality = replace(
+        options.quality, trust_remote_code=bool(manifest.get("options", {}).get("trust_remote_code"))
     )
+    if options.max_memory:
+        largest = max(r["size_bytes"] for r in [*manifest.get("intermediates", []), *manifest["artifacts"]])
+        quality, estimates = fit_check(
+            base_dir, adapters, quality, options.max_memory, options.reference_dtype_fixed, largest
+        )
+        report("memory: " + ", ".join(f"{e.stage} about {e.peak_bytes >> 20} MiB" for e in estimates))
+    summary = check_artifacts(manifest, root, base_dir, adapters, tokenizer_dir, registry, quality, report)
     comparisons = compare_with_baseline(summary, options) if options.baseline else []
     junit = write_junit(options.junit, summary, comparisons) if options.junit else None
     return CheckResult(summary, comparisons, junit)

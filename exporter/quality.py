@@ -57,6 +57,7 @@ class QualityOptions:
     max_new_tokens: int = 24
     threads: int | None = None
     gguf_device: str = "cpu"  # or "metal", where llama-cpp-python was built with it
+    trust_remote_code: bool = False  # run the base's own modelling code (config.json auto_map)
 
 
 @dataclass
@@ -173,7 +174,9 @@ def _reference_model(base_dir: Path, adapters: list[LoraAdapter], options: Quali
         raise InputError(
             "--reference-device mps was asked for, but this PyTorch has no Metal (MPS) support here."
         )
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtypes[options.reference_dtype])
+    model = AutoModelForCausalLM.from_pretrained(
+        str(base_dir), dtype=dtypes[options.reference_dtype], trust_remote_code=options.trust_remote_code
+    )
     peft_model = PeftModel.from_pretrained(model, str(adapters[0].path), adapter_name="a0")
     for index, adapter in enumerate(adapters[1:], start=1):
         peft_model.load_adapter(str(adapter.path), adapter_name=f"a{index}")

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from exporter.hashing import sha256_file
+from exporter.locks import LockPolicy, hold_lock
 
 DONE = "done.json"
 FORMAT = 1
@@ -50,8 +51,11 @@ class CacheEntry:
 class StageCache:
     """Stages under `root`; with `root=None` a throwaway cache (--no-cache) that `close` removes."""
 
-    def __init__(self, root: Path | None, scratch_parent: Path | None = None):
+    def __init__(
+        self, root: Path | None, scratch_parent: Path | None = None, lock_policy: LockPolicy | None = None
+    ):
         self.persistent = root is not None
+        self.lock_policy = lock_policy or LockPolicy()
         if root is None:
             parent = scratch_parent or Path(tempfile.gettempdir())
             parent.mkdir(parents=True, exist_ok=True)
@@ -96,8 +100,12 @@ class StageCache:
             (staging / DONE).write_text(json.dumps(record, indent=2) + "\n")
             final = parent / key
             if final.exists():  # built concurrently, or damaged and rebuilt
-                shutil.rmtree(final)
-            staging.rename(final)
+                shutil.rmtree(final, ignore_errors=True)
+            try:
+                staging.rename(final)
+            except OSError:
+                if not (final / DONE).is_file():  # not another run finishing the same entry first
+                    raise
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
@@ -105,12 +113,18 @@ class StageCache:
     def get_or_build(
         self, kind: str, key: str, produce: Callable[[Path, dict[str, Any]], None]
     ) -> tuple[CacheEntry, bool]:
-        """The verified entry for `key`, or one built now by `produce(staging, meta)`; and whether it was reused."""
-        entry = self.lookup(kind, key)
-        if entry is not None:
-            return entry, True
-        with self.build(kind, key) as (staging, meta):
-            produce(staging, meta)
+        """The verified entry for `key`, or one built now by `produce(staging, meta)`; and whether it was reused.
+
+        The entry is locked meanwhile: a second run that needs it waits, then reuses what the first built."""
+        lock = self.root / kind / f".{key[:16]}.lock"
+        with hold_lock(lock, f"the cached {kind} stage {key[:12]}", self.lock_policy):
+            entry = self.lookup(kind, key)
+            if entry is not None:
+                return entry, True
+            for stale in (self.root / kind).glob(f".{key[:16]}.partial-*"):  # left by a killed run
+                shutil.rmtree(stale, ignore_errors=True)
+            with self.build(kind, key) as (staging, meta):
+                produce(staging, meta)
         entry = self.lookup(kind, key, verify=False)  # just written and hashed
         assert entry is not None
         return entry, False

@@ -13,10 +13,18 @@ from tests.tiny import make_adapter, make_tiny_llama
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def tiny(tmp_path_factory: pytest.TempPathFactory, demo_inputs) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
     base = make_tiny_llama(root / "base")
     other = make_tiny_llama(root / "other-base", hidden=32)
+    for folder in (base, other):  # the tokenizer llama.cpp needs, checked before any work
+        for name in (
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "chat_template.jinja",
+        ):
+            shutil.copyfile(demo_inputs.base / name, folder / name)
     adapter = make_adapter(base, root / "adapter")
     return {"root": root, "base": base, "other": other, "adapter": adapter}
 

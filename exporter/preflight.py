@@ -1,0 +1,273 @@
+"""Checks that run before any work: custom code, architecture, tokenizer, output folder, disk space.
+
+An export that is bound to fail should fail in the first second with a message that names the
+file and the fix, not after the merge has written gigabytes, or when the disk fills up midway.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from converters.vendor import VendoredLlamaCpp
+from exporter.adapter import LoraAdapter
+from exporter.errors import InputError
+from exporter.memory import fit_check, fit_merge
+from exporter.safetensors_io import read_header
+from quant_profiles import QuantProfile
+
+if TYPE_CHECKING:
+    from exporter.pipeline import ExportOptions
+    from exporter.quality import QualityOptions
+
+# For tests and for users who know better: the free bytes to assume on every file system.
+FREE_DISK_ENV = "EDGE_EXPORT_FREE_DISK_BYTES"
+# Quantized files hold more than their nominal bits per weight (token embeddings and the output
+# tensor are kept at higher precision, plus metadata); the plan leaves this margin.
+QUANT_MARGIN = 1.2
+EMBEDDING_BITS = 6.56  # llama.cpp's Q6_K, the type K-quant mixes give the output tensor
+TOKENIZER_WEIGHTS = ("tokenizer.json", "tokenizer.model")
+
+
+def check_custom_code(base_dir: Path, config: dict[str, Any], trust_remote_code: bool) -> None:
+    """Refuse a base that needs its own Python code (`auto_map`) unless the user trusts it."""
+    if config.get("auto_map") and not trust_remote_code:
+        classes = ", ".join(sorted(str(v) for v in dict(config["auto_map"]).values()))
+        raise InputError(
+            f"{base_dir / 'config.json'} has an auto_map ({classes}): loading this model runs Python code that "
+            "ships with it, which edge-export never does by default. Read that code, then pass "
+            "--trust-remote-code to allow it, or use a base that transformers supports natively."
+        )
+
+
+@cache
+def supported_architectures(convert_package: Path) -> frozenset[str]:
+    """The text-model architectures llama.cpp's converter registers (read from its source, not imported)."""
+    tree = ast.parse((convert_package / "__init__.py").read_text(encoding="utf-8"))
+    for node in tree.body:
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and node.target.id == "TEXT_MODEL_MAP"
+            and isinstance(node.value, ast.Dict)
+        ):
+            return frozenset(str(k.value) for k in node.value.keys if isinstance(k, ast.Constant))
+    return frozenset()
+
+
+def check_architecture(base_dir: Path, config: dict[str, Any], vendored: VendoredLlamaCpp) -> None:
+    """Refuse an architecture the vendored converter cannot convert, before the merge."""
+    known = supported_architectures(vendored.convert_hf_script.parent / "conversion")
+    if not known:  # a converter laid out differently: let the conversion itself decide
+        return
+    architectures = config.get("architectures") or []
+    if not any(arch in known for arch in architectures):
+        named = ", ".join(architectures) if architectures else "none (config.json names no architectures)"
+        raise InputError(
+            f"The architecture {named} of {base_dir / 'config.json'} is not supported by llama.cpp "
+            f"{vendored.commit[:9]} (llama-cpp-python {vendored.llama_cpp_python}), so it cannot be "
+            "converted to GGUF. Use a supported architecture, or a newer edge-export release that pins a "
+            "newer llama.cpp."
+        )
+
+
+def check_tokenizer(base_dir: Path, tokenizer_dir: Path) -> None:
+    """The converter needs tokenizer.json or tokenizer.model; the merge copies them from these folders."""
+    folders = dict.fromkeys([tokenizer_dir, base_dir])
+    if not any((folder / name).is_file() for folder in folders for name in TOKENIZER_WEIGHTS):
+        raise InputError(
+            f"{base_dir} has no tokenizer files (neither {' nor '.join(TOKENIZER_WEIGHTS)}), so llama.cpp "
+            "cannot build the GGUF's vocabulary. Copy the tokenizer files of the original model "
+            "(tokenizer.json, tokenizer_config.json, special_tokens_map.json) into that folder, or save them "
+            "next to the adapter (tokenizer.save_pretrained)."
+        )
+
+
+def check_writable(out: Path) -> None:
+    """Try to write where the output goes (a permission check alone would pass for root on a read-only mount)."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"The output path {out} exists and is not a folder. Choose another --out.")
+    probe_dir = out if out.exists() else next((p for p in out.parents if p.exists()), Path("/"))
+    probe = probe_dir / f".edge-export-probe-{uuid.uuid4().hex[:8]}"
+    try:
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as exc:
+        raise InputError(
+            f"The output folder {probe_dir} is not writable ({exc.strerror}). Choose another --out or fix its "
+            "permissions."
+        ) from exc
+
+
+@dataclass(frozen=True)
+class DiskItem:
+    what: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class DiskPlan:
+    """The bytes an export will add on each file system it writes to."""
+
+    items: tuple[DiskItem, ...]
+    needs: dict[Path, int]  # a folder on each file system -> bytes written there
+
+    @property
+    def total(self) -> int:
+        return sum(item.bytes for item in self.items)
+
+
+def _float_elements(base_dir: Path) -> tuple[int, int, int]:
+    """Elements of the base's float tensors, of its embedding/output tensors, and the bytes of the rest."""
+    files = sorted(base_dir.glob("*.safetensors"))
+    floats = embeddings = other = 0
+    for entry in (e for f in files for e in read_header(f)):
+        if entry.dtype in ("F16", "BF16", "F32"):
+            count = math.prod(entry.shape)
+            floats += count
+            if entry.name.endswith(("embed_tokens.weight", "lm_head.weight", "wte.weight")):
+                embeddings += count
+        else:
+            other += entry.nbytes
+    return floats, embeddings, other
+
+
+def plan_disk(
+    base_dir: Path,
+    profiles: list[QuantProfile],
+    out: Path,
+    cache_dir: Path,
+    merged_bytes_per_weight: int = 2,
+) -> DiskPlan:
+    """Estimate what merge-quantize writes: merged model, F16 GGUF, one GGUF per profile (from its bits per
+    weight), and where: the stage cache and hard links into the output, or copies across file systems."""
+    floats, embeddings, other = _float_elements(base_dir)
+    side = sum(f.stat().st_size for f in base_dir.iterdir() if f.is_file() and f.suffix != ".safetensors")
+    items = [
+        DiskItem("merged model", floats * merged_bytes_per_weight + other + side),
+        DiskItem("F16 GGUF", floats * 2 + other + side),
+    ]
+    for profile in profiles:
+        if profile.is_unquantized:
+            continue
+        bits = (floats - embeddings) * profile.bits_per_weight + embeddings * max(
+            EMBEDDING_BITS, profile.bits_per_weight
+        )
+        items.append(DiskItem(f"{profile.name} GGUF", int(bits / 8 * QUANT_MARGIN) + side))
+    total = sum(item.bytes for item in items)
+    cache_anchor, out_anchor = _existing(cache_dir), _existing(out)
+    needs = {cache_anchor: total}
+    if _device(cache_anchor) != _device(out_anchor):  # hard links cannot cross file systems: copies
+        needs[out_anchor] = total
+    return DiskPlan(tuple(items), needs)
+
+
+def _existing(path: Path) -> Path:
+    return next((p for p in (path, *path.parents) if p.exists()), Path("/"))
+
+
+def _device(path: Path) -> int:
+    return os.stat(path).st_dev
+
+
+def free_bytes(folder: Path) -> int:
+    override = os.environ.get(FREE_DISK_ENV)
+    return int(override) if override else shutil.disk_usage(folder).free
+
+
+def check_disk(plan: DiskPlan) -> None:
+    """Refuse to start when the planned outputs do not fit on a file system, with the estimate and the free space."""
+    for folder, needed in plan.needs.items():
+        free = free_bytes(folder)
+        if needed > free:
+            breakdown = ", ".join(f"{item.what} {_size(item.bytes)}" for item in plan.items)
+            raise InputError(
+                f"Not enough free disk space in {folder}: this export needs about {_size(needed)} ({breakdown}) "
+                f"but only {_size(free)} is free. Free some space, choose another --out, or point the stage "
+                "cache elsewhere (EDGE_EXPORT_CACHE_DIR); `edge-export cache prune` removes old cached stages."
+            )
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def read_base_config(base_dir: Path) -> dict[str, Any]:
+    path = base_dir / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path} is not valid JSON ({exc}); restore the base model's config.json.") from exc
+    if not isinstance(config, dict):
+        raise InputError(f"{path} must hold a JSON object; restore the base model's config.json.")
+    return config
+
+
+def check_eval_data(path: Path | None, tokenizer_dir: Path) -> None:
+    """Read and tokenize the evaluation data now, so an empty or broken file stops the run before any work."""
+    from exporter.evaldata import load_eval_data
+    from exporter.quality import load_tokenizer
+
+    load_eval_data(path, load_tokenizer(tokenizer_dir))
+
+
+def preflight_export(
+    options: ExportOptions,
+    base_dir: Path,
+    adapters: list[LoraAdapter],
+    profiles: list[QuantProfile],
+    vendored: VendoredLlamaCpp,
+    cache_dir: Path,
+    report: Callable[[str], None],
+) -> QualityOptions:
+    """Every check that needs no work, in the order a user would fix them; returns the quality options to
+    use (the reference may move to bfloat16 to fit --max-memory)."""
+    from exporter.merge import DTYPES, tokenizer_source
+
+    config = read_base_config(base_dir)
+    check_custom_code(base_dir, config, options.trust_remote_code)
+    check_architecture(base_dir, config, vendored)
+    tokenizer_dir = tokenizer_source(adapters, base_dir)
+    check_tokenizer(base_dir, tokenizer_dir)
+    if options.check:
+        check_eval_data(options.quality.eval_data, tokenizer_dir)
+    requested = DTYPES.get((options.dtype or "").lower())
+    merged_bytes = requested.itemsize if requested is not None else 2  # the merge writes 16-bit by default
+    plan = plan_disk(
+        base_dir, profiles, options.out, cache_dir if options.use_cache else options.out, merged_bytes
+    )
+    check_disk(plan)
+    quality = replace(options.quality, trust_remote_code=options.trust_remote_code)
+    if options.max_memory:
+        merge = fit_merge(base_dir, adapters, options.max_memory, merged_bytes)
+        estimates = [merge]
+        if options.check:
+            f16 = next(item.bytes for item in plan.items if item.what == "F16 GGUF")
+            quality, more = fit_check(
+                base_dir, adapters, quality, options.max_memory, options.reference_dtype_fixed, f16
+            )
+            estimates += more
+        report(
+            f"memory budget {_size(options.max_memory)}: "
+            + ", ".join(f"{e.stage} about {_size(e.peak_bytes)}" for e in estimates)
+            + (
+                " (reference in bfloat16 to fit)"
+                if quality.reference_dtype != options.quality.reference_dtype
+                else ""
+            )
+        )
+    return quality

@@ -1,0 +1,308 @@
+"""The catalog of bad inputs, each through the real command line: exit code 2, one paragraph naming the
+file and the fix, no traceback, and nothing left behind in the output folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, DemoInputs
+from tests.tiny import make_adapter, make_tiny_llama
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+# Where the catalog writes what each case printed (docs/reliability.md is made from it).
+MESSAGES_ENV = "EDGE_EXPORT_CATALOG_MESSAGES"
+
+
+@dataclass(frozen=True)
+class Inputs:
+    root: Path
+    base: Path  # tiny Llama with the demo's tokenizer files
+    bare_base: Path  # tiny Llama without tokenizer files
+    adapter: Path
+    other_vocab_adapter: Path  # embedding LoRA trained on a 320-token vocabulary
+    demo: DemoInputs
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory, demo_inputs: DemoInputs) -> Inputs:
+    root = tmp_path_factory.mktemp("catalog")
+    bare = make_tiny_llama(root / "bare-base")
+    base = make_tiny_llama(root / "base")
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(demo_inputs.base / name, base / name)
+    adapter = make_adapter(base, root / "adapter")
+    wide = make_tiny_llama(root / "wide-base", vocab=320)
+    other = make_adapter(wide, root / "wide-adapter", target_modules=["embed_tokens", "q_proj"])
+    config = json.loads((other / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "org/wide-model-not-on-this-machine"
+    (other / "adapter_config.json").write_text(json.dumps(config))
+    return Inputs(root, base, bare, adapter, other, demo_inputs)
+
+
+def copy_folder(source: Path, target: Path) -> Path:
+    """A copy whose large weights are symlinks (the catalog edits only small files)."""
+    target.mkdir()
+    for entry in source.iterdir():
+        if entry.suffix == ".safetensors" and entry.stat().st_size > 1 << 20:
+            (target / entry.name).symlink_to(entry.resolve())
+        else:
+            shutil.copyfile(entry, target / entry.name)
+    return target
+
+
+def edit_json(path: Path, **changes: object) -> None:
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+@dataclass(frozen=True)
+class Case:
+    """One catalog entry: prepare(inputs, tmp) returns the CLI arguments (without --out)."""
+
+    entry: str
+    prepare: Callable[[Inputs, Path], list[str]]
+    fragments: tuple[str, ...]
+    env: dict[str, str] = field(default_factory=dict)
+    out: Callable[[Path], Path] = lambda tmp: tmp / "out"
+
+
+def tiny_args(inputs: Inputs, adapter: Path | None = None, base: Path | None = None) -> list[str]:
+    return ["--adapter", str(adapter or inputs.adapter), "--base", str(base or inputs.base), "--no-check"]
+
+
+def missing_config(inputs: Inputs, tmp: Path) -> list[str]:
+    adapter = shutil.copytree(inputs.adapter, tmp / "adapter")
+    (adapter / "adapter_config.json").unlink()
+    return tiny_args(inputs, adapter)
+
+
+def shape_mismatch(inputs: Inputs, tmp: Path) -> list[str]:
+    other = make_tiny_llama(tmp / "other", hidden=32)
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(inputs.base / name, other / name)
+    adapter = shutil.copytree(inputs.adapter, tmp / "adapter")
+    edit_json(adapter / "adapter_config.json", base_model_name_or_path="org/model-not-on-this-machine")
+    return tiny_args(inputs, adapter, other)
+
+
+def vocab_mismatch(inputs: Inputs, tmp: Path) -> list[str]:
+    return tiny_args(inputs, inputs.other_vocab_adapter)
+
+
+def unknown_peft_type(inputs: Inputs, tmp: Path) -> list[str]:
+    adapter = shutil.copytree(inputs.adapter, tmp / "adapter")
+    edit_json(adapter / "adapter_config.json", peft_type="VERA_PLUS")
+    return tiny_args(inputs, adapter)
+
+
+def truncated_base(inputs: Inputs, tmp: Path) -> list[str]:
+    base = shutil.copytree(inputs.base, tmp / "base")
+    weights = base / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return tiny_args(inputs, base=base)
+
+
+def corrupt_adapter(inputs: Inputs, tmp: Path) -> list[str]:
+    adapter = shutil.copytree(inputs.adapter, tmp / "adapter")
+    weights = adapter / "adapter_model.safetensors"
+    weights.write_bytes(b"\xff" * 8 + weights.read_bytes()[8:])
+    return tiny_args(inputs, adapter)
+
+
+def pickle_adapter(inputs: Inputs, tmp: Path) -> list[str]:
+    adapter = shutil.copytree(inputs.adapter, tmp / "adapter")
+    (adapter / "adapter_model.safetensors").rename(adapter / "adapter_model.bin")
+    return tiny_args(inputs, adapter)
+
+
+def no_tokenizer(inputs: Inputs, tmp: Path) -> list[str]:
+    return tiny_args(inputs, base=inputs.bare_base)
+
+
+def unsupported_architecture(inputs: Inputs, tmp: Path) -> list[str]:
+    base = shutil.copytree(inputs.base, tmp / "exotic-base")
+    edit_json(base / "config.json", architectures=["ExoticForCausalLM"])
+    return tiny_args(inputs, base=base)
+
+
+def unknown_pre_tokenizer(inputs: Inputs, tmp: Path) -> list[str]:
+    base = copy_folder(inputs.demo.base, tmp / "base")
+    tokenizer = json.loads((base / "tokenizer.json").read_text())
+    # Another pre-tokenizer (split digits one by one): the converter's hash of its output is unknown.
+    tokenizer["pre_tokenizer"] = {"type": "Digits", "individual_digits": True}
+    (base / "tokenizer.json").write_text(json.dumps(tokenizer))
+    return ["--adapter", str(inputs.demo.adapter), "--base", str(base), "--no-check", "--no-cache"]
+
+
+def unknown_profile(inputs: Inputs, tmp: Path) -> list[str]:
+    return [*tiny_args(inputs), "--profile", "Q4_K_XL"]
+
+
+def imatrix_profile(inputs: Inputs, tmp: Path) -> list[str]:
+    return [*tiny_args(inputs), "--profile", "IQ4_XS"]
+
+
+def existing_output(inputs: Inputs, tmp: Path) -> list[str]:
+    return tiny_args(inputs)
+
+
+def nan_weights(inputs: Inputs, tmp: Path) -> list[str]:
+    from safetensors.torch import load_file, save_file
+
+    adapter = shutil.copytree(inputs.adapter, tmp / "adapter")
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    key = next(k for k in tensors if k.endswith("q_proj.lora_B.weight"))
+    tensors[key][0, 0] = float("inf")
+    save_file(tensors, str(adapter / "adapter_model.safetensors"))
+    return tiny_args(inputs, adapter)
+
+
+def empty_eval_data(inputs: Inputs, tmp: Path) -> list[str]:
+    (tmp / "eval.txt").write_text("\n")
+    return [
+        "--adapter",
+        str(inputs.adapter),
+        "--base",
+        str(inputs.base),
+        "--eval-data",
+        str(tmp / "eval.txt"),
+    ]
+
+
+def triple_quote_in_modelfile(inputs: Inputs, tmp: Path) -> list[str]:
+    base = copy_folder(inputs.demo.base, tmp / "base")
+    (base / "LICENSE").write_text('Licensed under the """Example""" license.\n')
+    return ["--adapter", str(inputs.demo.adapter), "--base", str(base), "--no-check", "--no-cache"]
+
+
+def custom_code(inputs: Inputs, tmp: Path) -> list[str]:
+    base = shutil.copytree(inputs.base, tmp / "custom-base")
+    edit_json(base / "config.json", auto_map={"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"})
+    return tiny_args(inputs, base=base)
+
+
+CASES = [
+    Case(
+        "missing adapter_config.json", missing_config, ("adapter_config.json is missing", "Point --adapter")
+    ),
+    Case("adapter for another base (shapes)", shape_mismatch, ("adapter_model.safetensors", "--base")),
+    Case(
+        "adapter for another base (vocabulary size)", vocab_mismatch, ("embed_tokens", "vocabulary", "--base")
+    ),
+    Case("unknown or unmergeable PEFT type", unknown_peft_type, ("VERA_PLUS", "adapter_config.json")),
+    Case(
+        "truncated base safetensors",
+        truncated_base,
+        ("model.safetensors", "truncated or corrupt", "Re-download"),
+    ),
+    Case(
+        "corrupt adapter safetensors", corrupt_adapter, ("adapter_model.safetensors", "truncated or corrupt")
+    ),
+    Case("pickle adapter without --allow-pickle", pickle_adapter, ("adapter_model.bin", "--allow-pickle")),
+    Case("base without tokenizer files", no_tokenizer, ("no tokenizer files", "tokenizer.json", "Copy")),
+    Case(
+        "architecture this llama.cpp does not support",
+        unsupported_architecture,
+        ("ExoticForCausalLM", "config.json", "not supported by llama.cpp 0c1e57098"),
+    ),
+    Case("unknown BPE pre-tokenizer", unknown_pre_tokenizer, ("BPE pre-tokenizer", "llama.cpp 0c1e57098")),
+    Case("unknown profile name", unknown_profile, ("unknown profile 'Q4_K_XL'", "edge-export profiles")),
+    Case(
+        "profile that needs an importance matrix, without calibration data",
+        imatrix_profile,
+        ("IQ4_XS needs an importance matrix", "Q4_K_M"),
+    ),
+    Case(
+        "output folder that is not writable",
+        existing_output,
+        ("is not writable", "Choose another"),
+        out=lambda tmp: Path("/proc/edge-export-catalog/out"),  # writable by nobody, root included
+    ),
+    Case(
+        "too little free disk for the planned outputs",
+        existing_output,
+        ("Not enough free disk space", "needs about", "F16 GGUF", "only 1000.0 KiB is free"),
+        env={"EDGE_EXPORT_FREE_DISK_BYTES": str(1000 * 1024)},
+    ),
+    Case("NaN/Inf in merged weights", nan_weights, ("NaN or Inf", "adapter_model.safetensors")),
+    Case("empty evaluation data", empty_eval_data, ("eval.txt", "fewer than 16 tokens", "more text")),
+    Case(
+        'Modelfile content containing """',
+        triple_quote_in_modelfile,
+        ("license text", "cannot hold", "export again"),
+    ),
+    Case(
+        "base config with auto_map, without --trust-remote-code",
+        custom_code,
+        ("config.json has an auto_map", "--trust-remote-code"),
+    ),
+]
+
+
+def run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "exporter", "merge-quantize", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=dict(os.environ, COLUMNS="200", **env),
+    )
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.entry for c in CASES])
+def test_bad_input_fails_cleanly(case: Case, inputs: Inputs, tmp_path: Path):
+    args = case.prepare(inputs, tmp_path)
+    out = case.out(tmp_path)
+    before = set(tmp_path.iterdir())
+    proc = run([*args, "--out", str(out)], case.env)
+    message = " ".join(proc.stderr.split())
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert message.startswith("error: "), message
+    for fragment in case.fragments:
+        assert fragment in message, message
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not out.exists(), f"{out} was left behind"
+    assert set(tmp_path.iterdir()) == before, "something was left beside the output"
+    if os.environ.get(MESSAGES_ENV):
+        with open(os.environ[MESSAGES_ENV], "a", encoding="utf-8") as log:
+            log.write(json.dumps({"entry": case.entry, "message": message, "code": proc.returncode}) + "\n")
+
+
+def test_existing_output_is_refused_without_force_and_kept(inputs: Inputs, tmp_path: Path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text("{}")
+    (out / "base-Q4_K_M.gguf").write_text("an earlier export")
+    proc = run([*tiny_args(inputs), "--name", "base", "--out", str(out)], {})
+    message = " ".join(proc.stderr.split())
+    assert proc.returncode == 2 and "already exists" in message and "pass --force" in message, message
+    assert (out / "base-Q4_K_M.gguf").read_text() == "an earlier export"
+    assert sorted(p.name for p in out.iterdir()) == ["base-Q4_K_M.gguf", "manifest.json"]
+
+
+def test_debug_shows_the_traceback(inputs: Inputs, tmp_path: Path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "exporter", "--debug", "merge-quantize", *no_tokenizer(inputs, tmp_path)]
+        + ["--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=dict(os.environ, COLUMNS="200"),
+    )
+    assert proc.returncode == 2
+    assert "Traceback" in proc.stderr and "InputError" in proc.stderr
