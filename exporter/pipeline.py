@@ -212,6 +212,18 @@ def resolve_profiles(
     return registry, list({p.name: p for p in profiles}.values())
 
 
+def requested_profiles(
+    names: tuple[str, ...], files: tuple[Path, ...]
+) -> tuple[ProfileRegistry, list[QuantProfile]]:
+    """resolve_profiles for a command that quantizes: at least one profile must be named."""
+    registry, profiles = resolve_profiles(names, files)
+    if not profiles:
+        raise InputError(
+            "No --profile given. Name at least one, e.g. --profile Q4_K_M (see `edge-export profiles`)."
+        )
+    return registry, profiles
+
+
 @dataclass(frozen=True)
 class MergeOptions:
     """What `edge-export merge` was asked to do."""
@@ -287,11 +299,7 @@ def merge_quantize(options: ExportOptions, report: Reporter = lambda _: None) ->
 
 def _merge_quantize(options: ExportOptions, report: Reporter) -> ExportResult:
     vendored = locate_vendored()
-    registry, profiles = resolve_profiles(options.profiles, options.profile_files)
-    if not profiles:
-        raise InputError(
-            "No --profile given. Name at least one, e.g. --profile Q4_K_M (see `edge-export profiles`)."
-        )
+    registry, profiles = requested_profiles(options.profiles, options.profile_files)
     for profile in profiles:
         if profile.needs_imatrix and options.calibration is None:
             raise InputError(

@@ -41,7 +41,7 @@ from exporter.pipeline import (
     hash_inputs,
     input_hashes,
     merge_quantize,
-    resolve_profiles,
+    requested_profiles,
     sanitize_name,
     tool_versions,
 )
@@ -259,11 +259,7 @@ def runtime_lora(options: RuntimeLoraOptions, report: Any = lambda _: None) -> R
     """Quantize the unmerged base once per profile, convert every adapter, write Modelfiles and a
     manifest, then check each base+adapter pair against its unmerged reference."""
     vendored = locate_vendored()
-    registry, profiles = resolve_profiles(options.profiles, options.profile_files)
-    if not profiles:
-        raise InputError(
-            "No --profile given. Name at least one, e.g. --profile Q4_K_M (see `edge-export profiles`)."
-        )
+    registry, profiles = requested_profiles(options.profiles, options.profile_files)
     for profile in profiles:
         if profile.needs_imatrix:
             raise InputError(
