@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "bench" / ".work" / "merge"
@@ -50,6 +51,13 @@ CONFIG = {
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK = 16
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
 SHARD_BYTES = 1 << 30
 
 PEFT_SCRIPT = """
@@ -63,10 +71,11 @@ model.save_pretrained(out, max_shard_size="1GB")
 """
 
 
-def layer_shapes() -> list[tuple[str, tuple[int, ...]]]:
-    h, i, kv = CONFIG["hidden_size"], CONFIG["intermediate_size"], CONFIG["hidden_size"] // 32 * 4
-    shapes: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (CONFIG["vocab_size"], h))]
-    for n in range(CONFIG["num_hidden_layers"]):
+def layer_shapes(config: dict[str, Any] = CONFIG) -> list[tuple[str, tuple[int, ...]]]:
+    h, i = config["hidden_size"], config["intermediate_size"]
+    kv = h // config["num_attention_heads"] * config["num_key_value_heads"]
+    shapes: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (config["vocab_size"], h))]
+    for n in range(config["num_hidden_layers"]):
         p = f"model.layers.{n}"
         shapes += [
             (f"{p}.input_layernorm.weight", (h,)),
@@ -79,24 +88,30 @@ def layer_shapes() -> list[tuple[str, tuple[int, ...]]]:
             (f"{p}.mlp.up_proj.weight", (i, h)),
             (f"{p}.mlp.down_proj.weight", (h, i)),
         ]
-    shapes += [("model.norm.weight", (h,)), ("lm_head.weight", (CONFIG["vocab_size"], h))]
+    shapes += [("model.norm.weight", (h,)), ("lm_head.weight", (config["vocab_size"], h))]
     return shapes
 
 
-def build_inputs() -> tuple[Path, Path]:
+def build_inputs(
+    work: Path = WORK, config: dict[str, Any] = CONFIG, tokenizer_dir: Path | None = None
+) -> tuple[Path, Path]:
+    """A random fp16 Llama with `config`'s shapes and an r=16 LoRA on it, under `work` (built once).
+
+    With `tokenizer_dir`, its tokenizer, chat template and generation config are copied into the base,
+    so the base converts to GGUF like a real model."""
     import torch
     from safetensors.torch import save_file
 
-    base, adapter = WORK / "base", WORK / "adapter"
+    base, adapter = work / "base", work / "adapter"
     if (base / "done").is_file() and (adapter / "done").is_file():
         return base, adapter
-    shutil.rmtree(WORK, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
     base.mkdir(parents=True)
     adapter.mkdir(parents=True)
     generator = torch.Generator().manual_seed(0)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
-    for name, shape in layer_shapes():
+    for name, shape in layer_shapes(config):
         tensor = (torch.randn(shape, generator=generator) * 0.02).to(torch.float16)
         if name.endswith("norm.weight"):
             tensor = torch.ones(shape, dtype=torch.float16)
@@ -114,9 +129,13 @@ def build_inputs() -> tuple[Path, Path]:
     (base / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
     )
-    (base / "config.json").write_text(json.dumps(CONFIG))
+    (base / "config.json").write_text(json.dumps(config))
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            if (tokenizer_dir / name).is_file():
+                shutil.copy(tokenizer_dir / name, base / name)
     lora: dict[str, torch.Tensor] = {}
-    for name, shape in layer_shapes():
+    for name, shape in layer_shapes(config):
         module = name.removesuffix(".weight")
         if module.rsplit(".", 1)[-1] in TARGETS:
             out_dim, in_dim = shape

@@ -1,8 +1,12 @@
 #!/usr/bin/env python3
 """bench/pipeline: `edge-export merge-quantize` against the manual llama.cpp recipe, side by side.
 
-On the same inputs (default: the demo's SmolLM2 base and pirate adapter from `make demo-inputs`),
-each in its own process, with an empty stage cache where it says "cold":
+On the same inputs, each in its own process, with an empty stage cache where it says "cold". The
+inputs: `--model demo` the demo's SmolLM2-135M base and pirate adapter (`make demo-inputs`);
+`--model 1b` (default) a synthetic fp16 Llama of 1.2B parameters (TinyLlama-1.1B's shapes with
+SmolLM2's tokenizer and chat template, random weights, built once into bench/.work/) and an r=16
+LoRA on every linear layer, the size where fixed costs stop hiding what a stage costs; or
+`--base DIR --adapter DIR`.
 
   recipe        PEFT merge_and_unload + save_pretrained, copy the tokenizer files, the vendored
                 convert_hf_to_gguf.py --outtype f16, then llama_model_quantize for each profile
@@ -15,12 +19,13 @@ and prints the wall times and the three ratios against their targets: cold <= 1.
 unchanged <= 5% of cold, add Q5_K_M <= 1.2x Q5_K_M alone. The quality check is off in both
 contenders because the recipe has none.
 
-    .venv/bin/python bench/pipeline.py [--base DIR --adapter DIR]
+    .venv/bin/python bench/pipeline.py [--model 1b|demo] [--base DIR --adapter DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -31,6 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 DEMO = ROOT / ".cache" / "demo"
+WORK_1B = ROOT / "bench" / ".work" / "pipeline-1b"
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -72,11 +78,35 @@ def timed(command: list[str], env: dict[str, str] | None = None) -> float:
     return time.perf_counter() - start
 
 
+def build_1b() -> tuple[Path, Path]:
+    """The 1.2B synthetic base and adapter (bench/merge.py's builder, with SmolLM2's tokenizer)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from merge import CONFIG, build_inputs
+
+    demo_config = json.loads((DEMO / "base" / "config.json").read_text())
+    ids = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")
+    config = {**CONFIG, **{k: demo_config[k] for k in ids}}
+    return build_inputs(WORK_1B, config, DEMO / "base")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base", type=Path, default=DEMO / "base")
-    parser.add_argument("--adapter", type=Path, default=DEMO / "adapter")
+    parser.add_argument("--model", choices=("1b", "demo"), default="1b")
+    parser.add_argument("--base", type=Path, help="a base model folder (instead of --model)")
+    parser.add_argument("--adapter", type=Path, help="an adapter folder for --base")
+    parser.add_argument("--build", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.build:
+        build_1b()
+        return
+    if (args.base is None) != (args.adapter is None):
+        parser.error("--base and --adapter go together")
+    if args.base is None and args.model == "demo":
+        args.base, args.adapter = DEMO / "base", DEMO / "adapter"
+    elif args.base is None:
+        # Built in a child: torch stays out of this process, whose children inherit its size.
+        subprocess.run([sys.executable, __file__, "--build"], check=True)
+        args.base, args.adapter = WORK_1B / "base", WORK_1B / "adapter"
     from converters.vendor import locate_vendored
 
     vendored = locate_vendored()
@@ -123,7 +153,8 @@ def main() -> None:
         added = export("Q4_K_M", "Q8_0", "Q5_K_M")
     size = sum(f.stat().st_size for f in args.base.glob("*.safetensors"))
     print(
-        f"base: {args.base} ({size / 2**20:.0f} MiB of safetensors); adapter: {args.adapter}; {os.cpu_count()} cores"
+        f"base: {args.base.relative_to(ROOT) if args.base.is_relative_to(ROOT) else args.base} "
+        f"({size / 2**30:.2f} GiB of safetensors); {os.cpu_count()} cores"
     )
     print(f"{'':34} {'wall s':>8}")
     for step, seconds in steps.items():
@@ -139,9 +170,9 @@ def main() -> None:
         ("unchanged / cold", unchanged / cold, 0.05),
         ("adding Q5_K_M / Q5_K_M alone", added / q5_alone, 1.2),
     ]
-    for name, ratio, target in checks:
-        verdict = "meets" if ratio <= target else "misses"
-        print(f"{name:34} {ratio:8.2f}x  (target <= {target:.2f}x: {verdict})")
+    for name, ratio, limit in checks:
+        verdict = "meets" if ratio <= limit else "misses"
+        print(f"{name:34} {ratio:8.2f}x  (target <= {limit:.2f}x: {verdict})")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,3 +175,15 @@ def _check_base_dir(path: Path) -> Path:
             "(never pickles by default); convert the base with transformers' save_pretrained(safe_serialization=True)."
         )
     return path
+
+
+# License files a model folder carries; the merge copies them, Modelfiles quote them.
+LICENSE_PATTERN = re.compile(r"^(LICEN[CS]E|NOTICE|USE_POLICY)(\.\w+)?$", re.IGNORECASE)
+
+
+def tokenizer_source(adapters: list[LoraAdapter], base_dir: Path) -> Path:
+    """Trainers save the tokenizer they trained with next to the adapter; prefer it over the base's."""
+    for adapter in adapters:
+        if (adapter.path / "tokenizer_config.json").is_file():
+            return adapter.path
+    return base_dir

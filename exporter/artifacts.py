@@ -12,6 +12,18 @@ FTYPE_NAMES = {number: name for name, number in LLAMA_FTYPES.items()}
 
 
 @dataclass(frozen=True)
+class MergeResult:
+    """A merged Hugging Face folder: where, how many tensors the adapters changed, dtype, shards."""
+
+    path: Path
+    merged_tensors: int
+    total_tensors: int
+    dtype: str
+    shards: int
+    untied_embeddings: bool = False
+
+
+@dataclass(frozen=True)
 class GGUFHeader:
     """The header facts edge-export checks: architecture, file type, parameter count."""
 
@@ -71,51 +83,65 @@ def read_gguf_metadata(
     path: Path, keys: tuple[str, ...]
 ) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
     """The scalar and string values of `keys` in a GGUF file, and its tensors' names and shapes."""
+    import mmap
     import struct
 
     with path.open("rb") as handle:
-
-        def unpack(fmt: str) -> Any:
-            size = struct.calcsize(fmt)
-            data = handle.read(size)
-            if len(data) != size:
-                raise ValueError(f"{path} is truncated")
-            return struct.unpack(fmt, data)[0]
-
-        def string() -> str:
-            return handle.read(unpack("<Q")).decode("utf-8", errors="replace")
-
-        def skip(value_type: int) -> None:
-            if value_type == 8:
-                handle.seek(unpack("<Q"), 1)
-            elif value_type == 9:
-                element_type, count = unpack("<I"), unpack("<Q")
-                if element_type in _SCALARS:
-                    handle.seek(struct.calcsize(_SCALARS[element_type]) * count, 1)
-                else:
-                    for _ in range(count):
-                        skip(element_type)
-            else:
-                handle.seek(struct.calcsize(_SCALARS[value_type]), 1)
-
         if handle.read(4) != b"GGUF":
             raise ValueError(f"{path} is not a GGUF file")
-        unpack("<I")  # version
-        n_tensors, n_kv = unpack("<Q"), unpack("<Q")
-        values: dict[str, Any] = {}
-        for _ in range(n_kv):
-            key, value_type = string(), unpack("<I")
-            if key in keys and value_type == 8:
-                values[key] = string()
-            elif key in keys and value_type in _SCALARS:
-                values[key] = unpack(_SCALARS[value_type])
-            else:
-                skip(value_type)
-        tensors: dict[str, tuple[int, ...]] = {}
-        for _ in range(n_tensors):
-            name = string()
-            tensors[name] = tuple(unpack("<Q") for _ in range(unpack("<I")))
-            handle.seek(4 + 8, 1)  # ggml type, data offset
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            offset = 8  # magic, version
+
+            def unpack(fmt: str) -> Any:
+                nonlocal offset
+                try:
+                    (value,) = struct.unpack_from(fmt, data, offset)
+                except struct.error as exc:
+                    raise ValueError(f"{path} is truncated") from exc
+                offset += struct.calcsize(fmt)
+                return value
+
+            def string() -> str:
+                nonlocal offset
+                length = unpack("<Q")
+                offset += length
+                return data[offset - length : offset].decode("utf-8", errors="replace")
+
+            def skip(value_type: int) -> None:
+                nonlocal offset
+                if value_type == 8:
+                    length = unpack("<Q")  # read before `offset +=` loads offset
+                    offset += length
+                elif value_type == 9:
+                    element_type, count = unpack("<I"), unpack("<Q")
+                    if element_type in _SCALARS:
+                        offset += struct.calcsize(_SCALARS[element_type]) * count
+                    elif element_type == 8:  # the vocabulary: length-prefixed strings
+                        for _ in range(count):
+                            offset += 8 + struct.unpack_from("<Q", data, offset)[0]
+                    else:
+                        for _ in range(count):
+                            skip(element_type)
+                else:
+                    offset += struct.calcsize(_SCALARS[value_type])
+
+            n_tensors, n_kv = unpack("<Q"), unpack("<Q")
+            values: dict[str, Any] = {}
+            for _ in range(n_kv):
+                key, value_type = string(), unpack("<I")
+                if key in keys and value_type == 8:
+                    values[key] = string()
+                elif key in keys and value_type in _SCALARS:
+                    values[key] = unpack(_SCALARS[value_type])
+                else:
+                    skip(value_type)
+            tensors: dict[str, tuple[int, ...]] = {}
+            for _ in range(n_tensors):
+                name = string()
+                tensors[name] = tuple(unpack("<Q") for _ in range(unpack("<I")))
+                offset += 4 + 8  # ggml type, data offset
+            if offset > len(data):
+                raise ValueError(f"{path} is truncated")
     return values, tensors
 
 

@@ -256,6 +256,14 @@ def merge_quantize_command(
     cache: Annotated[
         bool, typer.Option("--cache/--no-cache", help="Reuse and keep finished stages in the stage cache.")
     ] = True,
+    rehash: Annotated[
+        bool,
+        typer.Option(
+            "--rehash",
+            help="Read every input and cached file to verify it, instead of trusting files whose inode, size and "
+            "modification time are unchanged since they were hashed.",
+        ),
+    ] = False,
     jobs: Annotated[
         int,
         typer.Option("--jobs", min=1, help="Profiles quantized at once; the cores are shared between them."),
@@ -310,6 +318,7 @@ def merge_quantize_command(
         check=check,
         quality=_quality_options(eval_data, reference_dtype, reference_device, gate, threads, device),
         use_cache=cache,
+        rehash=rehash,
         jobs=jobs,
         calibration=calibration,
         calibration_tokens=calibration_tokens,

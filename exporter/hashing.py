@@ -1,11 +1,26 @@
-"""Content hashes for inputs and artifacts."""
+"""Content hashes for inputs and artifacts, and a memo that spares re-hashing unchanged files.
+
+Hashing a 1B model's inputs and cached stages means reading gigabytes; an unchanged re-run must not.
+The memo remembers each file's sha256 under its device, inode, size and modification time (the
+same facts make and git trust), in one JSON file in the cache folder. A file rewritten in place
+gets a new modification time, and a replaced one a new inode, so either is hashed again. As in git,
+a file modified less than RACY_NS before it was hashed is not remembered: a second write within the
+file system's timestamp granularity could leave the same facts. `--rehash` ignores the memo and reads
+every byte.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import time
 from pathlib import Path
 
 CHUNK = 8 << 20
+MEMO_FILE = "hashes.json"
+MEMO_LIMIT = 20000  # entries kept; the least recently used go first
+RACY_NS = 2_000_000_000  # coarser than any file system's modification-time granularity (FAT: 2 s)
 
 
 def sha256_file(path: Path) -> str:
@@ -16,6 +31,70 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def hash_files(paths: list[Path], root: Path) -> dict[str, str]:
+def _identity(stat: os.stat_result) -> tuple[str, list[int]]:
+    return f"{stat.st_dev}:{stat.st_ino}", [stat.st_size, stat.st_mtime_ns]
+
+
+class HashMemo:
+    """sha256 of files by (device, inode, size, mtime); persisted at `path`, or in memory when it is None.
+
+    With `trust=False` every file is read again (and the memo refreshed with what was found)."""
+
+    def __init__(self, path: Path | None = None, trust: bool = True):
+        self.path = path
+        self.trust = trust
+        self._entries: dict[str, list[int | str]] = {}
+        self._changed = False
+        if path is not None and path.is_file():
+            try:
+                loaded = json.loads(path.read_text())
+            except (OSError, ValueError):
+                loaded = {}  # a damaged memo only costs hashing again
+            if isinstance(loaded, dict):
+                self._entries = {k: v for k, v in loaded.items() if isinstance(v, list) and len(v) == 3}
+
+    def sha256(self, path: Path) -> str:
+        key, facts = _identity(path.stat())
+        known = self._entries.pop(key, None)
+        if self.trust and known is not None and known[:2] == facts:
+            self._entries[key] = known  # moved to the end: recently used
+            return str(known[2])
+        started = time.time_ns()
+        digest = sha256_file(path)
+        if _identity(path.stat()) == (key, facts) and facts[1] < started - RACY_NS:
+            self.record(path, digest)
+        return digest
+
+    def record(self, path: Path, digest: str) -> None:
+        """Remember a digest computed elsewhere: a file this run wrote, hashed, and that nobody else writes."""
+        key, facts = _identity(path.stat())
+        self._entries.pop(key, None)
+        self._entries[key] = [*facts, digest]
+        self._changed = True
+
+    def save(self) -> None:
+        """Write the memo atomically; entries another run saved meanwhile are kept."""
+        if self.path is None or not self._changed:
+            return
+        merged: dict[str, list[int | str]] = {}
+        if self.path.is_file():
+            try:
+                on_disk = json.loads(self.path.read_text())
+                merged = on_disk if isinstance(on_disk, dict) else {}
+            except (OSError, ValueError):
+                merged = {}
+        for key in self._entries:
+            merged.pop(key, None)
+        merged.update(self._entries)
+        kept = dict(list(merged.items())[-MEMO_LIMIT:])
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
+        partial.write_text(json.dumps(kept))
+        partial.replace(self.path)
+        self._changed = False
+
+
+def hash_files(paths: list[Path], root: Path, memo: HashMemo | None = None) -> dict[str, str]:
     """sha256 of each file, keyed by its path relative to root (sorted, so the result is stable)."""
-    return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(paths)}
+    digest = memo.sha256 if memo is not None else sha256_file
+    return {p.relative_to(root).as_posix(): digest(p) for p in sorted(paths)}

@@ -21,7 +21,7 @@ from exporter.adapter import LoraAdapter
 from exporter.errors import InputError
 from exporter.evaldata import WINDOW
 from exporter.quality import QualityOptions
-from exporter.safetensors_io import TensorEntry, read_header
+from exporter.safetensors_header import TensorEntry, read_header
 
 MiB = 1 << 20
 # Measured resident sizes of the processes before they load a model (Linux, x86-64, CPU torch).

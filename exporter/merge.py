@@ -32,8 +32,10 @@ from typing import Any
 
 import torch
 
-from exporter.adapter import ADAPTER_CONFIG, LoraAdapter
+from exporter.adapter import ADAPTER_CONFIG, LICENSE_PATTERN, LoraAdapter, tokenizer_source
+from exporter.artifacts import MergeResult
 from exporter.errors import InputError
+from exporter.safetensors_header import DEFAULT_SHARD_BYTES, DTYPE_ALIASES
 from exporter.safetensors_io import DTYPES as SAFETENSORS_DTYPES
 from exporter.safetensors_io import (
     PlannedTensor,
@@ -46,14 +48,7 @@ from exporter.safetensors_io import (
 log = logging.getLogger(__name__)
 
 PEFT_PREFIX = "base_model.model."
-DTYPES = {
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float32": torch.float32,
-    "fp32": torch.float32,
-}
+DTYPES = {alias: SAFETENSORS_DTYPES[name] for alias, name in DTYPE_ALIASES.items()}
 # Files copied from the base (or the adapter, for tokenizer files) into the merged folder.
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -68,8 +63,6 @@ TOKENIZER_FILES = (
 )
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 PASSTHROUGH_FILES = ("generation_config.json",)
-LICENSE_PATTERN = re.compile(r"^(LICEN[CS]E|NOTICE|USE_POLICY)(\.\w+)?$", re.IGNORECASE)
-DEFAULT_SHARD_BYTES = 2 << 30
 PROVENANCE_FILE = "edge-export-merge.json"
 EMBEDDING_NAMES = (
     "model.embed_tokens.weight",
@@ -166,16 +159,6 @@ class MergePlan:
 
     def add(self, name: str, update: Update) -> None:
         self.updates.setdefault(name, []).append(update)
-
-
-@dataclass(frozen=True)
-class MergeResult:
-    path: Path
-    merged_tensors: int
-    total_tensors: int
-    dtype: str
-    shards: int
-    untied_embeddings: bool = False
 
 
 # ----------------------------------------------------------------------------------------- adapter side
@@ -508,14 +491,6 @@ def _recorded_base_config(hint: str | None) -> Path | None:
     except Exception:  # noqa: BLE001 - an id that is not a valid repo name is simply not cached
         return None
     return Path(cached) if isinstance(cached, str) else None
-
-
-def tokenizer_source(adapters: list[LoraAdapter], base_dir: Path) -> Path:
-    """Trainers save the tokenizer they trained with next to the adapter; prefer it over the base's."""
-    for adapter in adapters:
-        if (adapter.path / "tokenizer_config.json").is_file():
-            return adapter.path
-    return base_dir
 
 
 def plan_merge(

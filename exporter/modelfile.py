@@ -62,11 +62,13 @@ def _adds_bos(tokenizer: Any) -> bool:
     return bool(with_special) and with_special[0] == tokenizer.bos_token_id
 
 
-def chat_spec(model_dir: Path, num_ctx: int | None = None) -> ChatSpec:
-    """Translate and verify the chat template of an HF folder; its stops and parameters."""
-    from transformers import AutoTokenizer
+def chat_spec(model_dir: Path, num_ctx: int | None = None, tokenizer: Any = None) -> ChatSpec:
+    """Translate and verify the chat template of an HF folder (whose tokenizer may be given loaded);
+    its stops and parameters."""
+    if tokenizer is None:
+        from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     stops = _stop_strings(tokenizer, _eos_ids_from_generation_config(model_dir))
     parameters = _generation_parameters(model_dir)
     parameters.update(_num_ctx(_context_length(model_dir), num_ctx))
@@ -243,7 +245,7 @@ def _quoted(value: str, what: str, target: Path) -> str:
 
 def model_license(model_dir: Path) -> str | None:
     """The text of the model's license file (carried through the merge from the base), if any."""
-    from exporter.merge import LICENSE_PATTERN
+    from exporter.adapter import LICENSE_PATTERN
 
     for entry in sorted(model_dir.iterdir()):
         if entry.is_file() and LICENSE_PATTERN.match(entry.name) and entry.name.upper().startswith("LICEN"):

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -25,17 +25,15 @@ from converters.quantize import quantize_gguf
 from converters.vendor import VendoredLlamaCpp, locate_vendored
 from exporter import __version__
 from exporter.adapter import LoraAdapter, read_adapter, resolve_base
-from exporter.artifacts import GGUFArtifact, read_gguf_header
+from exporter.artifacts import GGUFArtifact, MergeResult, read_gguf_header
 from exporter.atomic import atomic_target, write_text_atomic
 from exporter.errors import InputError, StageError
 from exporter.faults import kill_point
-from exporter.hashing import hash_files, sha256_file
+from exporter.hashing import HashMemo, hash_files, sha256_file
 from exporter.imatrix import DEFAULT_MAX_TOKENS as IMATRIX_MAX_TOKENS
 from exporter.imatrix import ImatrixStage, compute_imatrix
 from exporter.locks import LockPolicy, hold_lock, output_lock_path
 from exporter.memory import fit_check, fit_merge
-from exporter.merge import DEFAULT_SHARD_BYTES, MergeResult, merge_adapters
-from exporter.merge import DTYPES as MERGE_DTYPES
 from exporter.modelfile import ChatSpec, chat_spec, model_license, write_modelfile
 from exporter.preflight import check_writable, preflight_export
 from exporter.quality import (
@@ -49,6 +47,7 @@ from exporter.quality import (
     parse_gate_overrides,
 )
 from exporter.report import REPORT_FILES, REPORT_JSON, report_data, write_reports
+from exporter.safetensors_header import DEFAULT_SHARD_BYTES
 from exporter.stage_cache import StageCache, link_into, stage_key
 from exporter.tokenizer_parity import ParityReport, check_embedded_chat_template, check_tokenizer_parity
 from quant_profiles import ProfileError, ProfileRegistry, QuantProfile, builtin_profiles
@@ -83,6 +82,7 @@ class ExportOptions:
     lock: LockPolicy = field(default_factory=LockPolicy)
     max_memory: int | None = None  # bytes; None = no budget
     reference_dtype_fixed: bool = True  # False: --max-memory may switch the reference to bfloat16
+    rehash: bool = False  # verify cached stages and hash inputs by reading every byte
 
 
 @dataclass
@@ -238,14 +238,14 @@ class MergeOptions:
     max_memory: int | None = None  # bytes; None = no budget
 
 
-def adapter_records(adapters: list[LoraAdapter]) -> list[dict[str, Any]]:
+def adapter_records(adapters: list[LoraAdapter], memo: HashMemo | None = None) -> list[dict[str, Any]]:
     """Each adapter's folder, weight, PEFT type and file hashes, as manifests and provenance record them."""
     return [
         {
             "path": str(a.path.resolve()),
             "weight": a.weight,
             "peft_type": a.peft_type,
-            "files": hash_files(_input_files(a.path), a.path),
+            "files": hash_files(_input_files(a.path), a.path, memo),
         }
         for a in adapters
     ]
@@ -273,8 +273,10 @@ def merge_model(options: MergeOptions, report: Reporter = lambda _: None) -> Mer
             "replace it, or choose another --out."
         )
     _check_output(out, [], options.force)
+    from exporter.merge import DTYPES, merge_adapters  # torch: imported when there is merging to do
+
     if options.max_memory:
-        requested = MERGE_DTYPES.get((options.dtype or "").lower())
+        requested = DTYPES.get((options.dtype or "").lower())
         estimate = fit_merge(base_dir, adapters, options.max_memory, requested.itemsize if requested else 2)
         report(f"memory: the merge needs about {estimate.peak_bytes >> 20} MiB ({estimate.detail})")
     report(f"merging {len(adapters)} adapter(s) into {base_dir}")
@@ -341,15 +343,18 @@ def _merge_quantize(options: ExportOptions, report: Reporter) -> ExportResult:
     guard = _OutputGuard(out)
     seconds: dict[str, float] = {}
     cached: list[str] = []
-    inputs = hash_inputs(adapters, base_dir)
     versions = tool_versions(vendored)
     try:
         out.mkdir(parents=True, exist_ok=True)
         cache = StageCache(
-            cache_root() if options.use_cache else None, scratch_parent=out, lock_policy=options.lock
+            cache_root() if options.use_cache else None,
+            scratch_parent=out,
+            lock_policy=options.lock,
+            rehash=options.rehash,
         )
         if not options.use_cache:
             guard.claim(cache.root)
+        inputs = hash_inputs(adapters, base_dir, cache.hashes)
         if options.force:  # an earlier export's manifest and reports must not describe this one
             for stale in (out / MANIFEST, *reports):
                 stale.unlink(missing_ok=True)
@@ -364,6 +369,8 @@ def _merge_quantize(options: ExportOptions, report: Reporter) -> ExportResult:
         )
 
         def produce_merge(staging: Path, meta: dict[str, Any]) -> None:
+            from exporter.merge import merge_adapters  # torch: imported when there is merging to do
+
             report(f"merging {len(adapters)} adapter(s) into {base_dir}")
             built = merge_adapters(
                 base_dir,
@@ -399,7 +406,7 @@ def _merge_quantize(options: ExportOptions, report: Reporter) -> ExportResult:
             meta["untied"],
         )
         # Before the long stages: a chat template that cannot be translated stops the export here.
-        spec = chat_spec(merged.path)
+        spec, chat_template = _chat_stage(cache, merge_key, merged.path)
 
         convert_key = stage_key(
             {
@@ -493,8 +500,9 @@ def _merge_quantize(options: ExportOptions, report: Reporter) -> ExportResult:
         if cached:
             report(f"reused from the cache: {', '.join(cached)}")
         report("checking the tokenizer: HF against llama.cpp, and each GGUF's chat template")
-        check_embedded_chat_template(merged.path, [f16_path, *(a.path for a in artifacts.values())])
-        parity = check_tokenizer_parity(merged.path, f16_path)
+        ggufs = [f16_path, *(a.path for a in artifacts.values())]
+        check_embedded_chat_template(chat_template, merged.path, ggufs)
+        parity = _parity_stage(cache, convert_key, merged.path, f16_path)
         report(parity.summary())
         report("writing Modelfiles and manifest")
         license_text = model_license(merged.path)
@@ -572,7 +580,7 @@ def _imatrix_stage(
 ) -> ImatrixStage:
     """The importance matrix from --calibration (cached), published as <name>.imatrix.gguf."""
     assert options.calibration is not None
-    calibration_sha256 = sha256_file(options.calibration)
+    calibration_sha256 = cache.hashes.sha256(options.calibration)
     key = stage_key(
         {
             "stage": "imatrix",
@@ -610,6 +618,36 @@ def _imatrix_stage(
         result,
         reused,
     )
+
+
+def _chat_stage(cache: StageCache, merge_key: str, merged_dir: Path) -> tuple[ChatSpec, str | None]:
+    """The verified chat-template translation of the merged folder, and its Jinja template (cached:
+    loading the tokenizer and rendering the probe conversations costs seconds)."""
+
+    def produce(staging: Path, meta: dict[str, Any]) -> None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(merged_dir), local_files_only=True)
+        spec = chat_spec(merged_dir, tokenizer=tokenizer)
+        meta.update(spec=asdict(spec), chat_template=tokenizer.chat_template or None, what="chat template")
+
+    key = stage_key({"stage": "chat", "merge": merge_key, "edge-export": __version__})
+    entry, _ = cache.get_or_build("chat", key, produce)
+    spec = entry.meta["spec"]
+    return ChatSpec(**{**spec, "stops": tuple(spec["stops"])}), entry.meta["chat_template"]
+
+
+def _parity_stage(cache: StageCache, convert_key: str, merged_dir: Path, f16_path: Path) -> ParityReport:
+    """Tokenizer parity of the merged folder and its F16 GGUF (cached: every quantized GGUF carries the
+    same vocabulary)."""
+
+    def produce(staging: Path, meta: dict[str, Any]) -> None:
+        meta.update(parity=check_tokenizer_parity(merged_dir, f16_path).to_json(), what="tokenizer parity")
+
+    key = stage_key({"stage": "parity", "convert": convert_key, "edge-export": __version__})
+    entry, _ = cache.get_or_build("parity", key, produce)
+    recorded = {k: v for k, v in entry.meta["parity"].items() if k != "passed"}
+    return ParityReport(**recorded)
 
 
 def input_hashes(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -689,11 +727,14 @@ def _atomic_json(path: Path, data: dict[str, Any]) -> None:
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
-def hash_inputs(adapters: list[LoraAdapter], base_dir: Path) -> dict[str, Any]:
+def hash_inputs(adapters: list[LoraAdapter], base_dir: Path, memo: HashMemo | None = None) -> dict[str, Any]:
     """Every input file's sha256, with the folders and weights: the manifest's "inputs"."""
     return {
-        "adapters": adapter_records(adapters),
-        "base": {"path": str(base_dir.resolve()), "files": hash_files(_input_files(base_dir), base_dir)},
+        "adapters": adapter_records(adapters, memo),
+        "base": {
+            "path": str(base_dir.resolve()),
+            "files": hash_files(_input_files(base_dir), base_dir, memo),
+        },
     }
 
 

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from converters.vendor import VendoredLlamaCpp
-from exporter.adapter import LoraAdapter
+from exporter.adapter import LoraAdapter, tokenizer_source
 from exporter.errors import InputError
 from exporter.memory import fit_check, fit_merge
-from exporter.safetensors_io import read_header
+from exporter.safetensors_header import DTYPE_ALIASES, ELEMENT_SIZES, read_header
 from quant_profiles import QuantProfile
 
 if TYPE_CHECKING:
@@ -236,8 +236,6 @@ def preflight_export(
 ) -> QualityOptions:
     """Every check that needs no work, in the order a user would fix them; returns the quality options to
     use (the reference may move to bfloat16 to fit --max-memory)."""
-    from exporter.merge import DTYPES, tokenizer_source
-
     config = read_base_config(base_dir)
     check_custom_code(base_dir, config, options.trust_remote_code)
     check_architecture(base_dir, config, vendored)
@@ -245,8 +243,10 @@ def preflight_export(
     check_tokenizer(base_dir, tokenizer_dir)
     if options.check:
         check_eval_data(options.quality.eval_data, tokenizer_dir)
-    requested = DTYPES.get((options.dtype or "").lower())
-    merged_bytes = requested.itemsize if requested is not None else 2  # the merge writes 16-bit by default
+    requested = DTYPE_ALIASES.get((options.dtype or "").lower())
+    merged_bytes = (
+        ELEMENT_SIZES[requested] if requested is not None else 2
+    )  # the merge writes 16-bit by default
     plan = plan_disk(
         base_dir, profiles, options.out, cache_dir if options.use_cache else options.out, merged_bytes
     )

@@ -24,12 +24,12 @@ from converters.lora_to_gguf import KEY_PREFIX, convert_lora_to_gguf
 from converters.quantize import quantize_gguf
 from converters.vendor import locate_vendored
 from exporter import __version__
-from exporter.adapter import ADAPTER_CONFIG, LoraAdapter, read_adapter, resolve_base
+from exporter.adapter import ADAPTER_CONFIG, LoraAdapter, read_adapter, resolve_base, tokenizer_source
 from exporter.artifacts import read_gguf_metadata
 from exporter.atomic import write_text_atomic
 from exporter.errors import InputError, StageError
 from exporter.hashing import sha256_file
-from exporter.merge import BaseModel, LoraUpdate, plan_merge, tokenizer_source
+from exporter.merge import BaseModel, LoraUpdate, plan_merge
 from exporter.modelfile import chat_spec, model_license, write_modelfile
 from exporter.pipeline import (
     MANIFEST,

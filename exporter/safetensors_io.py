@@ -22,7 +22,7 @@ from typing import BinaryIO
 
 import torch
 
-from exporter.errors import InputError
+from exporter.safetensors_header import ELEMENT_SIZES, TensorEntry, corrupt_safetensors, read_header
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -36,64 +36,9 @@ DTYPES: dict[str, torch.dtype] = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+assert DTYPES.keys() == ELEMENT_SIZES.keys()
 NAMES = {dtype: name for name, dtype in DTYPES.items()}
-MAX_HEADER = 100 << 20
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    """Where one tensor lives in a safetensors file."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    file: Path
-    start: int  # absolute byte offset in the file
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.start
-
-
-def _corrupt(path: Path, why: str) -> InputError:
-    return InputError(
-        f"{path} is not a valid safetensors file ({why}); it is truncated or corrupt. "
-        "Re-download or re-save it."
-    )
-
-
-def read_header(path: Path) -> list[TensorEntry]:
-    """The tensors of one safetensors file in storage order, validated against the file's size."""
-    size = path.stat().st_size
-    with path.open("rb") as handle:
-        raw = handle.read(8)
-        if len(raw) < 8:
-            raise _corrupt(path, "shorter than its 8-byte header length")
-        (length,) = struct.unpack("<Q", raw)
-        if length > min(MAX_HEADER, size - 8):
-            raise _corrupt(path, f"header length {length} exceeds the file")
-        try:
-            header = json.loads(handle.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise _corrupt(path, f"header is not JSON: {exc}") from exc
-    base = 8 + length
-    entries = []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise _corrupt(path, f"bad header entry for {name}") from exc
-        if dtype not in DTYPES:
-            raise InputError(f"{path}: tensor {name} has dtype {dtype}, which edge-export cannot read.")
-        expected = math.prod(shape) * torch.empty((), dtype=DTYPES[dtype]).element_size()
-        if end - begin != expected or base + end > size or begin < 0:
-            raise _corrupt(path, f"tensor {name} does not fit the file")
-        entries.append(TensorEntry(name, dtype, shape, path, base + begin, base + end))
-    entries.sort(key=lambda e: e.start)
-    return entries
+__all__ = ["DTYPES", "NAMES", "TensorEntry", "read_header"]  # the header side is re-exported
 
 
 def read_tensor(handle: BufferedReader, entry: TensorEntry) -> torch.Tensor:
@@ -101,7 +46,7 @@ def read_tensor(handle: BufferedReader, entry: TensorEntry) -> torch.Tensor:
     buffer = bytearray(entry.nbytes)
     handle.seek(entry.start)
     if handle.readinto(buffer) != entry.nbytes:
-        raise _corrupt(entry.file, f"tensor {entry.name} is cut short")
+        raise corrupt_safetensors(entry.file, f"tensor {entry.name} is cut short")
     if not buffer:
         return torch.empty(entry.shape, dtype=DTYPES[entry.dtype])
     return torch.frombuffer(buffer, dtype=DTYPES[entry.dtype]).reshape(entry.shape)

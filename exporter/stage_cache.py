@@ -4,7 +4,8 @@ An entry's key is the sha256 of everything that determines its bytes: the inputs
 options that matter, and the versions of the tools that produce it. An entry is built in a
 staging folder and renamed into place only when complete, with a `done.json` that records the
 sha256 of every file, so an interrupted run (Ctrl-C, kill -9) never leaves an entry that looks
-finished, and a finished entry is verified before it is reused. Outputs are hard-linked from the
+finished, and a finished entry is verified before it is reused (its files' sha256, read again only
+for files whose inode, size or modification time changed: exporter.hashing.HashMemo). Outputs are hard-linked from the
 cache into the output folder (copied across file systems), so a cached export costs no extra disk.
 
     <cache root>/stages/<kind>/<key>/{done.json, files…}
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from exporter.hashing import sha256_file
+from exporter.hashing import MEMO_FILE, HashMemo, sha256_file
 from exporter.locks import LockPolicy, hold_lock
 
 DONE = "done.json"
@@ -49,13 +50,20 @@ class CacheEntry:
 
 
 class StageCache:
-    """Stages under `root`; with `root=None` a throwaway cache (--no-cache) that `close` removes."""
+    """Stages under `root`; with `root=None` a throwaway cache (--no-cache) that `close` removes.
+
+    `hashes` verifies entries and hashes inputs; with `rehash=True` it reads every file again."""
 
     def __init__(
-        self, root: Path | None, scratch_parent: Path | None = None, lock_policy: LockPolicy | None = None
+        self,
+        root: Path | None,
+        scratch_parent: Path | None = None,
+        lock_policy: LockPolicy | None = None,
+        rehash: bool = False,
     ):
         self.persistent = root is not None
         self.lock_policy = lock_policy or LockPolicy()
+        self.hashes = HashMemo(root / MEMO_FILE if root is not None else None, trust=not rehash)
         if root is None:
             parent = scratch_parent or Path(tempfile.gettempdir())
             parent.mkdir(parents=True, exist_ok=True)
@@ -63,6 +71,7 @@ class StageCache:
         self.root = root / "stages" if self.persistent else root
 
     def close(self) -> None:
+        self.hashes.save()
         if not self.persistent:
             shutil.rmtree(self.root, ignore_errors=True)
 
@@ -76,7 +85,7 @@ class StageCache:
         if verify:
             for name, digest in meta.get("files", {}).items():
                 path = folder / name
-                if not path.is_file() or sha256_file(path) != digest:
+                if not path.is_file() or self.hashes.sha256(path) != digest:
                     shutil.rmtree(folder, ignore_errors=True)  # damaged: rebuild rather than trust it
                     return None
         return CacheEntry(kind, key, folder, meta)
@@ -91,11 +100,10 @@ class StageCache:
         meta: dict[str, Any] = {}
         try:
             yield staging, meta
-            files = {
-                p.relative_to(staging).as_posix(): sha256_file(p)
-                for p in sorted(staging.rglob("*"))
-                if p.is_file()
-            }
+            files = {}
+            for path in sorted(p for p in staging.rglob("*") if p.is_file()):
+                files[path.relative_to(staging).as_posix()] = digest = sha256_file(path)
+                self.hashes.record(path, digest)  # the rename below keeps the inode
             record = {**meta, "kind": kind, "created": time.time(), "files": files}
             (staging / DONE).write_text(json.dumps(record, indent=2) + "\n")
             final = parent / key
@@ -120,6 +128,7 @@ class StageCache:
         with hold_lock(lock, f"the cached {kind} stage {key[:12]}", self.lock_policy):
             entry = self.lookup(kind, key)
             if entry is not None:
+                self.hashes.save()
                 return entry, True
             for stale in (self.root / kind).glob(f".{key[:16]}.partial-*"):  # left by a killed run
                 shutil.rmtree(stale, ignore_errors=True)
@@ -127,6 +136,7 @@ class StageCache:
                 produce(staging, meta)
         entry = self.lookup(kind, key, verify=False)  # just written and hashed
         assert entry is not None
+        self.hashes.save()
         return entry, False
 
     def entries(self) -> list[CacheEntry]:

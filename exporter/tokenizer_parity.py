@@ -93,14 +93,12 @@ def check_tokenizer_parity(model_dir: Path, gguf: Path) -> ParityReport:
     return report
 
 
-def check_embedded_chat_template(model_dir: Path, ggufs: list[Path]) -> None:
-    """Every GGUF must carry the chat template the merged model (and so the Modelfile) uses."""
-    from transformers import AutoTokenizer
-
-    expected = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True).chat_template or None
+def check_embedded_chat_template(expected: str | None, model_dir: Path, ggufs: list[Path]) -> None:
+    """Every GGUF must carry the chat template (`expected`, from the merged model's tokenizer in
+    `model_dir`) that the Modelfile uses."""
     for gguf in ggufs:
         embedded = read_gguf_header(gguf).chat_template or None
-        if embedded != expected:
+        if embedded != (expected or None):
             raise StageError(
                 f"{gguf} embeds a different chat template (tokenizer.chat_template) from the merged model's "
                 f"tokenizer in {model_dir}; the GGUF and the Modelfile would format chats differently. This is a "

@@ -58,9 +58,11 @@ def _isolated_caches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]
             os.environ[key] = value
 
 
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the real command line (`python -m exporter …`) in a child process."""
-    env = dict(os.environ, COLUMNS="200")
+def run_cli(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the real command line (`python -m exporter …`) in a child process (with `env` added)."""
+    env = dict(os.environ, COLUMNS="200", **(env or {}))
     return subprocess.run(
         [sys.executable, "-m", "exporter", *args], capture_output=True, text=True, cwd=cwd or REPO, env=env
     )

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from exporter.hashing import sha256_file
+from exporter import hashing
+from exporter.hashing import RACY_NS, HashMemo, sha256_file
 from exporter.stage_cache import StageCache, link_into, stage_key
 from tests.conftest import REPO, DemoExport, DemoInputs, export_args, run_cli
 
@@ -39,6 +40,55 @@ def test_entries_appear_only_when_complete_and_are_verified(tmp_path: Path):
     )
     (entry.path / "data.bin").write_bytes(b"tampered")  # damaged entries are dropped, not trusted
     assert cache.lookup("x", key) is None
+
+
+def test_hash_memo_trusts_only_unchanged_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    memo_file = tmp_path / "hashes.json"
+    data = tmp_path / "weights.bin"
+    data.write_bytes(b"a" * 1000)
+    old = time.time_ns() - 10 * RACY_NS
+    os.utime(data, ns=(old, old))
+    memo = HashMemo(memo_file)
+    assert memo.sha256(data) == sha256_file(data)
+    memo.save()
+    read: list[Path] = []
+
+    def counting(path: Path) -> str:
+        read.append(path)
+        return sha256_file(path)
+
+    monkeypatch.setattr(hashing, "sha256_file", counting)
+    again = HashMemo(memo_file)  # a later run
+    assert again.sha256(data) == sha256_file(data) and read == []  # remembered, not read
+    data.write_bytes(b"b" * 1000)  # same size, new contents
+    os.utime(data, ns=(old + 1, old + 1))
+    assert again.sha256(data) == sha256_file(data) and read == [data]  # a new mtime: read again
+    data.write_bytes(b"c" * 1000)
+    os.utime(data, ns=(old + 1, old + 1))  # contents changed behind an unchanged mtime, size and inode
+    assert again.sha256(data) != sha256_file(data)  # what the memo cannot see …
+    assert HashMemo(memo_file, trust=False).sha256(data) == sha256_file(data)  # … and --rehash can
+    fresh = tmp_path / "fresh.bin"
+    fresh.write_bytes(b"just written")  # modified within RACY_NS of hashing: never remembered
+    read.clear()
+    again.sha256(fresh)
+    again.sha256(fresh)
+    assert read == [fresh, fresh]
+    memo_file.write_text("{not json")
+    assert HashMemo(memo_file).sha256(data) == sha256_file(data)  # a damaged memo only costs hashing
+
+
+def test_cache_entries_are_verified_through_the_memo(tmp_path: Path):
+    cache = StageCache(tmp_path)
+    key = stage_key({"stage": "x"})
+    with cache.build("x", key) as (staging, _):
+        (staging / "data.bin").write_bytes(b"whole")
+    cache.close()
+    assert (tmp_path / "hashes.json").is_file()  # the digests computed at build time are remembered
+    stored = next((tmp_path / "stages" / "x").glob("*/data.bin"))
+    stored.write_bytes(b"spoil")  # same size; the write moves the modification time
+    later = time.time_ns() + RACY_NS
+    os.utime(stored, ns=(later, later))
+    assert StageCache(tmp_path).lookup("x", key) is None
 
 
 def test_prune_removes_entries_and_leftovers(tmp_path: Path):
@@ -68,6 +118,18 @@ def test_unchanged_rerun_reuses_every_stage_and_gives_the_same_bytes(demo_export
     }
     assert [a["sha256"] for a in again["artifacts"]] == [a["sha256"] for a in manifest["artifacts"]]
     assert "reused from the cache" in proc.stdout
+    # Verifying is all it does: no tokenizer, no model, so neither torch nor transformers is imported.
+    traced = run_cli(
+        *export_args(demo_inputs, demo_export.out),
+        "--force",
+        "--no-check",
+        env={"PYTHONPROFILEIMPORTTIME": "1"},
+    )
+    assert traced.returncode == 0, traced.stderr
+    imported = {
+        line.rsplit("|", 1)[-1].strip() for line in traced.stderr.splitlines() if "import time:" in line
+    }
+    assert "exporter.pipeline" in imported and not imported & {"torch", "transformers", "llama_cpp"}
 
 
 def test_adding_a_profile_quantizes_only_that_profile(demo_export: DemoExport, demo_inputs, tmp_path: Path):

@@ -1,0 +1,97 @@
+"""The safetensors header: which tensors a file holds, where, in which dtype; no tensor library needed.
+
+The format is the documented one: an 8-byte little-endian header length, a JSON header
+({name: {dtype, shape, data_offsets}}, "__metadata__"), then the tensor bytes. Kept apart from
+exporter.safetensors_io so that planning, memory estimates and cached re-runs never import torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from exporter.errors import InputError
+
+# Bytes per element of each safetensors dtype edge-export reads.
+ELEMENT_SIZES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
+# The names users give a merge's output dtype (--dtype), as safetensors dtypes.
+DTYPE_ALIASES = {
+    "float16": "F16",
+    "fp16": "F16",
+    "bfloat16": "BF16",
+    "bf16": "BF16",
+    "float32": "F32",
+    "fp32": "F32",
+}
+MAX_HEADER = 100 << 20
+DEFAULT_SHARD_BYTES = 2 << 30  # largest shard the merge writes, as transformers' save_pretrained does
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives in a safetensors file."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+    start: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def corrupt_safetensors(path: Path, why: str) -> InputError:
+    return InputError(
+        f"{path} is not a valid safetensors file ({why}); it is truncated or corrupt. "
+        "Re-download or re-save it."
+    )
+
+
+def read_header(path: Path) -> list[TensorEntry]:
+    """The tensors of one safetensors file in storage order, validated against the file's size."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        raw = handle.read(8)
+        if len(raw) < 8:
+            raise corrupt_safetensors(path, "shorter than its 8-byte header length")
+        (length,) = struct.unpack("<Q", raw)
+        if length > min(MAX_HEADER, size - 8):
+            raise corrupt_safetensors(path, f"header length {length} exceeds the file")
+        try:
+            header = json.loads(handle.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise corrupt_safetensors(path, f"header is not JSON: {exc}") from exc
+    base = 8 + length
+    entries = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise corrupt_safetensors(path, f"bad header entry for {name}") from exc
+        if dtype not in ELEMENT_SIZES:
+            raise InputError(f"{path}: tensor {name} has dtype {dtype}, which edge-export cannot read.")
+        expected = math.prod(shape) * ELEMENT_SIZES[dtype]
+        if end - begin != expected or base + end > size or begin < 0:
+            raise corrupt_safetensors(path, f"tensor {name} does not fit the file")
+        entries.append(TensorEntry(name, dtype, shape, path, base + begin, base + end))
+    entries.sort(key=lambda e: e.start)
+    return entries
