@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ class MergeResult:
     dtype: str
     shards: int
     untied_embeddings: bool = False
+    shard_sha256: dict[str, str] = field(default_factory=dict)  # computed while writing; empty when reused
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -38,13 +39,15 @@ def _identity(stat: os.stat_result) -> tuple[str, list[int]]:
 class HashMemo:
     """sha256 of files by (device, inode, size, mtime); persisted at `path`, or in memory when it is None.
 
-    With `trust=False` every file is read again (and the memo refreshed with what was found)."""
+    With `trust=False` every file is read again (and the memo refreshed with what was found). Stages
+    running on threads share one memo: its entries are guarded by a lock (the hashing is not)."""
 
     def __init__(self, path: Path | None = None, trust: bool = True):
         self.path = path
         self.trust = trust
         self._entries: dict[str, list[int | str]] = {}
         self._changed = False
+        self._lock = threading.Lock()
         if path is not None and path.is_file():
             try:
                 loaded = json.loads(path.read_text())
@@ -55,9 +58,11 @@ class HashMemo:
 
     def sha256(self, path: Path) -> str:
         key, facts = _identity(path.stat())
-        known = self._entries.pop(key, None)
+        with self._lock:
+            known = self._entries.pop(key, None)
+            if known is not None:
+                self._entries[key] = known  # moved to the end: recently used
         if self.trust and known is not None and known[:2] == facts:
-            self._entries[key] = known  # moved to the end: recently used
             return str(known[2])
         started = time.time_ns()
         digest = sha256_file(path)
@@ -68,14 +73,18 @@ class HashMemo:
     def record(self, path: Path, digest: str) -> None:
         """Remember a digest computed elsewhere: a file this run wrote, hashed, and that nobody else writes."""
         key, facts = _identity(path.stat())
-        self._entries.pop(key, None)
-        self._entries[key] = [*facts, digest]
-        self._changed = True
+        with self._lock:
+            self._entries.pop(key, None)
+            self._entries[key] = [*facts, digest]
+            self._changed = True
 
     def save(self) -> None:
         """Write the memo atomically; entries another run saved meanwhile are kept."""
-        if self.path is None or not self._changed:
-            return
+        with self._lock:
+            if self.path is None or not self._changed:
+                return
+            ours = dict(self._entries)
+            self._changed = False
         merged: dict[str, list[int | str]] = {}
         if self.path.is_file():
             try:
@@ -83,15 +92,14 @@ class HashMemo:
                 merged = on_disk if isinstance(on_disk, dict) else {}
             except (OSError, ValueError):
                 merged = {}
-        for key in self._entries:
+        for key in ours:
             merged.pop(key, None)
-        merged.update(self._entries)
+        merged.update(ours)
         kept = dict(list(merged.items())[-MEMO_LIMIT:])
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
+        partial = self.path.with_name(f".{self.path.name}.{os.getpid()}.{threading.get_ident()}.partial")
         partial.write_text(json.dumps(kept))
         partial.replace(self.path)
-        self._changed = False
 
 
 def hash_files(paths: list[Path], root: Path, memo: HashMemo | None = None) -> dict[str, str]:

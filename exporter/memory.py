@@ -21,7 +21,7 @@ from exporter.adapter import LoraAdapter
 from exporter.errors import InputError
 from exporter.evaldata import WINDOW
 from exporter.quality import QualityOptions
-from exporter.safetensors_header import TensorEntry, read_header
+from exporter.safetensors_header import WRITE_QUEUE, TensorEntry, read_header
 
 MiB = 1 << 20
 # Measured resident sizes of the processes before they load a model (Linux, x86-64, CPU torch).
@@ -71,12 +71,14 @@ def estimate_merge(base_dir: Path, adapters: list[LoraAdapter], out_dtype_bytes:
         default=0,
     )
     in_flight = max(plain, merged)
-    peak = PYTORCH_PROCESS + adapter_bytes + in_flight
+    # The shard writer's thread holds the tensor it writes and WRITE_QUEUE more.
+    writing = (WRITE_QUEUE + 1) * max((math.prod(e.shape) * out_dtype_bytes for e in entries), default=0)
+    peak = PYTORCH_PROCESS + adapter_bytes + in_flight + writing
     return MemoryEstimate(
         "merge",
         peak,
         f"process {_mib(PYTORCH_PROCESS)} + adapters {_mib(adapter_bytes)} + largest tensor in flight "
-        f"{_mib(in_flight)}",
+        f"{_mib(in_flight)} + being written {_mib(writing)}",
     )
 
 

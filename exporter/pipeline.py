@@ -53,6 +53,8 @@ from exporter.tokenizer_parity import ParityReport, check_embedded_chat_template
 from quant_profiles import ProfileError, ProfileRegistry, QuantProfile, builtin_profiles
 
 MANIFEST = "manifest.json"
+# Bumped when the merge computes different bytes from the same inputs (2: ΔW added by one fused addmm).
+MERGE_ARITHMETIC = 2
 MERGED_DIR = "merged"
 INPUT_SUFFIXES = (".json", ".safetensors", ".bin", ".model", ".txt", ".jinja")
 Reporter = Callable[[str], None]
@@ -344,6 +346,7 @@ def _merge_quantize(options: ExportOptions, report: Reporter) -> ExportResult:
     seconds: dict[str, float] = {}
     cached: list[str] = []
     versions = tool_versions(vendored)
+    side_work = ThreadPoolExecutor(max_workers=1, thread_name_prefix="export-side")
     try:
         out.mkdir(parents=True, exist_ok=True)
         cache = StageCache(
@@ -364,6 +367,7 @@ def _merge_quantize(options: ExportOptions, report: Reporter) -> ExportResult:
                 "stage": "merge",
                 "inputs": input_hashes({"inputs": inputs}),
                 "dtype": options.dtype,
+                "arithmetic": MERGE_ARITHMETIC,
                 "versions": {k: versions[k] for k in ("edge-export", "torch", "safetensors")},
             }
         )
@@ -380,6 +384,7 @@ def _merge_quantize(options: ExportOptions, report: Reporter) -> ExportResult:
                 provenance=merge_provenance(inputs["adapters"], base_dir),
             )
             meta.update(
+                files={f"{MERGED_DIR}/{shard}": digest for shard, digest in built.shard_sha256.items()},
                 what=f"merged {name} ({built.dtype})",
                 merged_tensors=built.merged_tensors,
                 total_tensors=built.total_tensors,
@@ -405,8 +410,9 @@ def _merge_quantize(options: ExportOptions, report: Reporter) -> ExportResult:
             meta["shards"],
             meta["untied"],
         )
-        # Before the long stages: a chat template that cannot be translated stops the export here.
-        spec, chat_template = _chat_stage(cache, merge_key, merged.path)
+        # The chat template is translated while the converter (a child process) runs, and a template
+        # that cannot be translated stops the export before the quantizations.
+        chat_future = side_work.submit(_chat_stage, cache, merge_key, merged.path)
 
         convert_key = stage_key(
             {
@@ -432,6 +438,7 @@ def _merge_quantize(options: ExportOptions, report: Reporter) -> ExportResult:
                 report("convert: reusing the cached F16 GGUF")
             link_into(entry.path / "model.gguf", guard.claim(f16_path))
         kill_point("converted")
+        spec, chat_template = chat_future.result()
         f16_profile = registry.get("F16")
         f16_artifact = _artifact(
             f16_path, f16_profile, entry.meta["seconds"], entry.meta["files"]["model.gguf"]
@@ -536,8 +543,10 @@ def _merge_quantize(options: ExportOptions, report: Reporter) -> ExportResult:
         )
         cache.close()
     except BaseException:  # Ctrl-C included: nothing half-done may stay behind
+        side_work.shutdown(wait=True, cancel_futures=True)
         guard.rollback()
         raise
+    side_work.shutdown()
     notes = [n for n in (spec.note, None if parity.passed else parity.summary()) if n]
     result = ExportResult(
         out, name, list(artifacts.values()), modelfiles, manifest, seconds, notes, imatrix=imatrix

@@ -39,6 +39,7 @@ DTYPE_ALIASES = {
 }
 MAX_HEADER = 100 << 20
 DEFAULT_SHARD_BYTES = 2 << 30  # largest shard the merge writes, as transformers' save_pretrained does
+WRITE_QUEUE = 1  # tensors waiting for the shard writer's thread, besides the one it is writing
 
 
 @dataclass(frozen=True)

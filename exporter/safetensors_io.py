@@ -10,19 +10,28 @@ produced. The format is the documented one: an 8-byte little-endian header lengt
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import queue
 import struct
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from io import BufferedReader
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import torch
 
-from exporter.safetensors_header import ELEMENT_SIZES, TensorEntry, corrupt_safetensors, read_header
+from exporter.safetensors_header import (
+    ELEMENT_SIZES,
+    WRITE_QUEUE,
+    TensorEntry,
+    corrupt_safetensors,
+    read_header,
+)
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -81,7 +90,11 @@ class PlannedTensor:
 
 
 class StreamingShardWriter:
-    """Writes planned tensors, in plan order, into shards of bounded size as they are produced."""
+    """Writes planned tensors, in plan order, into shards of bounded size as they are produced.
+
+    The bytes go to disk on a thread of their own, so the next tensor is merged while the last is
+    written; at most WRITE_QUEUE tensors wait, which bounds the memory this costs. That thread also
+    hashes what it writes: `digests` holds each finished shard's sha256."""
 
     def __init__(self, folder: Path, plan: list[PlannedTensor], max_shard_bytes: int):
         self.folder = folder
@@ -99,6 +112,41 @@ class StreamingShardWriter:
         self.handle: BinaryIO | None = None
         self.shard_index = -1
         self.remaining_in_shard = 0
+        self.digests: dict[str, str] = {}
+        self._hashers: dict[str, Any] = {}
+        self._queue: queue.Queue[tuple[str, BinaryIO, Any] | None] = queue.Queue(maxsize=WRITE_QUEUE)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name="shard-writer", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        while (item := self._queue.get()) is not None:
+            name, handle, data = item
+            if data is None:  # a finished shard
+                handle.close()
+                self.digests[name] = self._hashers.pop(name).hexdigest()
+            elif self._error is None:  # after a failure, only empty the queue
+                try:
+                    handle.write(data)
+                    self._hashers.setdefault(name, hashlib.sha256()).update(data)
+                except BaseException as exc:  # disk full, …: raised in the merging thread
+                    self._error = exc
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _wait_for_writes(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._raise_if_failed()
+
+    def _stop_writing(self) -> None:
+        self._error = self._error or RuntimeError("the merge stopped")  # the writer drops what is queued
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
 
     def _shard_name(self, index: int) -> str:
         if len(self.shards) == 1:
@@ -106,8 +154,8 @@ class StreamingShardWriter:
         return f"model-{index + 1:05d}-of-{len(self.shards):05d}.safetensors"
 
     def _open_next_shard(self) -> None:
-        if self.handle:
-            self.handle.close()
+        if self.handle:  # closed by the writer, after its last bytes
+            self._queue.put((self._shard_name(self.shard_index), self.handle, None))
         self.shard_index += 1
         tensors = self.shards[self.shard_index]
         header: dict[str, object] = {"__metadata__": {"format": "pt"}}
@@ -122,8 +170,8 @@ class StreamingShardWriter:
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # keep tensor data 8-byte aligned, as safetensors does
         self.handle = (self.folder / self._shard_name(self.shard_index)).open("wb")
-        self.handle.write(struct.pack("<Q", len(encoded)))
-        self.handle.write(encoded)
+        name = self._shard_name(self.shard_index)
+        self._queue.put((name, self.handle, struct.pack("<Q", len(encoded)) + encoded))
         self.remaining_in_shard = len(tensors)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -132,11 +180,12 @@ class StreamingShardWriter:
             raise RuntimeError(
                 f"tensor {name} {tensor.dtype} {tuple(tensor.shape)} does not follow the plan {planned}"
             )
+        self._raise_if_failed()
         if self.remaining_in_shard == 0:
             self._open_next_shard()
         assert self.handle is not None
         data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
-        self.handle.write(data.data)
+        self._queue.put((self._shard_name(self.shard_index), self.handle, data.data))
         self.remaining_in_shard -= 1
         self.position += 1
 
@@ -145,9 +194,11 @@ class StreamingShardWriter:
         if self.position != len(self.order):
             raise RuntimeError(f"only {self.position} of {len(self.order)} planned tensors were written")
         if self.handle:
-            self.handle.flush()
-            os.fsync(self.handle.fileno())
-            self.handle.close()
+            self._queue.put((self._shard_name(self.shard_index), self.handle, None))
+        self._wait_for_writes()
+        if self.handle:
+            with (self.folder / self._shard_name(self.shard_index)).open("rb+") as written:
+                os.fsync(written.fileno())
             self.handle = None
         if len(self.shards) > 1:
             weight_map = {t.name: self._shard_name(i) for i, shard in enumerate(self.shards) for t in shard}
@@ -159,6 +210,7 @@ class StreamingShardWriter:
         return len(self.shards)
 
     def abort(self) -> None:
+        self._stop_writing()
         if self.handle:
             self.handle.close()
             self.handle = None

@@ -92,7 +92,10 @@ class StageCache:
 
     @contextmanager
     def build(self, kind: str, key: str) -> Iterator[tuple[Path, dict[str, Any]]]:
-        """Yield a staging folder and a metadata dict to fill; publish both atomically when the block ends."""
+        """Yield a staging folder and a metadata dict to fill; publish both atomically when the block ends.
+
+        The block may put in meta["files"] the sha256 of files it hashed while writing them (relative
+        paths); the others are hashed here."""
         parent = self.root / kind
         parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{key[:16]}.partial-", dir=parent))
@@ -100,9 +103,11 @@ class StageCache:
         meta: dict[str, Any] = {}
         try:
             yield staging, meta
+            known = meta.pop("files", {})
             files = {}
             for path in sorted(p for p in staging.rglob("*") if p.is_file()):
-                files[path.relative_to(staging).as_posix()] = digest = sha256_file(path)
+                name = path.relative_to(staging).as_posix()
+                files[name] = digest = known.get(name) or sha256_file(path)
                 self.hashes.record(path, digest)  # the rename below keeps the inode
             record = {**meta, "kind": kind, "created": time.time(), "files": files}
             (staging / DONE).write_text(json.dumps(record, indent=2) + "\n")

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from exporter.adapter import read_adapter
+from exporter.hashing import sha256_file
 from exporter.merge import merge_adapters
 from tests.tiny import make_adapter, make_ia3_adapter, make_tiny_gpt2, make_tiny_llama
 
@@ -131,6 +132,8 @@ def test_streaming_into_several_shards(tiny_base: Path, tmp_path: Path):
     assert result.shards > 3
     index = json.loads((sharded / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == {p.name for p in sharded.glob("model-*.safetensors")}
+    # The writer hashed each shard as it wrote it; the stage cache records these digests.
+    assert result.shard_sha256 == {p.name: sha256_file(p) for p in sharded.glob("model-*.safetensors")}
     one, many = load_state(single), load_state(sharded)
     assert one.keys() == many.keys()
     for name in one:
