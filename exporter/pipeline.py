@@ -439,6 +439,8 @@ def _merge_quantize(options: ExportOptions, report: Reporter) -> ExportResult:
             link_into(entry.path / "model.gguf", guard.claim(f16_path))
         kill_point("converted")
         spec, chat_template = chat_future.result()
+        # Tokenizer parity needs only the F16 GGUF's vocabulary: checked while the quantizations run.
+        parity_future = side_work.submit(_parity_stage, cache, convert_key, merged.path, f16_path)
         f16_profile = registry.get("F16")
         f16_artifact = _artifact(
             f16_path, f16_profile, entry.meta["seconds"], entry.meta["files"]["model.gguf"]
@@ -509,7 +511,7 @@ def _merge_quantize(options: ExportOptions, report: Reporter) -> ExportResult:
         report("checking the tokenizer: HF against llama.cpp, and each GGUF's chat template")
         ggufs = [f16_path, *(a.path for a in artifacts.values())]
         check_embedded_chat_template(chat_template, merged.path, ggufs)
-        parity = _parity_stage(cache, convert_key, merged.path, f16_path)
+        parity = parity_future.result()
         report(parity.summary())
         report("writing Modelfiles and manifest")
         license_text = model_license(merged.path)
