@@ -7,14 +7,23 @@ and without it, and scores every GGUF on held-out chats of the same domain (the 
 set, not used for calibration) against the unmerged reference: mean KL divergence ± standard error,
 top-1 agreement, and the paired change in KLD that the matrix brings (with its standard error).
 
-    .venv/bin/python bench/imatrix.py [--export demo-out] [--profile Q4_K_M --profile IQ4_XS ...]
+`--aligned` first widens the merged model so that every weight row is a multiple of 256 wide, as in
+7B-class models: SmolLM2-135M's 576-wide rows make llama.cpp store most "Q4_K_M" tensors as Q5_0 and
+"IQ4_XS" ones as IQ4_NL, which hides what the matrix does for the k- and i-quants. The widened model
+computes the same function (zero-padded hidden size 576 -> 768, one zero attention head added to each
+group of query heads sharing a key/value head, norm weights and epsilon rescaled for the longer mean),
+which the F16 row of its table confirms against the same unmerged reference.
+
+    .venv/bin/python bench/imatrix.py [--export demo-out] [--aligned] [--profile Q4_K_M --profile IQ4_XS ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -25,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
+from converters.hf_to_gguf import convert_hf_to_gguf  # noqa: E402
 from converters.llama_runtime import score_gguf  # noqa: E402
 from converters.quantize import quantize_gguf  # noqa: E402
 from converters.vendor import locate_vendored  # noqa: E402
@@ -35,6 +45,78 @@ from exporter.quality import QualityOptions, build_reference  # noqa: E402
 from quant_profiles import builtin_profiles  # noqa: E402
 
 DATA = ROOT / "exporter" / "data"
+K_QUANT_ROW = 256
+
+
+def widen_to_k_quant_rows(source: Path, target: Path) -> dict[str, int]:
+    """Write to `target` a Llama model computing what the one in `source` computes, with every
+    weight row a multiple of 256 wide: hidden and intermediate sizes zero-padded, query heads padded
+    with zero heads (one per key/value group, so the grouping of the real heads is kept)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((source / "config.json").read_text())
+    if config.get("model_type") != "llama" or config.get("attention_bias") or config.get("mlp_bias"):
+        raise SystemExit(f"--aligned widens bias-free Llama models only; {source} is not one")
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    wide = math.ceil(hidden / K_QUANT_ROW) * K_QUANT_ROW
+    wide_inter = math.ceil(inter / K_QUANT_ROW) * K_QUANT_ROW
+    wide_heads = wide // head_dim
+    group, wide_group = heads // kv_heads, wide_heads // kv_heads
+    if wide % head_dim or wide_heads % kv_heads or wide_group < group:
+        raise SystemExit(f"cannot widen {source}: {wide} is not a whole number of heads per key/value group")
+    # Real query head i keeps its key/value group: it moves to slot (i // group) * wide_group + i % group.
+    slots = torch.tensor([(i // group) * wide_group + i % group for i in range(heads)])
+    head_rows = (slots[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+    # RMSNorm over `wide` values of which `hidden` are non-zero: the mean shrinks by hidden/wide;
+    # scaling epsilon by the same factor and the weight by its square root gives back the same output.
+    shrink = hidden / wide
+
+    def pad(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+        out = torch.zeros(rows, cols, dtype=t.dtype)
+        out[: t.shape[0], : t.shape[1]] = t
+        return out
+
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(source.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    widened = {}
+    for name, t in tensors.items():
+        leaf = name.rsplit(".", 2)[-2]
+        if name.endswith("norm.weight"):
+            out = torch.zeros(wide, dtype=t.dtype)
+            out[:hidden] = (t.float() * math.sqrt(shrink)).to(t.dtype)
+        elif leaf in ("embed_tokens", "lm_head", "k_proj", "v_proj"):
+            out = pad(t, t.shape[0], wide)
+        elif leaf == "q_proj":
+            out = torch.zeros(wide_heads * head_dim, wide, dtype=t.dtype)
+            out[head_rows, :hidden] = t
+        elif leaf == "o_proj":
+            out = torch.zeros(wide, wide_heads * head_dim, dtype=t.dtype)
+            out[:hidden, head_rows] = t
+        elif leaf in ("gate_proj", "up_proj"):
+            out = pad(t, wide_inter, wide)
+        elif leaf == "down_proj":
+            out = pad(t, wide, wide_inter)
+        else:
+            raise SystemExit(f"cannot widen {source}: unexpected tensor {name}")
+        widened[name] = out.contiguous()
+    target.mkdir(parents=True, exist_ok=True)
+    for item in source.iterdir():
+        if item.is_file() and item.suffix != ".safetensors" and not item.name.endswith(".index.json"):
+            shutil.copy(item, target / item.name)
+    save_file(widened, str(target / "model.safetensors"), metadata={"format": "pt"})
+    config.update(
+        hidden_size=wide,
+        intermediate_size=wide_inter,
+        num_attention_heads=wide_heads,
+        head_dim=head_dim,
+        rms_norm_eps=config["rms_norm_eps"] * shrink,
+    )
+    (target / "config.json").write_text(json.dumps(config, indent=2))
+    return {"hidden": wide, "intermediate": wide_inter, "heads": wide_heads}
 
 
 def main() -> None:
@@ -43,6 +125,9 @@ def main() -> None:
     parser.add_argument("--calibration", type=Path, default=DATA / "demo_train.jsonl")
     parser.add_argument("--eval-data", type=Path, default=DATA / "demo_eval.jsonl")
     parser.add_argument("--profile", action="append", default=None)
+    parser.add_argument(
+        "--aligned", action="store_true", help="widen the merged model to 256-multiple rows first"
+    )
     args = parser.parse_args()
     profiles = args.profile or ["Q4_K_M", "IQ4_XS", "Q3_K_M", "Q2_K"]
     manifest_file = args.export / "manifest.json"
@@ -62,6 +147,12 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-imatrix-") as scratch_name:
         scratch = Path(scratch_name)
+        if args.aligned:
+            start = time.perf_counter()
+            shape = widen_to_k_quant_rows(merged, scratch / "aligned")
+            merged, f16 = scratch / "aligned", scratch / "aligned-F16.gguf"
+            convert_hf_to_gguf(merged, f16, locate_vendored(), model_name="aligned")
+            print(f"widened to {shape} and converted ({time.perf_counter() - start:.1f} s)")
         start = time.perf_counter()
         imatrix = scratch / "imatrix.gguf"
         info = compute_imatrix(merged, f16, args.calibration, imatrix, locate_vendored(), threads=threads)
@@ -77,6 +168,8 @@ def main() -> None:
             return dict(np.load(out))
 
         baseline = None
+        if args.aligned:
+            rows.append(("F16", False, f16.stat().st_size, score(f16), None))
         for name in profiles:
             profile = registry.get(name)
             scored = {}

@@ -83,3 +83,29 @@ def test_too_little_calibration_text_is_refused(demo_inputs: DemoInputs, tmp_pat
     assert proc.returncode == 2, proc.stderr
     assert str(short) in proc.stderr and "--calibration" in proc.stderr and "Traceback" not in proc.stderr
     assert not (out / "manifest.json").exists() and not list(out.glob("*.gguf"))
+
+
+def test_bench_widening_keeps_the_function_with_256_multiple_rows(tmp_path: Path):
+    """bench/imatrix --aligned measures the k-quants on a widened twin of the model: it must compute
+    what the original computes, and every weight row must be a multiple of 256 wide."""
+    import importlib.util
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    spec = importlib.util.spec_from_file_location("bench_imatrix", REPO / "bench" / "imatrix.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    source = make_tiny_llama(tmp_path / "base", hidden=64, dtype=torch.float32)
+    shape = bench.widen_to_k_quant_rows(source, tmp_path / "wide")
+    assert shape == {"hidden": 256, "intermediate": 256, "heads": 16}
+    for name, tensor in load_file(tmp_path / "wide" / "model.safetensors").items():
+        assert tensor.shape[-1] % 256 == 0, name
+    ids = torch.tensor([[1, 17, 42, 99, 3, 250, 7, 8, 64, 5]])
+    with torch.no_grad():
+        before = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()(ids).logits
+        after = AutoModelForCausalLM.from_pretrained(tmp_path / "wide", dtype=torch.float32).eval()(ids).logits
+    assert before.abs().max() > 0.05  # a test on all-zero logits would prove nothing
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
