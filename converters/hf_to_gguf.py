@@ -16,6 +16,7 @@ from pathlib import Path
 from converters.child import die_with_parent, stderr_tail
 from converters.vendor import VendoredLlamaCpp
 from exporter.errors import InputError, StageError
+from exporter.hashing import AppendHasher, sha256_file
 
 
 def converter_env(vendored: VendoredLlamaCpp) -> dict[str, str]:
@@ -34,10 +35,11 @@ def convert_hf_to_gguf(
     model_name: str,
     outtype: str = "f16",
     metadata: dict[str, str] | None = None,
-) -> None:
+) -> str:
     """Write `target` (a GGUF of `outtype`) from `model_dir`; `target` appears only when complete.
 
-    `metadata` overrides general.* keys (the converter's --metadata), e.g. general.uuid.
+    `metadata` overrides general.* keys (the converter's --metadata), e.g. general.uuid. Returns the
+    sha256 of `target`, computed while the converter writes it.
     """
     partial = target.with_name(f".{target.name}.partial")
     metadata_file = target.with_name(f".{target.name}.metadata.json")
@@ -55,18 +57,26 @@ def convert_hf_to_gguf(
     if metadata:
         metadata_file.write_text(json.dumps(metadata))
         command += ["--metadata", str(metadata_file)]
+    partial.unlink(missing_ok=True)  # the hasher must see only the file this converter creates
+    hasher = AppendHasher(partial)
     try:
-        proc = subprocess.run(
-            command,
-            capture_output=True,
-            text=True,
-            env=converter_env(vendored),
-            errors="replace",
-            preexec_fn=die_with_parent,
-        )
+        try:
+            proc = subprocess.run(
+                command,
+                capture_output=True,
+                text=True,
+                env=converter_env(vendored),
+                errors="replace",
+                preexec_fn=die_with_parent,
+            )
+        finally:
+            digest = hasher.digest()
         if proc.returncode != 0:
             raise _conversion_error(model_dir, vendored, proc.returncode, proc.stderr)
+        if digest is None:
+            digest = sha256_file(partial)
         os.replace(partial, target)
+        return digest
     finally:
         partial.unlink(missing_ok=True)
         metadata_file.unlink(missing_ok=True)

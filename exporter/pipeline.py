@@ -427,8 +427,12 @@ def _merge_quantize(options: ExportOptions, report: Reporter) -> ExportResult:
         def produce_f16(staging: Path, meta: dict[str, Any]) -> None:
             report(f"converting to GGUF with llama.cpp {vendored.commit[:9]}")
             start = time.perf_counter()
-            convert_hf_to_gguf(merged.path, staging / "model.gguf", vendored, model_name=name)
-            meta.update(seconds=round(time.perf_counter() - start, 3), what=f"{name} F16 GGUF")
+            digest = convert_hf_to_gguf(merged.path, staging / "model.gguf", vendored, model_name=name)
+            meta.update(
+                seconds=round(time.perf_counter() - start, 3),
+                what=f"{name} F16 GGUF",
+                files={"model.gguf": digest},
+            )
 
         kill_point("convert")
         with _timed(seconds, "convert"):

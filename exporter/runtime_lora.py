@@ -326,7 +326,7 @@ def runtime_lora(options: RuntimeLoraOptions, report: Any = lambda _: None) -> R
 
             report(f"converting the base {base_dir} to GGUF with llama.cpp {vendored.commit[:9]}")
             start = time.perf_counter()
-            convert_hf_to_gguf(
+            digest = convert_hf_to_gguf(
                 base_dir,
                 staging / "model.gguf",
                 vendored,
@@ -334,7 +334,9 @@ def runtime_lora(options: RuntimeLoraOptions, report: Any = lambda _: None) -> R
                 metadata={"general.uuid": identity_uuid},
             )
             meta.update(
-                seconds=round(time.perf_counter() - start, 3), what=f"{base_name} F16 GGUF (unmerged base)"
+                seconds=round(time.perf_counter() - start, 3),
+                what=f"{base_name} F16 GGUF (unmerged base)",
+                files={"model.gguf": digest},
             )
 
         start = time.perf_counter()

@@ -70,6 +70,9 @@ def test_manifest_records_inputs_tools_and_artifacts(demo_export: DemoExport, de
         assert record["size_bytes"] == path.stat().st_size
         assert record["seconds"] > 0
     assert by_profile["Q4_K_M"]["bits_per_weight"] < by_profile["Q8_0"]["bits_per_weight"] < 16
+    # The F16 GGUF is hashed while the converter writes it: the recorded digest is the file's.
+    (f16,) = manifest["intermediates"]
+    assert f16["sha256"] == sha256_file(demo_export.out / f16["path"])
     assert manifest["merge"]["merged_tensors"] == 30 * 7
     assert not list(demo_export.out.glob(".*partial*"))
 

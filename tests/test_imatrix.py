@@ -106,6 +106,8 @@ def test_bench_widening_keeps_the_function_with_256_multiple_rows(tmp_path: Path
     ids = torch.tensor([[1, 17, 42, 99, 3, 250, 7, 8, 64, 5]])
     with torch.no_grad():
         before = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()(ids).logits
-        after = AutoModelForCausalLM.from_pretrained(tmp_path / "wide", dtype=torch.float32).eval()(ids).logits
+        after = (
+            AutoModelForCausalLM.from_pretrained(tmp_path / "wide", dtype=torch.float32).eval()(ids).logits
+        )
     assert before.abs().max() > 0.05  # a test on all-zero logits would prove nothing
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)

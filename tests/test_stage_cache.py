@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from exporter import hashing
-from exporter.hashing import RACY_NS, HashMemo, sha256_file
+from exporter.hashing import RACY_NS, AppendHasher, HashMemo, sha256_file
 from exporter.stage_cache import StageCache, link_into, stage_key
 from tests.conftest import REPO, DemoExport, DemoInputs, export_args, run_cli
 
@@ -189,3 +189,32 @@ def test_killed_run_leaves_nothing_finished_looking_and_resumes(demo_inputs: Dem
     assert resumed.returncode == 0, resumed.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["cached_stages"] == ["merge"]
+
+
+WRITER = """
+import sys, time
+path, mode = sys.argv[1], sys.argv[2]
+with open(path, "wb") as f:
+    for n in range(20):
+        f.write(bytes([n]) * 100_000); f.flush(); time.sleep(0.01)
+if mode == "rewrite":  # truncated, then written again to the same size
+    time.sleep(0.2)
+    with open(path, "wb") as f:
+        f.flush(); time.sleep(0.2)
+        f.write(bytes([7]) * 2_000_000)
+"""
+
+
+@pytest.mark.parametrize("mode", ["append", "rewrite"])
+def test_append_hasher_follows_a_growing_file_and_gives_up_on_a_rewrite(tmp_path: Path, mode: str):
+    import subprocess
+    import sys
+
+    target = tmp_path / "growing.bin"
+    hasher = AppendHasher(target)
+    subprocess.run([sys.executable, "-c", WRITER, str(target), mode], check=True)
+    digest = hasher.digest()
+    if mode == "append":
+        assert digest == sha256_file(target)
+    else:
+        assert digest is None  # the caller hashes the finished file instead
