@@ -55,6 +55,7 @@ bench-quality: demo
 
 bench-imatrix: demo
 	$(PY) bench/imatrix.py --export $(DEMO_OUT)
+	$(PY) bench/imatrix.py --export $(DEMO_OUT) --aligned
 
 bench-pipeline: install vendor demo-inputs
 	$(PY) bench/pipeline.py
