@@ -46,6 +46,7 @@ class ImatrixResult:
     chunks: int
     skipped: tuple[str, ...]
     seconds: float
+    dtype: str  # of the forward pass whose activations were collected
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -54,6 +55,7 @@ class ImatrixResult:
             "chunks": self.chunks,
             "skipped": list(self.skipped),
             "seconds": round(self.seconds, 3),
+            "dtype": self.dtype,
         }
 
 
@@ -80,20 +82,21 @@ def calibration_sequences(path: Path, tokenizer: Any, max_tokens: int) -> list[t
     return sequences
 
 
-def _reference_dtype(model_dir: Path) -> Any:
-    """float32 when the model fits comfortably in memory that way, else bfloat16."""
-    import torch
+def activation_dtype(model_dir: Path) -> str:
+    """float32 when the model fits comfortably in the machine's memory that way, else bfloat16.
 
+    Decided from the installed memory, not the memory free at the moment: the activations, and so
+    the matrix and every GGUF quantized with it, must not change from one run to the next."""
     weights = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))  # 16-bit on disk
     try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        installed = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
-        available = 0
-    return torch.float32 if available == 0 or weights * 2 < available // 2 else torch.bfloat16
+        installed = 0
+    return "float32" if installed == 0 or weights * 2 < installed // 2 else "bfloat16"
 
 
 def collect_activations(
-    model_dir: Path, sequences: list[tuple[int, ...]], threads: int | None = None
+    model_dir: Path, sequences: list[tuple[int, ...]], threads: int | None = None, dtype: str = "float32"
 ) -> dict[str, tuple[Any, int]]:
     """Per linear layer of the merged model: (sum of squared inputs per column, tokens seen)."""
     import torch
@@ -102,7 +105,7 @@ def collect_activations(
     if threads:
         torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(
-        str(model_dir), dtype=_reference_dtype(model_dir), local_files_only=True
+        str(model_dir), dtype=getattr(torch, dtype), local_files_only=True
     )
     model.eval()
     output = model.get_output_embeddings()
@@ -143,15 +146,18 @@ def compute_imatrix(
     vendored: VendoredLlamaCpp,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     threads: int | None = None,
+    dtype: str | None = None,
 ) -> ImatrixResult:
-    """Compute the importance matrix of the merged model in `model_dir` and write it to `target`."""
+    """Compute the importance matrix of the merged model in `model_dir` and write it to `target`;
+    the forward pass runs in `dtype` (default: activation_dtype's choice for this machine)."""
     import numpy as np
     from transformers import AutoTokenizer
 
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     sequences = calibration_sequences(calibration, tokenizer, max_tokens)
-    stats = collect_activations(model_dir, sequences, threads)
+    dtype = dtype or activation_dtype(model_dir)
+    stats = collect_activations(model_dir, sequences, threads, dtype)
     with tempfile.TemporaryDirectory(prefix="edge-export-imatrix-") as scratch:
         arrays = Path(scratch) / "stats.npz"
         np.savez(
@@ -185,6 +191,7 @@ def compute_imatrix(
         len(sequences),
         skipped,
         time.perf_counter() - start,
+        dtype,
     )
 
 

@@ -31,7 +31,7 @@ from exporter.errors import InputError, StageError
 from exporter.faults import kill_point
 from exporter.hashing import HashMemo, hash_files, sha256_file
 from exporter.imatrix import DEFAULT_MAX_TOKENS as IMATRIX_MAX_TOKENS
-from exporter.imatrix import ImatrixStage, compute_imatrix
+from exporter.imatrix import ImatrixStage, activation_dtype, compute_imatrix
 from exporter.locks import LockPolicy, hold_lock, output_lock_path
 from exporter.memory import fit_check, fit_merge
 from exporter.modelfile import ChatSpec, chat_spec, model_license, write_modelfile
@@ -596,12 +596,14 @@ def _imatrix_stage(
     """The importance matrix from --calibration (cached), published as <name>.imatrix.gguf."""
     assert options.calibration is not None
     calibration_sha256 = cache.hashes.sha256(options.calibration)
+    dtype = activation_dtype(merged_dir)
     key = stage_key(
         {
             "stage": "imatrix",
             "convert": convert_key,
             "calibration": calibration_sha256,
             "max_tokens": options.calibration_tokens,
+            "dtype": dtype,
             "versions": {k: versions[k] for k in ("edge-export", "torch", "transformers")},
         }
     )
@@ -616,13 +618,14 @@ def _imatrix_stage(
             vendored,
             max_tokens=options.calibration_tokens,
             threads=options.threads,
+            dtype=dtype,
         )
         meta.update(result.to_json(), what=f"{name} importance matrix")
 
     entry, reused = cache.get_or_build("imatrix", key, produce)
     output = guard.claim(options.out / f"{name}.imatrix.gguf")
     link_into(entry.path / "imatrix.gguf", output)
-    result = {k: entry.meta[k] for k in ("entries", "tokens", "chunks", "skipped", "seconds")}
+    result = {k: entry.meta[k] for k in ("entries", "tokens", "chunks", "skipped", "seconds", "dtype")}
     return ImatrixStage(
         key,
         entry.path / "imatrix.gguf",

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from exporter.imatrix import collect_activations
+from exporter.imatrix import activation_dtype, collect_activations
 from tests.conftest import REPO, DemoExport, DemoInputs, export_args, run_cli
 from tests.tiny import make_tiny_llama
 
@@ -57,6 +57,7 @@ def test_calibration_builds_a_matrix_that_reaches_the_quantizer(imatrix_export, 
     manifest = json.loads((out / "manifest.json").read_text())
     info = manifest["imatrix"]
     assert info["entries"] == 30 * 7 and info["skipped"] == [] and info["tokens"] <= 1024
+    assert info["dtype"] == "float32"  # 135M parameters: float32 on any machine that runs the tests
     assert "importance matrix: smollm2-pirate.imatrix.gguf (210 tensors" in stdout
     matrix = GGUFReader(out / info["path"])
     assert matrix.fields["general.type"].contents() == "imatrix"
@@ -111,3 +112,17 @@ def test_bench_widening_keeps_the_function_with_256_multiple_rows(tmp_path: Path
         )
     assert before.abs().max() > 0.05  # a test on all-zero logits would prove nothing
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+def test_activation_precision_follows_installed_memory_not_free_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The matrix, and every GGUF quantized with it, must not depend on what else the machine runs."""
+    import os
+
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 1000)  # 1000 bytes of 16-bit weights
+    pages = {"SC_PAGE_SIZE": 1, "SC_AVPHYS_PAGES": 10, "SC_PHYS_PAGES": 10_000}
+    monkeypatch.setattr(os, "sysconf", lambda name: pages[name])
+    assert activation_dtype(tmp_path) == "float32"  # little free now, plenty installed
+    pages["SC_PHYS_PAGES"] = 3000  # float32 (2000 bytes) would take two thirds of the machine
+    assert activation_dtype(tmp_path) == "bfloat16"
