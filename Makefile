@@ -58,7 +58,7 @@ bench-imatrix: demo
 	$(PY) bench/imatrix.py --export $(DEMO_OUT) --aligned
 
 bench-pipeline: install vendor demo-inputs
-	$(PY) bench/pipeline.py
+	$(PY) bench/pipeline.py --runs 2
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache
