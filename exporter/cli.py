@@ -241,7 +241,7 @@ def merge_quantize_command(
         typer.Option("--dtype", help="dtype of the merged model: float16, bfloat16 (default: the base's)."),
     ] = None,
     threads: Annotated[
-        int | None, typer.Option("--threads", help="Threads per quantization (default: cores / --jobs).")
+        int | None, typer.Option("--threads", help="Threads per quantization (default: all cores, for each).")
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an earlier export in --out.")] = False,
     allow_pickle: AllowPickleOption = False,
@@ -266,7 +266,7 @@ def merge_quantize_command(
     ] = False,
     jobs: Annotated[
         int,
-        typer.Option("--jobs", min=1, help="Profiles quantized at once; the cores are shared between them."),
+        typer.Option("--jobs", min=1, help="Profiles quantized at once, each in its own process."),
     ] = 1,
     calibration: Annotated[
         Path | None,

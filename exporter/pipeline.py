@@ -468,8 +468,11 @@ def _merge_quantize(options: ExportOptions, report: Reporter) -> ExportResult:
                 if imatrix.reused:
                     cached.append("imatrix")
         jobs = max(1, min(options.jobs, len(to_quantize)))
-        # Threads are shared out between parallel quantizations; llama.cpp's output does not depend on them.
-        threads = options.threads or max(1, (os.cpu_count() or 1) // jobs)
+        # Each parallel quantization gets every core and the OS shares them: quantizations differ in
+        # length, and a fixed split leaves cores idle once the short ones end (1.2B model, 2 cores,
+        # Q4_K_M + Q8_0 at once: 74 s with a thread each, 47 s with two each, 48 s one after the
+        # other). llama.cpp's output does not depend on the thread count.
+        threads = options.threads or os.cpu_count() or 1
 
         def quantize_stage(profile: QuantProfile) -> GGUFArtifact:
             target = planned_ggufs[profile.name]
