@@ -117,8 +117,9 @@ def _imatrix_entries(path: str) -> list[tuple[str, Any]]:
     for name, sums in tensors.items():
         if name.endswith(".in_sum2"):
             weight = name.removesuffix(".in_sum2")
-            count = float(tensors[f"{weight}.counts"][0])
-            entries.append((weight, np.ascontiguousarray(sums / max(count, 1.0), dtype=np.float32)))
+            counts = np.maximum(tensors[f"{weight}.counts"], 1.0)  # one per expert (llama-imatrix's layout)
+            means = sums.reshape(counts.size, -1) / counts[:, None]
+            entries.append((weight, np.ascontiguousarray(means.reshape(-1), dtype=np.float32)))
     return entries
 
 

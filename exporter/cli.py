@@ -280,6 +280,14 @@ def merge_quantize_command(
         int,
         typer.Option("--calibration-tokens", min=256, help="Most calibration tokens to read."),
     ] = 65536,
+    imatrix: Annotated[
+        Path | None,
+        typer.Option(
+            "--imatrix",
+            help="An importance matrix computed earlier (an earlier run's <name>.imatrix.gguf, or llama-imatrix's "
+            "GGUF output) to quantize with, instead of --calibration.",
+        ),
+    ] = None,
     trust_remote_code: Annotated[
         bool,
         typer.Option(
@@ -322,6 +330,7 @@ def merge_quantize_command(
         jobs=jobs,
         calibration=calibration,
         calibration_tokens=calibration_tokens,
+        imatrix=imatrix,
         trust_remote_code=trust_remote_code,
         lock=LockPolicy(wait=not no_wait, timeout=lock_timeout),
         max_memory=_parse_size(max_memory) if max_memory else None,
@@ -346,9 +355,13 @@ def merge_quantize_command(
     console.print(f"stages: {stages}")
     if result.imatrix:
         info = result.imatrix.result
+        source = (
+            f"given: {result.imatrix.calibration}, computed on {result.imatrix.dataset}"
+            if result.imatrix.given
+            else f"{info['tokens']} tokens in {info['chunks']} chunks of {result.imatrix.calibration.name}"
+        )
         console.print(
-            f"importance matrix: {result.imatrix.output.name} ({info['entries']} tensors, "
-            f"{info['tokens']} tokens in {info['chunks']} chunks of {result.imatrix.calibration.name})"
+            f"importance matrix: {result.imatrix.output.name} ({info['entries']} tensors, {source})"
         )
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}")

@@ -225,27 +225,114 @@ class ImatrixStage:
     cached: Path
     output: Path
     sha256: str
-    calibration: Path
+    calibration: Path  # the calibration data, or with `given` the matrix file passed to --imatrix
     calibration_sha256: str
     result: dict[str, Any]
     reused: bool
+    given: bool = False
+
+    @property
+    def dataset(self) -> str:
+        return str(self.result.get("dataset") or self.calibration.name)
 
     def gguf_metadata(self) -> dict[str, str | int]:
         """Provenance keys for every GGUF quantized with it (llama-quantize's own keys, plus hashes)."""
-        return {
+        keys: dict[str, str | int] = {
             "quantize.imatrix.file": self.output.name,
-            "quantize.imatrix.dataset": self.calibration.name,
+            "quantize.imatrix.dataset": self.dataset,
             "quantize.imatrix.entries_count": int(self.result["entries"]),
             "quantize.imatrix.chunks_count": int(self.result["chunks"]),
             "edge_export.imatrix.sha256": self.sha256,
-            "edge_export.imatrix.calibration_sha256": self.calibration_sha256,
-            "edge_export.imatrix.tokens": int(self.result["tokens"]),
         }
+        if not self.given:
+            keys["edge_export.imatrix.calibration_sha256"] = self.calibration_sha256
+            keys["edge_export.imatrix.tokens"] = int(self.result["tokens"])
+        return keys
 
     def to_json(self, root: Path) -> dict[str, Any]:
+        source: dict[str, Any] = (
+            {"given": str(self.calibration)}
+            if self.given
+            else {"calibration": {"path": str(self.calibration), "sha256": self.calibration_sha256}}
+        )
         return {
             "path": self.output.relative_to(root).as_posix(),
             "sha256": self.sha256,
-            "calibration": {"path": str(self.calibration), "sha256": self.calibration_sha256},
+            **source,
             **self.result,
         }
+
+
+def read_imatrix_file(path: Path, f16_gguf: Path) -> dict[str, Any]:
+    """Check an importance-matrix GGUF passed to --imatrix against the F16 GGUF it will quantize:
+    every entry must name a weight of that GGUF, have one value per input column (per expert), a
+    count, and only finite, non-negative values. Returns what the manifest records of it."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    from exporter.artifacts import read_gguf_metadata
+
+    fix = (
+        "Pass the <name>.imatrix.gguf of an earlier edge-export run on this model, or llama-imatrix's "
+        "GGUF output for it, or let edge-export compute one with --calibration FILE instead."
+    )
+    try:
+        reader = GGUFReader(path)
+    except Exception as exc:  # noqa: BLE001 - any failure to parse means "not a GGUF we can read"
+        raise InputError(
+            f"The importance matrix {path} (--imatrix) is not a readable GGUF file ({exc}). llama-imatrix's "
+            f"older .dat format is not read: write the matrix as GGUF (llama-imatrix -o {path.stem}.gguf). {fix}"
+        ) from exc
+    field = reader.fields.get("general.type")
+    kind = field.contents() if field is not None else None
+    if kind != "imatrix":
+        raise InputError(
+            f"{path} (--imatrix) is a GGUF of type {kind!r}, not an importance matrix (general.type = "
+            f"imatrix). {fix}"
+        )
+    _, weights = read_gguf_metadata(f16_gguf, ())
+    tensors = {t.name: t for t in reader.tensors}
+    entries, problems = 0, []
+    for name, tensor in tensors.items():
+        if not name.endswith(".in_sum2"):
+            continue
+        weight = name.removesuffix(".in_sum2")
+        shape = weights.get(weight)
+        sums = np.asarray(tensor.data, dtype=np.float32)
+        counts = tensors.get(f"{weight}.counts")
+        experts = shape[2] if shape is not None and len(shape) > 2 else 1
+        if shape is None:
+            problems.append(f"{weight} is not a tensor of {f16_gguf.name}")
+        elif sums.size != shape[0] * experts:
+            problems.append(f"{weight} has {sums.size} values for {shape[0] * experts} input columns")
+        elif counts is None or np.asarray(counts.data).size != experts:
+            problems.append(f"{weight} has no counts, or not one per expert")
+        elif not (np.isfinite(sums).all() and (sums >= 0).all() and (np.asarray(counts.data) >= 0).all()):
+            problems.append(f"{weight} has NaN, infinite or negative values")
+        else:
+            entries += 1
+    if problems:
+        listed = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise InputError(
+            f"The importance matrix {path} (--imatrix) does not fit this model's {f16_gguf.name}: {listed}. "
+            f"It was computed for another model or is damaged. {fix}"
+        )
+    if entries == 0:
+        raise InputError(f"The importance matrix {path} (--imatrix) holds no entries. {fix}")
+
+    def scalar(key: str) -> int:
+        found = reader.fields.get(key)
+        return int(found.contents()) if found is not None else 0
+
+    datasets = reader.fields.get("imatrix.datasets")
+    names = datasets.contents() if datasets is not None else []
+    chunks, chunk_size = scalar("imatrix.chunk_count"), scalar("imatrix.chunk_size")
+    return {
+        "entries": entries,
+        "chunks": chunks,
+        "tokens": chunks * chunk_size,
+        "dataset": ", ".join(str(n) for n in names) if names else path.name,
+        "skipped": [],
+        "seconds": 0.0,
+        "dtype": None,
+    }

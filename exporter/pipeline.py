@@ -31,7 +31,7 @@ from exporter.errors import InputError, StageError
 from exporter.faults import kill_point
 from exporter.hashing import HashMemo, hash_files, sha256_file
 from exporter.imatrix import DEFAULT_MAX_TOKENS as IMATRIX_MAX_TOKENS
-from exporter.imatrix import ImatrixStage, activation_dtype, compute_imatrix
+from exporter.imatrix import ImatrixStage, activation_dtype, compute_imatrix, read_imatrix_file
 from exporter.locks import LockPolicy, hold_lock, output_lock_path
 from exporter.memory import fit_check, fit_merge
 from exporter.modelfile import ChatSpec, chat_spec, model_license, write_modelfile
@@ -80,6 +80,7 @@ class ExportOptions:
     jobs: int = 1
     calibration: Path | None = None
     calibration_tokens: int = IMATRIX_MAX_TOKENS
+    imatrix: Path | None = None  # an importance-matrix GGUF to use instead of computing one
     trust_remote_code: bool = False
     lock: LockPolicy = field(default_factory=LockPolicy)
     max_memory: int | None = None  # bytes; None = no budget
@@ -305,16 +306,27 @@ def _merge_quantize(options: ExportOptions, report: Reporter) -> ExportResult:
     vendored = locate_vendored()
     registry, profiles = requested_profiles(options.profiles, options.profile_files)
     for profile in profiles:
-        if profile.needs_imatrix and options.calibration is None:
+        if profile.needs_imatrix and options.calibration is None and options.imatrix is None:
             raise InputError(
                 f"Profile {profile.name} needs an importance matrix, and none can be computed without "
                 "calibration data. Pass --calibration FILE (plain text, or JSONL chats from the adapter's "
-                "domain), or choose a profile that does not need one (e.g. Q4_K_M; see `edge-export profiles`)."
+                "domain) or --imatrix FILE (a matrix computed earlier), or choose a profile that does not "
+                "need one (e.g. Q4_K_M; see `edge-export profiles`)."
             )
+    if options.calibration is not None and options.imatrix is not None:
+        raise InputError(
+            f"Both --calibration {options.calibration} and --imatrix {options.imatrix} were given. Pass "
+            "--calibration to compute the importance matrix, or --imatrix to use one computed earlier, not both."
+        )
     if options.calibration is not None and not options.calibration.is_file():
         raise InputError(
             f"The calibration data {options.calibration} does not exist. Pass a .txt or .jsonl file to "
             "--calibration."
+        )
+    if options.imatrix is not None and not options.imatrix.is_file():
+        raise InputError(
+            f"The importance matrix {options.imatrix} does not exist. Pass an imatrix GGUF to --imatrix "
+            "(the <name>.imatrix.gguf of an earlier run, or llama-imatrix's output)."
         )
     adapters = [read_adapter(path, weight, options.allow_pickle) for path, weight in options.adapters]
     base_dir = resolve_base(options.base, adapters[0])
@@ -333,7 +345,7 @@ def _merge_quantize(options: ExportOptions, report: Reporter) -> ExportResult:
             *planned_ggufs.values(),
             *planned_modelfiles.values(),
             *reports,
-            *([out / f"{name}.imatrix.gguf"] if options.calibration else []),
+            *([out / f"{name}.imatrix.gguf"] if options.calibration or options.imatrix else []),
         ],
         options.force,
     )
@@ -451,7 +463,7 @@ def _merge_quantize(options: ExportOptions, report: Reporter) -> ExportResult:
         )
         to_quantize = [p for p in profiles if not p.is_unquantized]
         imatrix = None
-        if options.calibration is not None and to_quantize:
+        if (options.calibration is not None or options.imatrix is not None) and to_quantize:
             with _timed(seconds, "imatrix"):
                 imatrix = _imatrix_stage(
                     cache,
@@ -596,7 +608,10 @@ def _imatrix_stage(
     name: str,
     report: Reporter,
 ) -> ImatrixStage:
-    """The importance matrix from --calibration (cached), published as <name>.imatrix.gguf."""
+    """The importance matrix from --calibration (cached), or the one given with --imatrix (checked
+    against the F16 GGUF), published as <name>.imatrix.gguf."""
+    if options.imatrix is not None:
+        return _given_imatrix_stage(cache, guard, options.imatrix, f16_path, convert_key, name, report)
     assert options.calibration is not None
     calibration_sha256 = cache.hashes.sha256(options.calibration)
     dtype = activation_dtype(merged_dir)
@@ -638,6 +653,42 @@ def _imatrix_stage(
         calibration_sha256,
         result,
         reused,
+    )
+
+
+def _given_imatrix_stage(
+    cache: StageCache,
+    guard: _OutputGuard,
+    given: Path,
+    f16_path: Path,
+    convert_key: str,
+    name: str,
+    report: Reporter,
+) -> ImatrixStage:
+    """--imatrix FILE: checked against this model's F16 GGUF once, then cached like a computed one."""
+    given_sha256 = cache.hashes.sha256(given)
+    key = stage_key({"stage": "imatrix-given", "convert": convert_key, "sha256": given_sha256})
+
+    def produce(staging: Path, meta: dict[str, Any]) -> None:
+        report(f"checking the importance matrix {given}")
+        info = read_imatrix_file(given, f16_path)
+        shutil.copyfile(given, staging / "imatrix.gguf")
+        meta.update(info, what=f"{name} importance matrix (given)", files={"imatrix.gguf": given_sha256})
+
+    entry, reused = cache.get_or_build("imatrix", key, produce)
+    output = guard.claim(guard.out / f"{name}.imatrix.gguf")
+    link_into(entry.path / "imatrix.gguf", output)
+    fields = ("entries", "tokens", "chunks", "dataset", "skipped", "seconds", "dtype")
+    return ImatrixStage(
+        key,
+        entry.path / "imatrix.gguf",
+        output,
+        given_sha256,
+        given,
+        given_sha256,
+        {k: entry.meta[k] for k in fields},
+        reused,
+        given=True,
     )
 
 

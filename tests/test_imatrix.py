@@ -126,3 +126,89 @@ def test_activation_precision_follows_installed_memory_not_free_memory(
     assert activation_dtype(tmp_path) == "float32"  # little free now, plenty installed
     pages["SC_PHYS_PAGES"] = 3000  # float32 (2000 bytes) would take two thirds of the machine
     assert activation_dtype(tmp_path) == "bfloat16"
+
+
+def _write_imatrix(
+    path: Path, entries: dict[str, tuple[np.ndarray, np.ndarray]], kind: str = "imatrix"
+) -> Path:
+    """An importance-matrix GGUF in llama-imatrix's layout, written with the gguf package."""
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), arch="llama")
+    writer.add_type(kind)
+    writer.add_array("imatrix.datasets", ["elsewhere.txt"])
+    writer.add_uint32("imatrix.chunk_count", 3)
+    writer.add_uint32("imatrix.chunk_size", 512)
+    for name, (sums, counts) in entries.items():
+        writer.add_tensor(f"{name}.in_sum2", sums.astype(np.float32))
+        writer.add_tensor(f"{name}.counts", counts.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_matrix_entries_are_divided_by_their_count_per_expert(tmp_path: Path):
+    from converters.quantize import _imatrix_entries
+
+    sums = np.array([[2, 4, 6, 8], [4, 8, 12, 16]])  # two experts, four input columns
+    path = _write_imatrix(tmp_path / "m.gguf", {"blk.0.ffn_up_exps.weight": (sums, np.array([[2], [4]]))})
+    ((name, means),) = _imatrix_entries(str(path))
+    assert name == "blk.0.ffn_up_exps.weight"
+    np.testing.assert_array_equal(means, [1, 2, 3, 4, 1, 2, 3, 4])
+
+
+def test_a_given_matrix_quantizes_like_the_computed_one(
+    imatrix_export, demo_inputs: DemoInputs, tmp_path: Path
+):
+    from gguf import GGUFReader
+
+    from exporter.hashing import sha256_file
+
+    computed_out, _ = imatrix_export
+    given = computed_out / "smollm2-pirate.imatrix.gguf"
+    out = tmp_path / "given"
+    # fmt: off
+    args = ["merge-quantize", "--adapter", str(demo_inputs.adapter), "--base", str(demo_inputs.base),
+            "--name", "smollm2-pirate", "--profile", "Q4_K_M", "--profile", "IQ4_XS", "--out", str(out)]
+    # fmt: on
+    proc = run_cli(*args, "--no-check", "--imatrix", str(given))
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert f"importance matrix: smollm2-pirate.imatrix.gguf (210 tensors, given: {given}" in proc.stdout
+    info = json.loads((out / "manifest.json").read_text())["imatrix"]
+    assert info["given"] == str(given) and info["entries"] == 210 and info["dataset"] == DEMO_TRAIN.name
+    assert sha256_file(out / info["path"]) == sha256_file(given)
+    for profile in ("Q4_K_M", "IQ4_XS"):
+        ours = GGUFReader(out / f"smollm2-pirate-{profile}.gguf")
+        computed = GGUFReader(computed_out / f"smollm2-pirate-{profile}.gguf")
+        # The same matrix gives the same quantized tensors; only the provenance keys differ.
+        assert [t.name for t in ours.tensors] == [t.name for t in computed.tensors]
+        for a, b in zip(ours.tensors, computed.tensors, strict=True):
+            assert a.data.tobytes() == b.data.tobytes(), a.name
+        assert ours.fields["edge_export.imatrix.sha256"].contents() == info["sha256"]
+        assert ours.fields["quantize.imatrix.dataset"].contents() == DEMO_TRAIN.name
+        assert "edge_export.imatrix.calibration_sha256" not in ours.fields
+
+
+def test_a_matrix_that_does_not_fit_is_refused(
+    demo_inputs: DemoInputs, demo_export: DemoExport, tmp_path: Path
+):
+    (tmp_path / "notes.txt").write_text("not a matrix\n")
+    wrong = {"blk.0.attn_q.weight": (np.ones((1, 100)), np.ones((1, 1)))}  # SmolLM2's rows are 576 wide
+    cases = {
+        "text": (tmp_path / "notes.txt", "not a readable GGUF"),
+        "model": (demo_export.gguf("Q8_0"), "not an importance matrix"),
+        "other model": (_write_imatrix(tmp_path / "other.gguf", wrong), "100 values for 576 input columns"),
+    }
+    for case, (path, expected) in cases.items():
+        out = tmp_path / case.replace(" ", "-")
+        proc = run_cli(*export_args(demo_inputs, out), "--no-check", "--imatrix", str(path))
+        assert proc.returncode == 2, (case, proc.stderr)
+        message = " ".join(proc.stderr.split())  # the console wraps long lines
+        assert str(path) in message and expected in message and "Traceback" not in message, case
+        assert not (out / "manifest.json").exists() and not list(out.glob("*.gguf")), case
+    out = tmp_path / "both"
+    args = [*export_args(demo_inputs, out), "--imatrix", str(tmp_path / "other.gguf")]
+    proc = run_cli(*args, "--calibration", str(DEMO_TRAIN))
+    assert proc.returncode == 2 and "not both" in proc.stderr
