@@ -25,7 +25,7 @@ from converters.quantize import quantize_gguf
 from converters.vendor import VendoredLlamaCpp, locate_vendored
 from exporter import __version__
 from exporter.adapter import LoraAdapter, read_adapter, resolve_base
-from exporter.artifacts import GGUFArtifact, MergeResult, read_gguf_header
+from exporter.artifacts import GGUFArtifact, GGUFHeader, MergeResult, read_gguf_header
 from exporter.atomic import atomic_target, write_text_atomic
 from exporter.errors import InputError, StageError
 from exporter.faults import kill_point
@@ -48,7 +48,7 @@ from exporter.quality import (
 )
 from exporter.report import REPORT_FILES, REPORT_JSON, report_data, write_reports
 from exporter.safetensors_header import DEFAULT_SHARD_BYTES
-from exporter.stage_cache import StageCache, link_into, stage_key
+from exporter.stage_cache import CacheEntry, StageCache, link_into, stage_key
 from exporter.tokenizer_parity import ParityReport, check_embedded_chat_template, check_tokenizer_parity
 from quant_profiles import ProfileError, ProfileRegistry, QuantProfile, builtin_profiles
 
@@ -160,6 +160,13 @@ class _OutputGuard:
             self.out.rmdir()
 
 
+def _entry_header(entry: CacheEntry) -> GGUFHeader:
+    """The header facts of a cached GGUF: recorded when the entry was built (reading them again means
+    walking the whole vocabulary), or read from the file for entries recorded without them."""
+    known = entry.meta.get("header")
+    return GGUFHeader(**known) if isinstance(known, dict) else read_gguf_header(entry.path / "model.gguf")
+
+
 def _check_output(out: Path, planned: list[Path], force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise InputError(f"The output path {out} exists and is not a folder. Choose another --out.")
@@ -181,9 +188,11 @@ def _timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
     seconds[stage] = round(time.perf_counter() - start, 3)
 
 
-def _artifact(path: Path, profile: QuantProfile, seconds: float, sha256: str) -> GGUFArtifact:
+def _artifact(
+    path: Path, profile: QuantProfile, seconds: float, sha256: str, header: GGUFHeader | None = None
+) -> GGUFArtifact:
     """The record of a GGUF whose sha256 is known (verified by the stage cache)."""
-    header = read_gguf_header(path)
+    header = header or read_gguf_header(path)
     if header.file_type != profile.ftype_id:
         raise StageError(
             f"{path} carries file type {header.file_type_name} in its GGUF header, but profile {profile.name} "
@@ -444,6 +453,7 @@ def _merge_quantize(options: ExportOptions, report: Reporter) -> ExportResult:
                 seconds=round(time.perf_counter() - start, 3),
                 what=f"{name} F16 GGUF",
                 files={"model.gguf": digest},
+                header=asdict(read_gguf_header(staging / "model.gguf")),
             )
 
         kill_point("convert")
@@ -458,8 +468,9 @@ def _merge_quantize(options: ExportOptions, report: Reporter) -> ExportResult:
         # Tokenizer parity needs only the F16 GGUF's vocabulary: checked while the quantizations run.
         parity_future = side_work.submit(_parity_stage, cache, convert_key, merged.path, f16_path)
         f16_profile = registry.get("F16")
+        headers = {f16_path: _entry_header(entry)}
         f16_artifact = _artifact(
-            f16_path, f16_profile, entry.meta["seconds"], entry.meta["files"]["model.gguf"]
+            f16_path, f16_profile, entry.meta["seconds"], entry.meta["files"]["model.gguf"], headers[f16_path]
         )
         to_quantize = [p for p in profiles if not p.is_unquantized]
         imatrix = None
@@ -511,7 +522,11 @@ def _merge_quantize(options: ExportOptions, report: Reporter) -> ExportResult:
                     imatrix=imatrix.cached if imatrix else None,
                     metadata=imatrix.gguf_metadata() if imatrix else None,
                 )
-                meta.update(seconds=round(time.perf_counter() - start, 3), what=f"{name} {profile.name} GGUF")
+                meta.update(
+                    seconds=round(time.perf_counter() - start, 3),
+                    what=f"{name} {profile.name} GGUF",
+                    header=asdict(read_gguf_header(staging / "model.gguf")),
+                )
 
             entry, reused = cache.get_or_build("quantize", quantize_key, produce)
             if reused:
@@ -519,7 +534,10 @@ def _merge_quantize(options: ExportOptions, report: Reporter) -> ExportResult:
             link_into(entry.path / "model.gguf", guard.claim(target))
             kill_point(f"quantized:{profile.name}")
             seconds[f"quantize {profile.name}"] = round(time.perf_counter() - start, 3)
-            return _artifact(target, profile, entry.meta["seconds"], entry.meta["files"]["model.gguf"])
+            headers[target] = header = _entry_header(entry)
+            return _artifact(
+                target, profile, entry.meta["seconds"], entry.meta["files"]["model.gguf"], header
+            )
 
         with ThreadPoolExecutor(max_workers=jobs) as pool:  # each quantization runs in its own child process
             names = [p.name for p in to_quantize]
@@ -529,7 +547,7 @@ def _merge_quantize(options: ExportOptions, report: Reporter) -> ExportResult:
             report(f"reused from the cache: {', '.join(cached)}")
         report("checking the tokenizer: HF against llama.cpp, and each GGUF's chat template")
         ggufs = [f16_path, *(a.path for a in artifacts.values())]
-        check_embedded_chat_template(chat_template, merged.path, ggufs)
+        check_embedded_chat_template(chat_template, merged.path, ggufs, headers)
         parity = parity_future.result()
         report(parity.summary())
         report("writing Modelfiles and manifest")

@@ -14,7 +14,7 @@ from typing import Any
 
 from converters.chat_template import VERIFY_CONVERSATIONS
 from converters.llama_runtime import tokenize_with_llama_cpp
-from exporter.artifacts import read_gguf_header
+from exporter.artifacts import GGUFHeader, read_gguf_header
 from exporter.errors import StageError
 
 PARITY_TEXTS = [
@@ -93,11 +93,14 @@ def check_tokenizer_parity(model_dir: Path, gguf: Path) -> ParityReport:
     return report
 
 
-def check_embedded_chat_template(expected: str | None, model_dir: Path, ggufs: list[Path]) -> None:
+def check_embedded_chat_template(
+    expected: str | None, model_dir: Path, ggufs: list[Path], headers: dict[Path, GGUFHeader] | None = None
+) -> None:
     """Every GGUF must carry the chat template (`expected`, from the merged model's tokenizer in
-    `model_dir`) that the Modelfile uses."""
+    `model_dir`) that the Modelfile uses; `headers` are ones already read (e.g. recorded in the cache)."""
     for gguf in ggufs:
-        embedded = read_gguf_header(gguf).chat_template or None
+        header = (headers or {}).get(gguf) or read_gguf_header(gguf)
+        embedded = header.chat_template or None
         if embedded != (expected or None):
             raise StageError(
                 f"{gguf} embeds a different chat template (tokenizer.chat_template) from the merged model's "

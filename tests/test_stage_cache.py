@@ -218,3 +218,30 @@ def test_append_hasher_follows_a_growing_file_and_gives_up_on_a_rewrite(tmp_path
         assert digest == sha256_file(target)
     else:
         assert digest is None  # the caller hashes the finished file instead
+
+
+def test_unchanged_rerun_takes_gguf_headers_from_the_cache(
+    demo_export: DemoExport, demo_inputs: DemoInputs, monkeypatch: pytest.MonkeyPatch
+):
+    """A GGUF header is read by walking the whole vocabulary; cached GGUFs carry theirs in the entry."""
+    from exporter import pipeline, tokenizer_parity
+
+    def refuse(path: Path) -> None:
+        raise AssertionError(f"read the header of {path}")
+
+    monkeypatch.setattr(pipeline, "read_gguf_header", refuse)
+    monkeypatch.setattr(tokenizer_parity, "read_gguf_header", refuse)
+    options = pipeline.ExportOptions(
+        adapters=((demo_inputs.adapter, 1.0),),
+        profiles=("Q4_K_M", "q8_0", "Q2_K"),
+        out=demo_export.out,
+        base=str(demo_inputs.base),
+        name="smollm2-pirate",
+        force=True,
+        check=False,
+    )
+    result = pipeline.merge_quantize(options, lambda message: None)
+    recorded = {a["profile"]: a for a in demo_export.manifest["artifacts"]}
+    for artifact in result.artifacts:  # file types and bits per weight as when the GGUFs were read
+        assert artifact.file_type == recorded[artifact.profile]["file_type"]
+        assert artifact.bits_per_weight == recorded[artifact.profile]["bits_per_weight"]
