@@ -28,6 +28,7 @@ from typing import Any
 from converters.child import die_with_parent, stderr_tail
 from converters.hf_to_gguf import converter_env
 from converters.vendor import VendoredLlamaCpp
+from exporter.artifacts import read_gguf_metadata
 from exporter.errors import InputError, StageError
 
 log = logging.getLogger(__name__)
@@ -270,8 +271,6 @@ def read_imatrix_file(path: Path, f16_gguf: Path) -> dict[str, Any]:
     import numpy as np
     from gguf import GGUFReader
 
-    from exporter.artifacts import read_gguf_metadata
-
     fix = (
         "Pass the <name>.imatrix.gguf of an earlier edge-export run on this model, or llama-imatrix's "
         "GGUF output for it, or let edge-export compute one with --calibration FILE instead."
@@ -299,15 +298,16 @@ def read_imatrix_file(path: Path, f16_gguf: Path) -> dict[str, Any]:
         weight = name.removesuffix(".in_sum2")
         shape = weights.get(weight)
         sums = np.asarray(tensor.data, dtype=np.float32)
-        counts = tensors.get(f"{weight}.counts")
+        counts_tensor = tensors.get(f"{weight}.counts")
+        counts = np.asarray(counts_tensor.data) if counts_tensor is not None else None
         experts = shape[2] if shape is not None and len(shape) > 2 else 1
         if shape is None:
             problems.append(f"{weight} is not a tensor of {f16_gguf.name}")
         elif sums.size != shape[0] * experts:
             problems.append(f"{weight} has {sums.size} values for {shape[0] * experts} input columns")
-        elif counts is None or np.asarray(counts.data).size != experts:
+        elif counts is None or counts.size != experts:
             problems.append(f"{weight} has no counts, or not one per expert")
-        elif not (np.isfinite(sums).all() and (sums >= 0).all() and (np.asarray(counts.data) >= 0).all()):
+        elif not (np.isfinite(sums).all() and (sums >= 0).all() and (counts >= 0).all()):
             problems.append(f"{weight} has NaN, infinite or negative values")
         else:
             entries += 1

@@ -87,6 +87,11 @@ class ExportOptions:
     reference_dtype_fixed: bool = True  # False: --max-memory may switch the reference to bfloat16
     rehash: bool = False  # verify cached stages and hash inputs by reading every byte
 
+    @property
+    def has_imatrix(self) -> bool:
+        """An importance matrix is computed (--calibration) or given (--imatrix)."""
+        return self.calibration is not None or self.imatrix is not None
+
 
 @dataclass
 class QualitySummary:
@@ -315,7 +320,7 @@ def _merge_quantize(options: ExportOptions, report: Reporter) -> ExportResult:
     vendored = locate_vendored()
     registry, profiles = requested_profiles(options.profiles, options.profile_files)
     for profile in profiles:
-        if profile.needs_imatrix and options.calibration is None and options.imatrix is None:
+        if profile.needs_imatrix and not options.has_imatrix:
             raise InputError(
                 f"Profile {profile.name} needs an importance matrix, and none can be computed without "
                 "calibration data. Pass --calibration FILE (plain text, or JSONL chats from the adapter's "
@@ -354,7 +359,7 @@ def _merge_quantize(options: ExportOptions, report: Reporter) -> ExportResult:
             *planned_ggufs.values(),
             *planned_modelfiles.values(),
             *reports,
-            *([out / f"{name}.imatrix.gguf"] if options.calibration or options.imatrix else []),
+            *([out / f"{name}.imatrix.gguf"] if options.has_imatrix else []),
         ],
         options.force,
     )
@@ -474,7 +479,7 @@ def _merge_quantize(options: ExportOptions, report: Reporter) -> ExportResult:
         )
         to_quantize = [p for p in profiles if not p.is_unquantized]
         imatrix = None
-        if (options.calibration is not None or options.imatrix is not None) and to_quantize:
+        if options.has_imatrix and to_quantize:
             with _timed(seconds, "imatrix"):
                 imatrix = _imatrix_stage(
                     cache,
@@ -658,20 +663,7 @@ def _imatrix_stage(
         )
         meta.update(result.to_json(), what=f"{name} importance matrix")
 
-    entry, reused = cache.get_or_build("imatrix", key, produce)
-    output = guard.claim(options.out / f"{name}.imatrix.gguf")
-    link_into(entry.path / "imatrix.gguf", output)
-    result = {k: entry.meta[k] for k in ("entries", "tokens", "chunks", "skipped", "seconds", "dtype")}
-    return ImatrixStage(
-        key,
-        entry.path / "imatrix.gguf",
-        output,
-        entry.meta["files"]["imatrix.gguf"],
-        options.calibration,
-        calibration_sha256,
-        result,
-        reused,
-    )
+    return _publish_imatrix(cache, guard, name, key, produce, options.calibration, calibration_sha256)
 
 
 def _given_imatrix_stage(
@@ -693,20 +685,37 @@ def _given_imatrix_stage(
         shutil.copyfile(given, staging / "imatrix.gguf")
         meta.update(info, what=f"{name} importance matrix (given)", files={"imatrix.gguf": given_sha256})
 
+    return _publish_imatrix(cache, guard, name, key, produce, given, given_sha256, given=True)
+
+
+# What the manifest records of an importance matrix ("dataset" only for a given one).
+IMATRIX_RECORD = ("entries", "tokens", "chunks", "dataset", "skipped", "seconds", "dtype")
+
+
+def _publish_imatrix(
+    cache: StageCache,
+    guard: _OutputGuard,
+    name: str,
+    key: str,
+    produce: Callable[[Path, dict[str, Any]], None],
+    source: Path,
+    source_sha256: str,
+    given: bool = False,
+) -> ImatrixStage:
+    """Build (or reuse) the imatrix cache entry and link it into the output as <name>.imatrix.gguf."""
     entry, reused = cache.get_or_build("imatrix", key, produce)
     output = guard.claim(guard.out / f"{name}.imatrix.gguf")
     link_into(entry.path / "imatrix.gguf", output)
-    fields = ("entries", "tokens", "chunks", "dataset", "skipped", "seconds", "dtype")
     return ImatrixStage(
         key,
         entry.path / "imatrix.gguf",
         output,
-        given_sha256,
-        given,
-        given_sha256,
-        {k: entry.meta[k] for k in fields},
+        entry.meta["files"]["imatrix.gguf"],
+        source,
+        source_sha256,
+        {k: entry.meta[k] for k in IMATRIX_RECORD if k in entry.meta},
         reused,
-        given=True,
+        given=given,
     )
 
 
