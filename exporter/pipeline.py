@@ -47,14 +47,15 @@ from exporter.quality import (
     parse_gate_overrides,
 )
 from exporter.report import REPORT_FILES, REPORT_JSON, report_data, write_reports
-from exporter.safetensors_header import DEFAULT_SHARD_BYTES
+from exporter.safetensors_header import DEFAULT_SHARD_BYTES, gguf_source_ftype, merged_dtype
 from exporter.stage_cache import CacheEntry, StageCache, link_into, stage_key
 from exporter.tokenizer_parity import ParityReport, check_embedded_chat_template, check_tokenizer_parity
 from quant_profiles import ProfileError, ProfileRegistry, QuantProfile, builtin_profiles
 
 MANIFEST = "manifest.json"
-# Bumped when the merge computes different bytes from the same inputs (2: ΔW added by one fused addmm).
-MERGE_ARITHMETIC = 2
+# Bumped when the merge writes different bytes from the same inputs (2: ΔW added by one fused addmm;
+# 3: config and tokenizer files written in the dialect both transformers majors read).
+MERGE_ARITHMETIC = 3
 MERGED_DIR = "merged"
 INPUT_SUFFIXES = (".json", ".safetensors", ".bin", ".model", ".txt", ".jinja")
 Reporter = Callable[[str], None]
@@ -346,7 +347,9 @@ def _merge_quantize(options: ExportOptions, report: Reporter) -> ExportResult:
     base_dir = resolve_base(options.base, adapters[0])
     name = sanitize_name(options.name or adapters[0].path.resolve().name)
     out = options.out
-    f16_path = out / f"{name}-F16.gguf"
+    # The converter's output: F16, or BF16 for a bfloat16 merge (never a silent overflow to Inf).
+    source_ftype = gguf_source_ftype(merged_dtype(base_dir, options.dtype))
+    f16_path = out / f"{name}-{source_ftype}.gguf"
     planned_ggufs = {p.name: out / f"{name}-{p.name}.gguf" for p in profiles}
     planned_modelfiles = {p.name: out / f"{name}-{p.name}.Modelfile" for p in profiles}
     reports = [out / name for name in REPORT_FILES]
@@ -417,6 +420,7 @@ def _merge_quantize(options: ExportOptions, report: Reporter) -> ExportResult:
                 dtype=built.dtype,
                 shards=built.shards,
                 untied=built.untied_embeddings,
+                max_abs=built.max_abs,
             )
 
         kill_point("merge")
@@ -435,6 +439,7 @@ def _merge_quantize(options: ExportOptions, report: Reporter) -> ExportResult:
             meta["dtype"],
             meta["shards"],
             meta["untied"],
+            max_abs=meta.get("max_abs"),
         )
         # The chat template is translated while the converter (a child process) runs, and a template
         # that cannot be translated stops the export before the quantizations.
@@ -445,7 +450,7 @@ def _merge_quantize(options: ExportOptions, report: Reporter) -> ExportResult:
                 "stage": "convert",
                 "merge": merge_key,
                 "llama.cpp": vendored.commit,
-                "outtype": "f16",
+                "outtype": source_ftype.lower(),
                 "name": name,
             }
         )
@@ -453,10 +458,12 @@ def _merge_quantize(options: ExportOptions, report: Reporter) -> ExportResult:
         def produce_f16(staging: Path, meta: dict[str, Any]) -> None:
             report(f"converting to GGUF with llama.cpp {vendored.commit[:9]}")
             start = time.perf_counter()
-            digest = convert_hf_to_gguf(merged.path, staging / "model.gguf", vendored, model_name=name)
+            digest = convert_hf_to_gguf(
+                merged.path, staging / "model.gguf", vendored, model_name=name, outtype=source_ftype.lower()
+            )
             meta.update(
                 seconds=round(time.perf_counter() - start, 3),
-                what=f"{name} F16 GGUF",
+                what=f"{name} {source_ftype} GGUF",
                 files={"model.gguf": digest},
                 header=asdict(read_gguf_header(staging / "model.gguf")),
             )
@@ -466,18 +473,19 @@ def _merge_quantize(options: ExportOptions, report: Reporter) -> ExportResult:
             entry, reused = cache.get_or_build("convert", convert_key, produce_f16)
             if reused:
                 cached.append("convert")
-                report("convert: reusing the cached F16 GGUF")
+                report(f"convert: reusing the cached {source_ftype} GGUF")
             link_into(entry.path / "model.gguf", guard.claim(f16_path))
         kill_point("converted")
         spec, chat_template = chat_future.result()
         # Tokenizer parity needs only the F16 GGUF's vocabulary: checked while the quantizations run.
         parity_future = side_work.submit(_parity_stage, cache, convert_key, merged.path, f16_path)
-        f16_profile = registry.get("F16")
+        f16_profile = registry.get(source_ftype)
         headers = {f16_path: _entry_header(entry)}
         f16_artifact = _artifact(
             f16_path, f16_profile, entry.meta["seconds"], entry.meta["files"]["model.gguf"], headers[f16_path]
         )
-        to_quantize = [p for p in profiles if not p.is_unquantized]
+        to_quantize = [p for p in profiles if not p.is_source(source_ftype)]
+        _check_float16_range(merged, to_quantize, base_dir)
         imatrix = None
         if options.has_imatrix and to_quantize:
             with _timed(seconds, "imatrix"):
@@ -547,7 +555,9 @@ def _merge_quantize(options: ExportOptions, report: Reporter) -> ExportResult:
         with ThreadPoolExecutor(max_workers=jobs) as pool:  # each quantization runs in its own child process
             names = [p.name for p in to_quantize]
             quantized = dict(zip(names, pool.map(quantize_stage, to_quantize), strict=True))
-        artifacts = {p.name: f16_artifact if p.is_unquantized else quantized[p.name] for p in profiles}
+        artifacts = {
+            p.name: f16_artifact if p.is_source(source_ftype) else quantized[p.name] for p in profiles
+        }
         if cached:
             report(f"reused from the cache: {', '.join(cached)}")
         report("checking the tokenizer: HF against llama.cpp, and each GGUF's chat template")
@@ -617,6 +627,17 @@ def _merge_quantize(options: ExportOptions, report: Reporter) -> ExportResult:
         manifest_data["quality"] = {"report": REPORT_JSON, "passed": result.quality.passed}
         _atomic_json(manifest, manifest_data)
     return result
+
+
+def _check_float16_range(merged: MergeResult, profiles: list[QuantProfile], base_dir: Path) -> None:
+    """A float16 GGUF made from a bfloat16 or float32 merge must not overflow to Inf."""
+    wanted = [p.name for p in profiles if p.ftype == "F16" or "F16" in p.overrides.tensor_types.values()]
+    if wanted and not merged.fits_float16:
+        raise InputError(
+            f"The merged model holds values up to {merged.max_abs:.6g}, beyond float16's range (±65504), so "
+            f"{', '.join(wanted)} would hold Inf where the model has large weights (the base {base_dir} is "
+            f"{merged.dtype}). Ask for BF16 instead, or a quantized profile (Q8_0, Q4_K_M, …), which keep the range."
+        )
 
 
 def _imatrix_stage(
@@ -837,6 +858,22 @@ def hash_inputs(adapters: list[LoraAdapter], base_dir: Path, memo: HashMemo | No
     }
 
 
+def _precision_record(requested: str | None, merged: MergeResult) -> dict[str, Any]:
+    """What precision the merge and the converter wrote in, and why (the manifest's "precision")."""
+    if requested:
+        why = f"--dtype {requested}"
+    elif merged.dtype == "bfloat16":
+        why = "the base is bfloat16: kept as bfloat16, so no weight can overflow float16's range"
+    else:
+        why = "the base is float16" if merged.max_abs is None else "float16, the default for this base"
+    return {
+        "merged": merged.dtype,
+        "gguf": merged.gguf_ftype,
+        "why": why,
+        "fits_float16": merged.fits_float16,
+    }
+
+
 def _write_manifest(
     out: Path,
     name: str,
@@ -875,7 +912,9 @@ def _write_manifest(
             "total_tensors": merged.total_tensors,
             "dtype": merged.dtype,
             "shards": merged.shards,
+            "max_abs": merged.max_abs,
         },
+        "precision": _precision_record(options.dtype, merged),
         "intermediates": [f16.to_json(out)],
         "artifacts": [a.to_json(out) for a in artifacts.values()],
         "modelfiles": [

@@ -22,7 +22,13 @@ from converters.vendor import VendoredLlamaCpp
 from exporter.adapter import LoraAdapter, tokenizer_source
 from exporter.errors import InputError
 from exporter.memory import fit_check, fit_merge
-from exporter.safetensors_header import DTYPE_ALIASES, ELEMENT_SIZES, read_header
+from exporter.safetensors_header import (
+    DTYPE_ALIASES,
+    ELEMENT_SIZES,
+    gguf_source_ftype,
+    merged_dtype,
+    read_header,
+)
 from quant_profiles import QuantProfile
 
 if TYPE_CHECKING:
@@ -147,6 +153,7 @@ def plan_disk(
     out: Path,
     cache_dir: Path,
     merged_bytes_per_weight: int = 2,
+    source_ftype: str = "F16",
 ) -> DiskPlan:
     """Estimate what merge-quantize writes: merged model, F16 GGUF, one GGUF per profile (from its bits per
     weight), and where: the stage cache and hard links into the output, or copies across file systems."""
@@ -154,10 +161,10 @@ def plan_disk(
     side = sum(f.stat().st_size for f in base_dir.iterdir() if f.is_file() and f.suffix != ".safetensors")
     items = [
         DiskItem("merged model", floats * merged_bytes_per_weight + other + side),
-        DiskItem("F16 GGUF", floats * 2 + other + side),
+        DiskItem(f"{source_ftype} GGUF", floats * 2 + other + side),
     ]
     for profile in profiles:
-        if profile.is_unquantized:
+        if profile.is_source(source_ftype):
             continue
         bits = (floats - embeddings) * profile.bits_per_weight + embeddings * max(
             EMBEDDING_BITS, profile.bits_per_weight
@@ -243,12 +250,16 @@ def preflight_export(
     check_tokenizer(base_dir, tokenizer_dir)
     if options.check:
         check_eval_data(options.quality.eval_data, tokenizer_dir)
-    requested = DTYPE_ALIASES.get((options.dtype or "").lower())
-    merged_bytes = (
-        ELEMENT_SIZES[requested] if requested is not None else 2
-    )  # the merge writes 16-bit by default
+    dtype = merged_dtype(base_dir, options.dtype)
+    merged_bytes = ELEMENT_SIZES[DTYPE_ALIASES[dtype]]
+    source_ftype = gguf_source_ftype(dtype)
     plan = plan_disk(
-        base_dir, profiles, options.out, cache_dir if options.use_cache else options.out, merged_bytes
+        base_dir,
+        profiles,
+        options.out,
+        cache_dir if options.use_cache else options.out,
+        merged_bytes,
+        source_ftype,
     )
     check_disk(plan)
     quality = replace(options.quality, trust_remote_code=options.trust_remote_code)
@@ -256,7 +267,7 @@ def preflight_export(
         merge = fit_merge(base_dir, adapters, options.max_memory, merged_bytes)
         estimates = [merge]
         if options.check:
-            f16 = next(item.bytes for item in plan.items if item.what == "F16 GGUF")
+            f16 = next(item.bytes for item in plan.items if item.what == f"{source_ftype} GGUF")
             quality, more = fit_check(
                 base_dir, adapters, quality, options.max_memory, options.reference_dtype_fixed, f16
             )

@@ -53,6 +53,7 @@ from exporter.quality import (
     evaluate_gguf,
     parse_gate_overrides,
 )
+from exporter.safetensors_header import bfloat16_overflow, gguf_source_ftype, merged_dtype
 from exporter.stage_cache import StageCache, link_into, stage_key
 from quant_profiles import QuantProfile
 
@@ -280,6 +281,15 @@ def runtime_lora(options: RuntimeLoraOptions, report: Any = lambda _: None) -> R
             "their folders. Rename or copy one of them."
         )
     base_name = sanitize_name(options.name or base_dir.resolve().name)
+    # The base converts as it is stored: a bfloat16 base to a BF16 GGUF, never a silent overflow to Inf.
+    source_ftype = gguf_source_ftype(merged_dtype(base_dir, None))
+    if source_ftype == "BF16" and any(p.ftype == "F16" for p in profiles):
+        overflow = bfloat16_overflow(base_dir)
+        if overflow:
+            raise InputError(
+                f"The bfloat16 base {base_dir} holds values beyond float16's range (±65504) in {overflow}, so an "
+                "F16 base would hold Inf there. Ask for --profile BF16 instead, or a quantized profile."
+            )
     out = options.out
     base_paths = {p.name: out / f"{base_name}-{p.name}.gguf" for p in profiles}
     adapter_paths = {n: out / f"{n}.lora.gguf" for n in names}
@@ -315,7 +325,7 @@ def runtime_lora(options: RuntimeLoraOptions, report: Any = lambda _: None) -> R
                 "stage": "convert-base",
                 "base": base_inputs["files"],
                 "llama.cpp": vendored.commit,
-                "outtype": "f16",
+                "outtype": source_ftype.lower(),
                 "name": base_name,
                 "uuid": identity_uuid,
             }
@@ -331,11 +341,12 @@ def runtime_lora(options: RuntimeLoraOptions, report: Any = lambda _: None) -> R
                 staging / "model.gguf",
                 vendored,
                 base_name,
+                outtype=source_ftype.lower(),
                 metadata={"general.uuid": identity_uuid},
             )
             meta.update(
                 seconds=round(time.perf_counter() - start, 3),
-                what=f"{base_name} F16 GGUF (unmerged base)",
+                what=f"{base_name} {source_ftype} GGUF (unmerged base)",
                 files={"model.gguf": digest},
             )
 
@@ -352,7 +363,7 @@ def runtime_lora(options: RuntimeLoraOptions, report: Any = lambda _: None) -> R
         for profile in profiles:
             target = base_paths[profile.name]
             start = time.perf_counter()
-            if profile.is_unquantized:
+            if profile.is_source(source_ftype):
                 entry, sha, built_seconds = f16_entry, f16_sha, f16_entry.meta["seconds"]
             else:
                 entry, reused = cache.get_or_build(

@@ -96,3 +96,59 @@ def read_header(path: Path) -> list[TensorEntry]:
         entries.append(TensorEntry(name, dtype, shape, path, base + begin, base + end))
     entries.sort(key=lambda e: e.start)
     return entries
+
+
+FLOAT_DTYPES = ("F16", "BF16", "F32")
+_DTYPE_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
+
+
+def base_shard_files(base_dir: Path) -> list[Path]:
+    """The safetensors files of a model folder (its index's, when it has one)."""
+    index_file = base_dir / "model.safetensors.index.json"
+    if index_file.is_file():
+        weight_map = json.loads(index_file.read_text())["weight_map"]
+        return sorted({base_dir / f for f in weight_map.values()})
+    return sorted(base_dir.glob("*.safetensors"))
+
+
+def merged_dtype(base_dir: Path, requested: str | None) -> str:
+    """The dtype the merge writes: --dtype, else bfloat16 for a bfloat16 base, else float16.
+
+    A bfloat16 base stays bfloat16 (converted to a BF16 GGUF): casting it to float16 could overflow.
+    """
+    if requested:
+        if requested.lower() not in DTYPE_ALIASES:
+            raise InputError(
+                f"--dtype {requested!r} is not supported; use one of float16, bfloat16, float32."
+            )
+        return _DTYPE_NAMES[DTYPE_ALIASES[requested.lower()]]
+    stored = {e.dtype for f in base_shard_files(base_dir) for e in read_header(f) if e.dtype in FLOAT_DTYPES}
+    return "bfloat16" if stored == {"BF16"} else "float16"
+
+
+def gguf_source_ftype(dtype: str) -> str:
+    """The type the converter writes a merged folder of this dtype in (what the profiles quantize from)."""
+    return "BF16" if dtype == "bfloat16" else "F16"
+
+
+# bfloat16 bit patterns (sign cleared) from this one up round to 65536 or more: Inf in float16.
+_BF16_OVERFLOWS_F16 = 0x4780
+
+
+def bfloat16_overflow(base_dir: Path) -> str | None:
+    """The first bfloat16 tensor of a model folder holding a value float16 cannot represent, or None.
+
+    Reads the raw bits (no tensor library): for finite bfloat16 values, |x| orders like the bits without
+    the sign, so one comparison per element finds values past float16's ±65504 (and Inf or NaN).
+    """
+    import numpy as np
+
+    for file in base_shard_files(base_dir):
+        data = np.memmap(file, dtype=np.uint8, mode="r")
+        for entry in read_header(file):
+            if entry.dtype != "BF16" or entry.start == entry.end:
+                continue
+            bits = data[entry.start : entry.end].view(np.uint16)
+            if int((bits & 0x7FFF).max()) >= _BF16_OVERFLOWS_F16:
+                return entry.name
+    return None

@@ -155,10 +155,9 @@ class QuantProfile(BaseModel):
         """The llama_ftype number passed to llama_model_quantize."""
         return LLAMA_FTYPES[self.ftype]
 
-    @property
-    def is_unquantized(self) -> bool:
-        """F16 is the converter's own output; it needs no quantization step."""
-        return self.ftype == "F16" and not self.overrides.tensor_types
+    def is_source(self, source_ftype: str) -> bool:
+        """The converter's own output (F16, or BF16 for a bfloat16 model) needs no quantization step."""
+        return self.ftype == source_ftype and not self.overrides.tensor_types
 
     @property
     def needs_imatrix(self) -> bool:

@@ -122,10 +122,10 @@ class Reference:
     peft_model: Any
 
     def prompt_ids(self, question: str) -> list[int]:
-        return list(
-            self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": question}], add_generation_prompt=True
-            )
+        from exporter.dialects import chat_token_ids
+
+        return chat_token_ids(
+            self.tokenizer, [{"role": "user", "content": question}], add_generation_prompt=True
         )
 
     def greedy(self, question: str, max_new_tokens: int, with_adapter: bool = True) -> list[int]:

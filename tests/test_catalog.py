@@ -15,14 +15,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, DemoInputs
-from tests.tiny import make_adapter, make_tiny_llama
+from tests.tiny import copy_tokenizer, make_adapter, make_tiny_llama
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-)
 # Where the catalog writes what each case printed (docs/reliability.md is made from it).
 MESSAGES_ENV = "EDGE_EXPORT_CATALOG_MESSAGES"
 
@@ -42,8 +36,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory, demo_inputs: DemoInputs) ->
     root = tmp_path_factory.mktemp("catalog")
     bare = make_tiny_llama(root / "bare-base")
     base = make_tiny_llama(root / "base")
-    for name in TOKENIZER_FILES:
-        shutil.copyfile(demo_inputs.base / name, base / name)
+    copy_tokenizer(demo_inputs.base, base)
     adapter = make_adapter(base, root / "adapter")
     wide = make_tiny_llama(root / "wide-base", vocab=320)
     other = make_adapter(wide, root / "wide-adapter", target_modules=["embed_tokens", "q_proj"])
@@ -93,8 +86,7 @@ def missing_config(inputs: Inputs, tmp: Path) -> list[str]:
 
 def shape_mismatch(inputs: Inputs, tmp: Path) -> list[str]:
     other = make_tiny_llama(tmp / "other", hidden=32)
-    for name in TOKENIZER_FILES:
-        shutil.copyfile(inputs.base / name, other / name)
+    copy_tokenizer(inputs.base, other)
     adapter = shutil.copytree(inputs.adapter, tmp / "adapter")
     edit_json(adapter / "adapter_config.json", base_model_name_or_path="org/model-not-on-this-machine")
     return tiny_args(inputs, adapter, other)

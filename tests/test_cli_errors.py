@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_cli
-from tests.tiny import make_adapter, make_tiny_llama
+from tests.tiny import copy_tokenizer, make_adapter, make_tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -18,13 +18,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory, demo_inputs) -> dict[str, Pat
     base = make_tiny_llama(root / "base")
     other = make_tiny_llama(root / "other-base", hidden=32)
     for folder in (base, other):  # the tokenizer llama.cpp needs, checked before any work
-        for name in (
-            "tokenizer.json",
-            "tokenizer_config.json",
-            "special_tokens_map.json",
-            "chat_template.jinja",
-        ):
-            shutil.copyfile(demo_inputs.base / name, folder / name)
+        copy_tokenizer(demo_inputs.base, folder)
     adapter = make_adapter(base, root / "adapter")
     return {"root": root, "base": base, "other": other, "adapter": adapter}
 

@@ -98,7 +98,7 @@ def test_doctor_reports_every_check():
 def test_doctor_fails_with_the_fix_when_vendor_is_missing(tmp_path: Path, monkeypatch):
     monkeypatch.setenv(vendor.ENV_VAR, str(tmp_path / "absent"))
     proc = run_cli("doctor")
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert "FAIL vendored converter" in proc.stdout and "make vendor" in proc.stdout
 
 

@@ -29,7 +29,8 @@ def test_builtin_profiles_load_and_cover_the_common_types():
     q4 = registry.get("Q4_K_M")
     assert q4.ftype_id == 15 and q4.gates.max_mean_kld > 0 and 0 < q4.gates.min_top1 <= 1
     assert registry.get("Q8_0").ftype_id == 7
-    assert registry.get("F16").is_unquantized
+    assert registry.get("F16").is_source("F16") and not registry.get("F16").is_source("BF16")
+    assert registry.get("BF16").is_source("BF16") and not registry.get("Q8_0").is_source("F16")
     assert registry.get("IQ4_XS").needs_imatrix and not q4.needs_imatrix
 
 

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def copy_tokenizer(source: Path, target: Path) -> Path:
+    """Copy the tokenizer files `source` has (transformers 4 and 5 write different sets)."""
+    from exporter.merge import TOKENIZER_FILES
+
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, target / name)
+    return target
 
 
 def make_tiny_llama(
