@@ -79,6 +79,11 @@ EMBEDDING_NAMES = (
 OUTPUT_NAME = "lm_head.weight"
 QUANTIZED_BASE_HINT = re.compile(r"bnb|4bit|4-bit|nf4|gptq|awq|int4|8bit", re.IGNORECASE)
 MERGEABLE_TYPES = ("LORA", "IA3")
+# Tensors some LoRA variants save that act only while training (PEFT merges plain B·A for them).
+TRAINING_ONLY_TENSORS = {
+    "monteclora_config": ".lora_monteclora_sampler.",  # MonteCLoRA's variational sampler
+    "velora_config": ".lora_velora_",  # VeLoRA's activation-compression projection
+}
 UNMERGEABLE_TYPES = {
     "PREFIX_TUNING": "prefix tuning adds learned key/value prefixes at run time",
     "PROMPT_TUNING": "prompt tuning adds learned virtual tokens at run time",
@@ -310,8 +315,8 @@ def _plan_lora(
             part = match.group(2) + (".bias" if match.group(3) == "bias" else "")
             modules.setdefault(match.group(1), {})[part] = tensor
             continue
-        if config.get("monteclora_config") and ".lora_monteclora_sampler." in name:
-            continue  # MonteCLoRA's variational sampler acts only while training
+        if any(config.get(key) and marker in name for key, marker in TRAINING_ONLY_TENSORS.items()):
+            continue
         key = classify_full_key(name)
         if key.kind == "original copy":
             continue  # the base's own weights, saved beside the trained copy by some PEFT versions

@@ -297,3 +297,49 @@ def test_bf16_base_stays_bf16_and_dtype_can_be_chosen(tmp_path: Path):
     as_fp16 = merge_adapters(base, [read_adapter(adapter)], tmp_path / "fp16", dtype="float16")
     assert as_fp16.dtype == "float16"
     assert {t.dtype for t in load_state(tmp_path / "fp16").values()} == {torch.float16}
+
+
+def test_kasa_truncates_the_base_and_adds_the_diagonal_update(tiny_base: Path, tmp_path: Path):
+    """PEFT 0.21's KaSA: the base weight loses its r smallest singular components, ΔW = s·B·diag·A."""
+    from peft import KasaConfig
+
+    adapter = make_adapter(tiny_base, tmp_path / "adapter", kasa_config=KasaConfig())
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    assert any(k.endswith("q_proj.lora_diag") for k in tensors)
+    _, merged = assert_matches_peft(tiny_base, [(adapter, 1.0)], tmp_path / "merged")
+    # Not a plain LoRA: without the truncation the merged weights would differ.
+    weight = load_state(tiny_base)["model.layers.0.self_attn.q_proj.weight"].float()
+    a = tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
+    b = tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
+    plain = weight + 2.0 * (b * tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_diag"]) @ a
+    assert (merged["model.layers.0.self_attn.q_proj.weight"].float() - plain).abs().max() > 5e-4
+
+
+def test_block_diagonal_lora_is_unpacked(tiny_base: Path, tmp_path: Path):
+    from peft import BdLoraConfig
+
+    bd = BdLoraConfig(
+        target_modules_bd_a=["o_proj", "down_proj"],
+        target_modules_bd_b=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"],
+        nblocks=2,
+    )
+    adapter = make_adapter(tiny_base, tmp_path / "adapter", use_bdlora=bd, fill_lora=True)
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    assert tuple(tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].shape) == (64, 2)
+    assert tuple(tensors["base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight"].shape) == (4, 32)
+    assert_matches_peft(tiny_base, [(adapter, 1.0)], tmp_path / "merged")
+
+
+@pytest.mark.parametrize("variant", ["monteclora", "velora"])
+def test_training_only_variants_merge_as_plain_lora(variant: str, tiny_base: Path, tmp_path: Path):
+    """MonteCLoRA and VeLoRA act only while training; their extra saved tensors are dropped."""
+    from peft import MontecloraConfig, VeloraConfig
+
+    options = {
+        "monteclora": {"monteclora_config": MontecloraConfig()},
+        "velora": {"velora_config": VeloraConfig()},
+    }
+    adapter = make_adapter(tiny_base, tmp_path / "adapter", **options[variant])
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    assert any(f"lora_{variant}" in k for k in tensors), sorted(tensors)
+    assert_matches_peft(tiny_base, [(adapter, 1.0)], tmp_path / "merged")

@@ -64,11 +64,20 @@ def make_tiny_gpt2(folder: Path, hidden: int = 64, vocab: int = 256, seed: int =
     return folder
 
 
-def make_adapter(base: Path, folder: Path, seed: int = 1, perturb: bool = False, **lora_kwargs: Any) -> Path:
+def make_adapter(
+    base: Path,
+    folder: Path,
+    seed: int = 1,
+    perturb: bool = False,
+    fill_lora: bool = False,
+    **lora_kwargs: Any,
+) -> Path:
     """A PEFT LoRA adapter on `base` with random (non-zero) A and B, saved with save_pretrained.
 
     perturb=True also changes every other trainable tensor (DoRA magnitudes, LoRA biases,
     modules_to_save copies, trained biases), which PEFT initialises to values that change nothing.
+    fill_lora=True redraws every lora_A/lora_B weight (for variants whose B starts at zero even with
+    init_lora_weights=False, such as BD-LoRA's block-diagonal B).
     """
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -79,6 +88,11 @@ def make_adapter(base: Path, folder: Path, seed: int = 1, perturb: bool = False,
     options.update(lora_kwargs)
     peft_model = get_peft_model(model, LoraConfig(**options))
     _perturb(peft_model, perturb)
+    if fill_lora:
+        with torch.no_grad():
+            for name, parameter in peft_model.named_parameters():
+                if ".lora_A." in name or ".lora_B." in name:
+                    parameter.copy_(0.3 * torch.randn_like(parameter))
     peft_model.save_pretrained(folder, safe_serialization=True)
     config = json.loads((folder / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = str(base)
