@@ -27,6 +27,7 @@ class MergeResult:
     # Largest |value| over the floating-point tensors written, when the output dtype could exceed
     # float16's range (bfloat16, float32); None for a float16 output, which is range-checked as written.
     max_abs: float | None = None
+    dtype_reason: str = ""
 
     @property
     def gguf_ftype(self) -> str:

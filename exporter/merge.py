@@ -42,7 +42,13 @@ from exporter.dialects import (
     read_chat_template,
 )
 from exporter.errors import InputError
-from exporter.safetensors_header import DEFAULT_SHARD_BYTES, DTYPE_ALIASES, base_shard_files, merged_dtype
+from exporter.safetensors_header import (
+    DEFAULT_SHARD_BYTES,
+    DTYPE_ALIASES,
+    DtypeChoice,
+    base_shard_files,
+    choose_merge_dtype,
+)
 from exporter.safetensors_io import DTYPES as SAFETENSORS_DTYPES
 from exporter.safetensors_io import (
     PlannedTensor,
@@ -607,11 +613,46 @@ def merge_adapters(
     progress: Callable[[int, int], None] | None = None,
     provenance: dict[str, Any] | None = None,
 ) -> MergeResult:
-    """Merge `adapters` into the base at `base_dir` and write a complete HF folder at `out_dir`."""
+    """Merge `adapters` into the base at `base_dir` and write a complete HF folder at `out_dir`.
+
+    Without `dtype`, a bfloat16 base is written as float16 when it fits float16's range
+    (choose_merge_dtype); should the merged values then overflow, the merge is redone in bfloat16.
+    """
     base_config = json.loads((base_dir / "config.json").read_text())
     base = BaseModel(base_dir)
     plan, untied = plan_merge(base, adapters, base_config)
-    out_dtype = _output_dtype(dtype, base)
+    choice = choose_merge_dtype(base_dir, dtype)
+    if not dtype and base.float_dtypes() == {"F32"}:
+        log.warning("%s is stored in float32; writing the merged model as float16", base_dir)
+    try:
+        return _write_merge(
+            base, adapters, plan, untied, base_config, choice, out_dir, max_shard_bytes, progress, provenance
+        )
+    except _Float16Overflow as overflow:
+        if dtype or "BF16" not in base.float_dtypes():
+            raise
+        choice = DtypeChoice(
+            "bfloat16", f"the merged {overflow.tensor} exceeds float16's range: kept bfloat16"
+        )
+        return _write_merge(
+            base, adapters, plan, untied, base_config, choice, out_dir, max_shard_bytes, progress, provenance
+        )
+
+
+def _write_merge(
+    base: BaseModel,
+    adapters: list[LoraAdapter],
+    plan: MergePlan,
+    untied: bool,
+    base_config: dict[str, Any],
+    choice: DtypeChoice,
+    out_dir: Path,
+    max_shard_bytes: int,
+    progress: Callable[[int, int], None] | None,
+    provenance: dict[str, Any] | None,
+) -> MergeResult:
+    base_dir = base.base_dir
+    out_dtype = DTYPES[choice.dtype]
 
     extra_after = {source: name for name, source in plan.extra_outputs}
     layout: list[PlannedTensor] = []
@@ -646,7 +687,8 @@ def merge_adapters(
         if provenance is not None:
             record = {
                 **provenance,
-                "dtype": str(out_dtype).removeprefix("torch."),
+                "dtype": choice.dtype,
+                "dtype_reason": choice.why,
                 "shards": shard_count,
                 "merged_tensors": sorted(merged_names),
                 "config_changes": plan.config_changes,
@@ -664,12 +706,21 @@ def merge_adapters(
         out_dir,
         len(merged_names),
         len(layout),
-        str(out_dtype).removeprefix("torch."),
+        choice.dtype,
         shard_count,
         untied,
         dict(writer.digests),
         watch.max_abs,
+        choice.why,
     )
+
+
+class _Float16Overflow(InputError):
+    """A value beyond float16's range met a float16 output."""
+
+    def __init__(self, message: str, tensor: str):
+        super().__init__(message)
+        self.tensor = tensor
 
 
 class _RangeWatch:
@@ -694,15 +745,22 @@ class _RangeWatch:
                 self.max_abs = max(self.max_abs, abs(low), abs(high))
             return
         if narrowed and not merged:
-            raise InputError(
+            raise _Float16Overflow(
                 f"The base tensor {name} in {self.base_dir} holds values beyond float16's range (±65504), "
                 "so writing the model as float16 would turn them into Inf. Keep the base's own precision: "
-                "drop --dtype float16 (a bfloat16 base stays bfloat16), or pass --dtype bfloat16."
+                "drop --dtype float16 (a bfloat16 base that does not fit float16 stays bfloat16), or pass "
+                "--dtype bfloat16.",
+                name,
+            )
+        if narrowed:
+            raise _Float16Overflow(
+                f"Merging into {name} gives values beyond float16's range (±65504), which would be Inf in a "
+                "float16 model. Pass --dtype bfloat16 (or drop --dtype float16) to keep them. Nothing was written.",
+                name,
             )
         raise InputError(
-            f"Merging into {name} produced NaN or Inf values"
-            + (" (beyond float16's range: pass --dtype bfloat16)" if narrowed else "")
-            + f": the adapter weights in {self.adapter_files} are corrupt or overflow. Nothing was written."
+            f"Merging into {name} produced NaN or Inf values: the adapter weights in {self.adapter_files} are "
+            "corrupt or overflow. Nothing was written."
         )
 
 
@@ -727,13 +785,6 @@ def _write_merged(
         tensor = tensor.to(out_dtype)
         watch.check(name, tensor, source_dtype if source_dtype != out_dtype else None, merged=False)
     writer.write(name, tensor)
-
-
-def _output_dtype(requested: str | None, base: BaseModel) -> torch.dtype:
-    name = merged_dtype(base.base_dir, requested)
-    if not requested and base.float_dtypes() == {"F32"}:
-        log.warning("%s is stored in float32; writing the merged model as float16", base.base_dir)
-    return DTYPES[name]
 
 
 def _has_chat_template(folder: Path) -> bool:

@@ -44,10 +44,11 @@ from exporter.quality import (
     build_reference,
     cache_root,
     evaluate_gguf,
+    gate_diagnosis,
     parse_gate_overrides,
 )
 from exporter.report import REPORT_FILES, REPORT_JSON, report_data, write_reports
-from exporter.safetensors_header import DEFAULT_SHARD_BYTES, gguf_source_ftype, merged_dtype
+from exporter.safetensors_header import DEFAULT_SHARD_BYTES
 from exporter.stage_cache import CacheEntry, StageCache, link_into, stage_key
 from exporter.tokenizer_parity import ParityReport, check_embedded_chat_template, check_tokenizer_parity
 from quant_profiles import ProfileError, ProfileRegistry, QuantProfile, builtin_profiles
@@ -347,9 +348,8 @@ def _merge_quantize(options: ExportOptions, report: Reporter) -> ExportResult:
     base_dir = resolve_base(options.base, adapters[0])
     name = sanitize_name(options.name or adapters[0].path.resolve().name)
     out = options.out
-    # The converter's output: F16, or BF16 for a bfloat16 merge (never a silent overflow to Inf).
-    source_ftype = gguf_source_ftype(merged_dtype(base_dir, options.dtype))
-    f16_path = out / f"{name}-{source_ftype}.gguf"
+    # The converter writes F16, or BF16 where the merge kept bfloat16 (decided by the merge's range check).
+    source_paths = [out / f"{name}-{ftype}.gguf" for ftype in ("F16", "BF16")]
     planned_ggufs = {p.name: out / f"{name}-{p.name}.gguf" for p in profiles}
     planned_modelfiles = {p.name: out / f"{name}-{p.name}.Modelfile" for p in profiles}
     reports = [out / name for name in REPORT_FILES]
@@ -358,7 +358,7 @@ def _merge_quantize(options: ExportOptions, report: Reporter) -> ExportResult:
         [
             out / MANIFEST,
             out / MERGED_DIR,
-            f16_path,
+            *source_paths,
             *planned_ggufs.values(),
             *planned_modelfiles.values(),
             *reports,
@@ -421,6 +421,7 @@ def _merge_quantize(options: ExportOptions, report: Reporter) -> ExportResult:
                 shards=built.shards,
                 untied=built.untied_embeddings,
                 max_abs=built.max_abs,
+                dtype_reason=built.dtype_reason,
             )
 
         kill_point("merge")
@@ -440,7 +441,15 @@ def _merge_quantize(options: ExportOptions, report: Reporter) -> ExportResult:
             meta["shards"],
             meta["untied"],
             max_abs=meta.get("max_abs"),
+            dtype_reason=meta.get("dtype_reason", ""),
         )
+        source_ftype = merged.gguf_ftype
+        _check_float16_range(merged, [p for p in profiles if not p.is_source(source_ftype)], base_dir)
+        f16_path = out / f"{name}-{source_ftype}.gguf"
+        if options.force:  # an earlier export of this name may have converted to the other 16-bit type
+            for stale in source_paths:
+                if stale != f16_path and stale.name not in (p.name for p in planned_ggufs.values()):
+                    stale.unlink(missing_ok=True)
         # The chat template is translated while the converter (a child process) runs, and a template
         # that cannot be translated stops the export before the quantizations.
         chat_future = side_work.submit(_chat_stage, cache, merge_key, merged.path)
@@ -485,7 +494,6 @@ def _merge_quantize(options: ExportOptions, report: Reporter) -> ExportResult:
             f16_path, f16_profile, entry.meta["seconds"], entry.meta["files"]["model.gguf"], headers[f16_path]
         )
         to_quantize = [p for p in profiles if not p.is_source(source_ftype)]
-        _check_float16_range(merged, to_quantize, base_dir)
         imatrix = None
         if options.has_imatrix and to_quantize:
             with _timed(seconds, "imatrix"):
@@ -858,18 +866,12 @@ def hash_inputs(adapters: list[LoraAdapter], base_dir: Path, memo: HashMemo | No
     }
 
 
-def _precision_record(requested: str | None, merged: MergeResult) -> dict[str, Any]:
+def _precision_record(merged: MergeResult) -> dict[str, Any]:
     """What precision the merge and the converter wrote in, and why (the manifest's "precision")."""
-    if requested:
-        why = f"--dtype {requested}"
-    elif merged.dtype == "bfloat16":
-        why = "the base is bfloat16: kept as bfloat16, so no weight can overflow float16's range"
-    else:
-        why = "the base is float16" if merged.max_abs is None else "float16, the default for this base"
     return {
         "merged": merged.dtype,
         "gguf": merged.gguf_ftype,
-        "why": why,
+        "why": merged.dtype_reason,
         "fits_float16": merged.fits_float16,
     }
 
@@ -914,7 +916,7 @@ def _write_manifest(
             "shards": merged.shards,
             "max_abs": merged.max_abs,
         },
-        "precision": _precision_record(options.dtype, merged),
+        "precision": _precision_record(merged),
         "intermediates": [f16.to_json(out)],
         "artifacts": [a.to_json(out) for a in artifacts.values()],
         "modelfiles": [
@@ -1077,6 +1079,7 @@ def write_junit(target: Path, summary: QualitySummary, comparisons: list[Baselin
             if not gate.passed:
                 failures += 1
                 detail = item.metrics.get("error") or f"{gate.gate}: {gate.value} against limit {gate.limit}"
+                detail += f" {gate_diagnosis(item.label)}" if gate_diagnosis(item.label) else ""
                 ET.SubElement(case, "failure", message=detail[:500]).text = detail
     for comparison in comparisons:
         case = ET.SubElement(

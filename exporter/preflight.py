@@ -25,8 +25,7 @@ from exporter.memory import fit_check, fit_merge
 from exporter.safetensors_header import (
     DTYPE_ALIASES,
     ELEMENT_SIZES,
-    gguf_source_ftype,
-    merged_dtype,
+    base_shard_files,
     read_header,
 )
 from quant_profiles import QuantProfile
@@ -147,6 +146,10 @@ def _float_elements(base_dir: Path) -> tuple[int, int, int]:
     return floats, embeddings, other
 
 
+def _has_bf16(base_dir: Path) -> bool:
+    return any(e.dtype == "BF16" for f in base_shard_files(base_dir) for e in read_header(f))
+
+
 def plan_disk(
     base_dir: Path,
     profiles: list[QuantProfile],
@@ -164,7 +167,7 @@ def plan_disk(
         DiskItem(f"{source_ftype} GGUF", floats * 2 + other + side),
     ]
     for profile in profiles:
-        if profile.is_source(source_ftype):
+        if profile.is_source(source_ftype) or (source_ftype == "16-bit" and profile.is_source("F16")):
             continue
         bits = (floats - embeddings) * profile.bits_per_weight + embeddings * max(
             EMBEDDING_BITS, profile.bits_per_weight
@@ -250,9 +253,12 @@ def preflight_export(
     check_tokenizer(base_dir, tokenizer_dir)
     if options.check:
         check_eval_data(options.quality.eval_data, tokenizer_dir)
-    dtype = merged_dtype(base_dir, options.dtype)
-    merged_bytes = ELEMENT_SIZES[DTYPE_ALIASES[dtype]]
-    source_ftype = gguf_source_ftype(dtype)
+    requested = DTYPE_ALIASES.get((options.dtype or "").lower())
+    merged_bytes = ELEMENT_SIZES[requested] if requested else 2  # the merge writes 16-bit by default
+    # Which 16-bit type a bfloat16 base converts to is settled by the merge's range check.
+    source_ftype = (
+        "BF16" if requested == "BF16" else "F16" if requested or not _has_bf16(base_dir) else "16-bit"
+    )
     plan = plan_disk(
         base_dir,
         profiles,

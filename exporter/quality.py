@@ -83,6 +83,20 @@ class GateResult:
     passed: bool
 
 
+UNQUANTIZED_LABELS = ("F16", "BF16")
+
+
+def gate_diagnosis(label: str) -> str | None:
+    """What a failed gate on this artifact points at: an unquantized GGUF is the merge and conversion alone."""
+    if label not in UNQUANTIZED_LABELS:
+        return None
+    return (
+        f"The {label} GGUF is not quantized, so its distance from the unmerged model comes from the merge, "
+        "the conversion or the way the base was read (a config field misread, such as another transformers "
+        "version's rope settings), not from quantization. Fix that first: every quantized file inherits it."
+    )
+
+
 @dataclass
 class ArtifactQuality:
     label: str  # profile name, or "base (no adapter)"

@@ -53,7 +53,7 @@ from exporter.quality import (
     evaluate_gguf,
     parse_gate_overrides,
 )
-from exporter.safetensors_header import bfloat16_overflow, gguf_source_ftype, merged_dtype
+from exporter.safetensors_header import choose_merge_dtype, gguf_source_ftype
 from exporter.stage_cache import StageCache, link_into, stage_key
 from quant_profiles import QuantProfile
 
@@ -281,15 +281,14 @@ def runtime_lora(options: RuntimeLoraOptions, report: Any = lambda _: None) -> R
             "their folders. Rename or copy one of them."
         )
     base_name = sanitize_name(options.name or base_dir.resolve().name)
-    # The base converts as it is stored: a bfloat16 base to a BF16 GGUF, never a silent overflow to Inf.
-    source_ftype = gguf_source_ftype(merged_dtype(base_dir, None))
+    # The base converts as the merge would write it: float16 when it fits float16's range, else BF16
+    # (a bfloat16 base holding larger values), never a silent overflow to Inf.
+    source_ftype = gguf_source_ftype(choose_merge_dtype(base_dir, None).dtype)
     if source_ftype == "BF16" and any(p.ftype == "F16" for p in profiles):
-        overflow = bfloat16_overflow(base_dir)
-        if overflow:
-            raise InputError(
-                f"The bfloat16 base {base_dir} holds values beyond float16's range (±65504) in {overflow}, so an "
-                "F16 base would hold Inf there. Ask for --profile BF16 instead, or a quantized profile."
-            )
+        raise InputError(
+            f"The bfloat16 base {base_dir} holds values beyond float16's range (±65504), so an F16 base would "
+            "hold Inf there. Ask for --profile BF16 instead, or a quantized profile."
+        )
     out = options.out
     base_paths = {p.name: out / f"{base_name}-{p.name}.gguf" for p in profiles}
     adapter_paths = {n: out / f"{n}.lora.gguf" for n in names}

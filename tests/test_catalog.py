@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import REPO, DemoInputs
 from tests.tiny import copy_tokenizer, make_adapter, make_tiny_llama
@@ -188,6 +189,50 @@ def custom_code(inputs: Inputs, tmp: Path) -> list[str]:
     return tiny_args(inputs, base=base)
 
 
+def refused_adapter_key(inputs: Inputs, tmp: Path) -> list[str]:
+    adapter = shutil.copytree(inputs.adapter, tmp / "adapter")
+    edit_json(adapter / "adapter_config.json", use_qalora=True)
+    return tiny_args(inputs, adapter)
+
+
+def unknown_adapter_key(inputs: Inputs, tmp: Path) -> list[str]:
+    adapter = shutil.copytree(inputs.adapter, tmp / "adapter")
+    edit_json(adapter / "adapter_config.json", lora_future_config={"mode": "sparse"})
+    return tiny_args(inputs, adapter)
+
+
+def base_rewriting_init(inputs: Inputs, tmp: Path) -> list[str]:
+    adapter = shutil.copytree(inputs.adapter, tmp / "adapter")
+    edit_json(adapter / "adapter_config.json", init_lora_weights="pissa_niter_4")
+    return tiny_args(inputs, adapter)
+
+
+def kasa_with_another(inputs: Inputs, tmp: Path) -> list[str]:
+    from peft import KasaConfig
+
+    kasa = make_adapter(inputs.base, tmp / "kasa", kasa_config=KasaConfig())
+    return [*tiny_args(inputs, kasa), "--adapter", str(inputs.adapter)]
+
+
+def overflowing_bf16_base(inputs: Inputs, tmp: Path) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    base = make_tiny_llama(tmp / "bf16-base", dtype=torch.bfloat16)
+    copy_tokenizer(inputs.base, base)
+    weights = load_file(str(base / "model.safetensors"))
+    weights["model.layers.0.mlp.down_proj.weight"][0, 0] = 1e5
+    save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})
+    return base
+
+
+def float16_of_overflowing_bf16(inputs: Inputs, tmp: Path) -> list[str]:
+    return [*tiny_args(inputs, base=overflowing_bf16_base(inputs, tmp)), "--dtype", "float16"]
+
+
+def f16_profile_of_overflowing_bf16(inputs: Inputs, tmp: Path) -> list[str]:
+    return [*tiny_args(inputs, base=overflowing_bf16_base(inputs, tmp)), "--profile", "F16"]
+
+
 CASES = [
     Case(
         "missing adapter_config.json", missing_config, ("adapter_config.json is missing", "Point --adapter")
@@ -237,6 +282,32 @@ CASES = [
         'Modelfile content containing """',
         triple_quote_in_modelfile,
         ("license text", "cannot hold", "export again"),
+    ),
+    Case(
+        "adapter setting the merge does not compute (QA-LoRA)",
+        refused_adapter_key,
+        ("adapter_config.json sets use_qalora = True", "group-pooled", "Train without use_qalora"),
+    ),
+    Case(
+        "adapter setting edge-export does not know",
+        unknown_adapter_key,
+        ("lora_future_config", "does not know", "may change the adapter's weights"),
+    ),
+    Case(
+        "adapter initialised by rewriting the base (PiSSA)",
+        base_rewriting_init,
+        ("init_lora_weights = 'pissa_niter_4'", "path_initial_model_for_weight_conversion"),
+    ),
+    Case("KaSA adapter merged with another adapter", kasa_with_another, ("KaSA", "Export it on its own")),
+    Case(
+        "--dtype float16 on a bfloat16 base beyond float16's range",
+        float16_of_overflowing_bf16,
+        ("model.layers.0.mlp.down_proj.weight", "beyond float16's range", "--dtype bfloat16"),
+    ),
+    Case(
+        "F16 profile from a bfloat16 base beyond float16's range",
+        f16_profile_of_overflowing_bf16,
+        ("beyond float16's range", "F16 would hold Inf", "Ask for BF16"),
     ),
     Case(
         "base config with auto_map, without --trust-remote-code",

@@ -185,3 +185,20 @@ def test_metal_evaluation_without_a_metal_build_is_a_clear_error(demo_export: De
     )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "built without Metal" in " ".join(proc.stderr.split())
+
+
+def test_a_failed_f16_gate_blames_the_merge_or_conversion(demo_export: DemoExport):
+    """The F16 GGUF is not quantized: when it misses its exactness gate, quantization is not the suspect."""
+    proc = run_cli(
+        "check",
+        "--manifest",
+        str(demo_export.out / "manifest.json"),
+        "--gate",
+        "F16:max_mean_kld=1e-9",
+        "--eval-data",
+        str(Path(demo_export.report["reference"]["eval_data"])),
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    message = " ".join(proc.stderr.split())
+    assert "F16: The F16 GGUF is not quantized" in message and "the merge, the conversion" in message, message
+    assert "Q8_0:" not in message

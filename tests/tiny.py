@@ -49,6 +49,33 @@ def make_tiny_llama(
     return folder
 
 
+def make_tiny_smollm(
+    folder: Path, tokenizer_dir: Path, dtype: torch.dtype = torch.float16, seed: int = 0
+) -> Path:
+    """SmolLM2's architecture, tokenizer and rope_theta at a tiny width: converts, quantizes and evaluates
+    in seconds through the real pipeline. `tokenizer_dir` is the demo base (its tokenizer files)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        initializer_range=0.15,
+    )
+    LlamaForCausalLM(config).to(dtype).save_pretrained(folder, safe_serialization=True)
+    return copy_tokenizer(tokenizer_dir, folder)
+
+
 def make_tiny_gpt2(folder: Path, hidden: int = 64, vocab: int = 256, seed: int = 0) -> Path:
     """GPT-2 stores its projections as Conv1D (in × out): the fan_in_fan_out case, with biases."""
     from transformers import GPT2Config, GPT2LMHeadModel
