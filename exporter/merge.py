@@ -266,7 +266,9 @@ def check_adapter_type(adapter: LoraAdapter) -> None:
         )
 
 
-def plan_adapter(adapter: LoraAdapter, base_shapes: dict[str, tuple[int, ...]], plan: MergePlan) -> None:
+def plan_adapter(
+    adapter: LoraAdapter, base_shapes: dict[str, tuple[int, ...]], plan: MergePlan, conv1d: bool = False
+) -> None:
     """Add one adapter's updates to the plan, checking names, shapes and features against the base."""
     check_adapter_type(adapter)
     tensors = load_adapter_tensors(adapter)
@@ -276,7 +278,7 @@ def plan_adapter(adapter: LoraAdapter, base_shapes: dict[str, tuple[int, ...]], 
     if adapter.peft_type == "IA3":
         _plan_ia3(adapter, names, base_shapes, plan)
     else:
-        _plan_lora(adapter, names, base_shapes, plan)
+        _plan_lora(adapter, names, base_shapes, plan, conv1d)
 
 
 def _shape_error(adapter: LoraAdapter, what: str, target: str, base_shape: tuple[int, ...]) -> InputError:
@@ -302,9 +304,9 @@ def _plan_lora(
     names: dict[str, torch.Tensor],
     base_shapes: dict[str, tuple[int, ...]],
     plan: MergePlan,
+    conv1d: bool,
 ) -> None:
     config = adapter.config
-    fan_in_fan_out = bool(config.get("fan_in_fan_out"))
     use_dora = bool(config.get("use_dora"))
     kasa = config.get("kasa_config") is not None
     bias_mode = config.get("bias", "none")
@@ -373,6 +375,7 @@ def _plan_lora(
         lora_a, lora_b = parts[a_key], parts[b_key]
         if config.get("use_bdlora") and not embedding:
             lora_a, lora_b = _unpack_block_diagonal(config["use_bdlora"], lora_a, lora_b, rank, shape)
+        fan_in_fan_out = not embedding and _stored_transposed(shape, lora_a, lora_b, conv1d)
         if embedding:
             expected_a, expected_b = (rank, shape[0]), (shape[1], rank)
         else:
@@ -452,6 +455,28 @@ def _plan_lora(
                     "bias, so it cannot be merged (PEFT refuses this too)."
                 )
             plan.add(bias_target, AddUpdate(parts["lora_B.bias"], adapter.weight * scale))
+
+
+# Model types whose layers are transformers' Conv1D, which stores weights as (in, out).
+CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
+
+
+def _stored_transposed(
+    shape: tuple[int, ...], lora_a: torch.Tensor, lora_b: torch.Tensor, conv1d: bool
+) -> bool:
+    """Whether a weight is stored (in, out), as Conv1D stores it.
+
+    Not the config's fan_in_fan_out: PEFT sets that per module from the layer's type (True for Conv1D,
+    False for nn.Linear, with a warning either way), so a saved config can say true for an adapter
+    whose Linear layers are plain. The shapes tell, except for square weights, which are Conv1D only
+    in the GPT-2-style models that use it.
+    """
+    in_dim, out_dim = lora_a.shape[-1], lora_b.shape[0]
+    if tuple(shape) == (out_dim, in_dim) and in_dim != out_dim:
+        return False
+    if tuple(shape) == (in_dim, out_dim) and in_dim != out_dim:
+        return True
+    return conv1d
 
 
 def _unpack_block_diagonal(
@@ -599,7 +624,7 @@ def plan_merge(
         )
     for adapter in adapters:
         check_configs(adapter, base_config, base.base_dir)
-        plan_adapter(adapter, shapes, plan)
+        plan_adapter(adapter, shapes, plan, conv1d=base_config.get("model_type") in CONV1D_MODEL_TYPES)
     untied = untie_if_one_side_changes(plan, embedding) if embedding else False
     return plan, untied
 

@@ -639,6 +639,12 @@ def _merge_quantize(options: ExportOptions, report: Reporter) -> ExportResult:
 
 def _check_float16_range(merged: MergeResult, profiles: list[QuantProfile], base_dir: Path) -> None:
     """A float16 GGUF made from a bfloat16 or float32 merge must not overflow to Inf."""
+    if merged.gguf_ftype == "F16" and not merged.fits_float16:  # a --dtype float32 merge
+        raise InputError(
+            f"The merged model holds values up to {merged.max_abs:.6g}, beyond float16's range (±65504), and "
+            f"the converter writes {merged.dtype} merges as F16, which would hold Inf there. Pass --dtype "
+            "bfloat16 (or leave --dtype out: a bfloat16 base that does not fit float16 stays bfloat16)."
+        )
     wanted = [p.name for p in profiles if p.ftype == "F16" or "F16" in p.overrides.tensor_types.values()]
     if wanted and not merged.fits_float16:
         raise InputError(

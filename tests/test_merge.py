@@ -288,15 +288,25 @@ def test_ia3(tiny_base: Path, gpt2_base: Path, tmp_path: Path):
     assert_matches_peft(gpt2_base, [(gpt2, 1.0)], tmp_path / "gpt2-merged")
 
 
-def test_bf16_base_stays_bf16_and_dtype_can_be_chosen(tmp_path: Path):
+def test_bf16_base_precision_follows_its_range_and_dtype_can_be_chosen(tmp_path: Path):
+    from safetensors.torch import save_file
+
     base = make_tiny_llama(tmp_path / "bf16-base", dtype=torch.bfloat16)
     adapter = make_adapter(base, tmp_path / "adapter")
     result = merge_adapters(base, [read_adapter(adapter)], tmp_path / "merged")
-    assert result.dtype == "bfloat16"
-    assert {t.dtype for t in load_state(tmp_path / "merged").values()} == {torch.bfloat16}
-    as_fp16 = merge_adapters(base, [read_adapter(adapter)], tmp_path / "fp16", dtype="float16")
-    assert as_fp16.dtype == "float16"
-    assert {t.dtype for t in load_state(tmp_path / "fp16").values()} == {torch.float16}
+    assert result.dtype == "float16" and "fits float16" in result.dtype_reason  # after the range check
+    as_bf16 = merge_adapters(base, [read_adapter(adapter)], tmp_path / "bf16", dtype="bfloat16")
+    assert {t.dtype for t in load_state(tmp_path / "bf16").values()} == {torch.bfloat16}
+    assert as_bf16.max_abs is not None and as_bf16.fits_float16
+    # One value past float16's range, in a tensor the adapter does not touch: the merge stays bfloat16.
+    weights = load_state(base)
+    weights["model.norm.weight"][3] = 70000.0
+    save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})
+    kept = merge_adapters(base, [read_adapter(adapter)], tmp_path / "kept")
+    assert kept.dtype == "bfloat16" and "model.norm.weight" in kept.dtype_reason and not kept.fits_float16
+    assert (
+        load_state(tmp_path / "kept")["model.norm.weight"][3].item() == weights["model.norm.weight"][3].item()
+    )
 
 
 def test_kasa_truncates_the_base_and_adds_the_diagonal_update(tiny_base: Path, tmp_path: Path):
@@ -343,3 +353,17 @@ def test_training_only_variants_merge_as_plain_lora(variant: str, tiny_base: Pat
     tensors = load_file(str(adapter / "adapter_model.safetensors"))
     assert any(f"lora_{variant}" in k for k in tensors), sorted(tensors)
     assert_matches_peft(tiny_base, [(adapter, 1.0)], tmp_path / "merged")
+
+
+def test_conv1d_and_linear_targets_are_oriented_per_layer(gpt2_base: Path, tmp_path: Path):
+    """PEFT sets fan_in_fan_out per layer (True on Conv1D, False on nn.Linear) and saves whichever came
+    last; the merge must orient every layer by its own type, not by the saved flag."""
+    adapter = make_adapter(gpt2_base, tmp_path / "adapter", target_modules=["c_attn", "c_proj", "lm_head"])
+    saved = json.loads((adapter / "adapter_config.json").read_text())["fan_in_fan_out"]
+    assert saved is False  # wrong for the Conv1D layers (c_proj is square: shapes cannot tell)
+    assert_matches_peft(
+        gpt2_base,
+        [(adapter, 1.0)],
+        tmp_path / "merged",
+        skip_tensors=("lm_head.weight", "transformer.wte.weight"),
+    )  # PEFT's own merge_and_unload changes both sides of the tied pair: compared on the unmerged logits
