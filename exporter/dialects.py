@@ -150,6 +150,17 @@ def read_chat_template(folder: Path, include_processor: bool = True) -> str | li
     return None
 
 
+def quiet_transformers() -> None:
+    """transformers 5 draws a progress bar per model load, and PEFT trips a v6 deprecation warning on
+    every adapter: neither belongs in the command's output."""
+    import warnings
+
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
 def chat_token_ids(
     tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool = False
 ) -> list[int]:

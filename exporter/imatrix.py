@@ -103,6 +103,9 @@ def collect_activations(
     import torch
     from transformers import AutoModelForCausalLM
 
+    from exporter.dialects import quiet_transformers
+
+    quiet_transformers()
     if threads:
         torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(

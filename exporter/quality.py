@@ -177,6 +177,9 @@ def _reference_model(base_dir: Path, adapters: list[LoraAdapter], options: Quali
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from exporter.dialects import quiet_transformers
+
+    quiet_transformers()
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     if options.reference_dtype not in dtypes:
         raise InputError(
