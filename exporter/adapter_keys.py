@@ -78,9 +78,14 @@ def check_adapter_keys(config_file: Path, config: dict[str, Any], peft_type: str
                     f"{config_file.name} and run again."
                 )
             continue
+        if rule.refuses(value) and rule.accept is not None:
+            raise InputError(
+                f"{config_file} sets {key} = {value!r}, which the merge cannot reproduce (it accepts "
+                f"{', '.join(repr(v) for v in rule.accept)}). {rule.fix}."
+            )
         if rule.refuses(value):
             raise InputError(
-                f"{config_file} sets {key} = {value!r}: {rule.why}, which the merge does not compute, so the "
-                f"result would not be the model you trained. {rule.fix}."
+                f"{config_file} sets {key} = {value!r}. {rule.why[0].upper()}{rule.why[1:]}: the merge cannot "
+                f"compute that, and leaving it out would give a model other than the one you trained. {rule.fix}."
             )
     return sorted(k for k, v in config.items() if k in table and table[k].effect == "none" and is_set(v))

@@ -286,7 +286,7 @@ CASES = [
     Case(
         "adapter setting the merge does not compute (QA-LoRA)",
         refused_adapter_key,
-        ("adapter_config.json sets use_qalora = True", "group-pooled", "Train without use_qalora"),
+        ("adapter_config.json sets use_qalora = True. QA-LoRA feeds A", "Train without use_qalora"),
     ),
     Case(
         "adapter setting edge-export does not know",
@@ -296,7 +296,10 @@ CASES = [
     Case(
         "adapter initialised by rewriting the base (PiSSA)",
         base_rewriting_init,
-        ("init_lora_weights = 'pissa_niter_4'", "path_initial_model_for_weight_conversion"),
+        (
+            "init_lora_weights = 'pissa_niter_4', which the merge cannot",
+            "path_initial_model_for_weight_conversion",
+        ),
     ),
     Case("KaSA adapter merged with another adapter", kasa_with_another, ("KaSA", "Export it on its own")),
     Case(
