@@ -25,6 +25,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from exporter.metrics import compare_logits, log_softmax, reference_rows
+from tests.tiny import TINY_SMOLLM
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 STEPS = 12
@@ -48,23 +49,7 @@ def main(out: Path, tokenizer_file: Path, template: Path, train: Path, evaluatio
         additional_special_tokens=["<|im_start|>", "<|im_end|>"],
     )
     tokenizer.chat_template = template.read_text()
-    # SmolLM2's shape, shrunk: its rope_theta (not the default 10000) and its tied embeddings. A wide
-    # initialisation makes attention peaked, so that a misread rope shows in the logits.
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=192,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        rope_theta=100000.0,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-        initializer_range=0.15,
-    )
+    config = LlamaConfig(**{**TINY_SMOLLM, "vocab_size": len(tokenizer)})
     base_dir, adapter_dir = out / "base", out / "adapter"
     LlamaForCausalLM(config).to(torch.float16).save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)

@@ -46,7 +46,15 @@ def written(request: pytest.FixtureRequest, demo_inputs: DemoInputs) -> Written:
     transformers, peft = request.param
     env = side_env(transformers, peft)
     tokenizer, template = demo_inputs.base / "tokenizer.json", demo_inputs.base / "chat_template.jinja"
-    key = _digest(WRITER, REPO / "exporter" / "metrics.py", tokenizer, template, TRAIN, DEMO_EVAL)
+    key = _digest(
+        WRITER,
+        REPO / "tests" / "tiny.py",
+        REPO / "exporter" / "metrics.py",
+        tokenizer,
+        template,
+        TRAIN,
+        DEMO_EVAL,
+    )
     target = cache_dir() / "matrix" / f"transformers-{transformers}-peft-{peft}-{key}"
     if not (target / "eval.json").is_file():
         staging = target.with_name(f".{target.name}.partial")

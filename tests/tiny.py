@@ -49,6 +49,25 @@ def make_tiny_llama(
     return folder
 
 
+# SmolLM2's shape, shrunk: its vocabulary, its rope_theta (not the default 10000) and its tied
+# embeddings. A wide initialisation makes attention peaked, so that a misread rope shows in the logits.
+TINY_SMOLLM = {
+    "vocab_size": 49152,
+    "hidden_size": 64,
+    "intermediate_size": 192,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "rope_theta": 100000.0,
+    "tie_word_embeddings": True,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 2,
+    "initializer_range": 0.15,
+}
+
+
 def make_tiny_smollm(
     folder: Path, tokenizer_dir: Path, dtype: torch.dtype = torch.float16, seed: int = 0
 ) -> Path:
@@ -57,22 +76,7 @@ def make_tiny_smollm(
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=64,
-        intermediate_size=192,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        rope_theta=100000.0,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-        initializer_range=0.15,
-    )
-    LlamaForCausalLM(config).to(dtype).save_pretrained(folder, safe_serialization=True)
+    LlamaForCausalLM(LlamaConfig(**TINY_SMOLLM)).to(dtype).save_pretrained(folder, safe_serialization=True)
     return copy_tokenizer(tokenizer_dir, folder)
 
 
