@@ -173,31 +173,21 @@ def test_kld_from_raw_logits_equals_kld_from_log_probs():
         assert np.allclose(a[key], b[key], atol=1e-5), key
 
 
+def run_check(demo_export: DemoExport, *options: str):
+    """`edge-export check` of the demo export on its own evaluation data, with `options`."""
+    manifest, eval_data = demo_export.out / "manifest.json", demo_export.report["reference"]["eval_data"]
+    return run_cli("check", "--manifest", str(manifest), "--eval-data", str(eval_data), *options)
+
+
 def test_metal_evaluation_without_a_metal_build_is_a_clear_error(demo_export: DemoExport):
-    proc = run_cli(
-        "check",
-        "--manifest",
-        str(demo_export.out / "manifest.json"),
-        "--device",
-        "metal",
-        "--eval-data",
-        str(Path(demo_export.report["reference"]["eval_data"])),
-    )
+    proc = run_check(demo_export, "--device", "metal")
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "built without Metal" in " ".join(proc.stderr.split())
 
 
 def test_a_failed_f16_gate_blames_the_merge_or_conversion(demo_export: DemoExport):
     """The F16 GGUF is not quantized: when it misses its exactness gate, quantization is not the suspect."""
-    proc = run_cli(
-        "check",
-        "--manifest",
-        str(demo_export.out / "manifest.json"),
-        "--gate",
-        "F16:max_mean_kld=1e-9",
-        "--eval-data",
-        str(Path(demo_export.report["reference"]["eval_data"])),
-    )
+    proc = run_check(demo_export, "--gate", "F16:max_mean_kld=1e-9")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     message = " ".join(proc.stderr.split())
     assert "F16: The F16 GGUF is not quantized" in message and "the merge, the conversion" in message, message
