@@ -21,7 +21,7 @@ from exporter.adapter import LoraAdapter
 from exporter.errors import InputError
 from exporter.evaldata import WINDOW
 from exporter.quality import QualityOptions
-from exporter.safetensors_header import WRITE_QUEUE, TensorEntry, read_header
+from exporter.safetensors_header import WRITE_QUEUE, TensorEntry, base_shard_files, read_header
 
 MiB = 1 << 20
 # Measured resident sizes of the processes before they load a model (Linux, x86-64, CPU torch).
@@ -41,7 +41,7 @@ class MemoryEstimate:
 
 
 def _entries(folder: Path) -> list[TensorEntry]:
-    return [e for f in sorted(folder.glob("*.safetensors")) for e in read_header(f)]
+    return [e for f in base_shard_files(folder) for e in read_header(f)]
 
 
 def _adapter_targets(adapters: list[LoraAdapter]) -> set[str]:

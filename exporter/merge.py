@@ -812,10 +812,6 @@ def _write_merged(
     writer.write(name, tensor)
 
 
-def _has_chat_template(folder: Path) -> bool:
-    return read_chat_template(folder) is not None
-
-
 def _write_side_files(
     base_dir: Path,
     tokenizer_dir: Path,
@@ -826,7 +822,7 @@ def _write_side_files(
 ) -> None:
     config = portable_config({**base_config, **config_changes}, str(dtype).removeprefix("torch."))
     (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    own_template = _has_chat_template(tokenizer_dir)
+    own_template = read_chat_template(tokenizer_dir) is not None
     for name in TOKENIZER_FILES:
         source = tokenizer_dir / name
         # The base's chat template must not override the one the adapter's tokenizer carries.

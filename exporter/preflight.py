@@ -125,29 +125,35 @@ class DiskPlan:
 
     items: tuple[DiskItem, ...]
     needs: dict[Path, int]  # a folder on each file system -> bytes written there
+    source: str = (
+        "F16"  # the converter's output: F16, BF16, or "16-bit" where the merge's range check decides
+    )
 
     @property
     def total(self) -> int:
         return sum(item.bytes for item in self.items)
 
 
-def _float_elements(base_dir: Path) -> tuple[int, int, int]:
-    """Elements of the base's float tensors, of its embedding/output tensors, and the bytes of the rest."""
-    files = sorted(base_dir.glob("*.safetensors"))
+def _merged_bytes(requested_dtype: str | None) -> int:
+    """Bytes per weight of the merged model: --dtype's, else 16-bit (float16 or bfloat16)."""
+    return ELEMENT_SIZES[requested_dtype] if requested_dtype else 2
+
+
+def _float_elements(base_dir: Path) -> tuple[int, int, int, set[str]]:
+    """Elements of the base's float tensors, of its embedding/output tensors, the bytes of the rest, and
+    the float dtypes it stores."""
     floats = embeddings = other = 0
-    for entry in (e for f in files for e in read_header(f)):
+    dtypes: set[str] = set()
+    for entry in (e for f in base_shard_files(base_dir) for e in read_header(f)):
         if entry.dtype in ("F16", "BF16", "F32"):
             count = math.prod(entry.shape)
             floats += count
+            dtypes.add(entry.dtype)
             if entry.name.endswith(("embed_tokens.weight", "lm_head.weight", "wte.weight")):
                 embeddings += count
         else:
             other += entry.nbytes
-    return floats, embeddings, other
-
-
-def _has_bf16(base_dir: Path) -> bool:
-    return any(e.dtype == "BF16" for f in base_shard_files(base_dir) for e in read_header(f))
+    return floats, embeddings, other, dtypes
 
 
 def plan_disk(
@@ -155,19 +161,26 @@ def plan_disk(
     profiles: list[QuantProfile],
     out: Path,
     cache_dir: Path,
-    merged_bytes_per_weight: int = 2,
-    source_ftype: str = "F16",
+    requested_dtype: str | None = None,
 ) -> DiskPlan:
     """Estimate what merge-quantize writes: merged model, F16 GGUF, one GGUF per profile (from its bits per
-    weight), and where: the stage cache and hard links into the output, or copies across file systems."""
-    floats, embeddings, other = _float_elements(base_dir)
+    weight), and where: the stage cache and hard links into the output, or copies across file systems.
+
+    `requested_dtype` is --dtype as a safetensors dtype (F16, BF16, F32), or None."""
+    floats, embeddings, other, stored = _float_elements(base_dir)
+    merged_bytes_per_weight = _merged_bytes(requested_dtype)
+    # Which 16-bit type a bfloat16 base converts to is settled by the merge's range check.
+    if requested_dtype == "BF16":
+        source = "BF16"
+    else:
+        source = "F16" if requested_dtype or "BF16" not in stored else "16-bit"
     side = sum(f.stat().st_size for f in base_dir.iterdir() if f.is_file() and f.suffix != ".safetensors")
     items = [
         DiskItem("merged model", floats * merged_bytes_per_weight + other + side),
-        DiskItem(f"{source_ftype} GGUF", floats * 2 + other + side),
+        DiskItem(f"{source} GGUF", floats * 2 + other + side),
     ]
     for profile in profiles:
-        if profile.is_source(source_ftype) or (source_ftype == "16-bit" and profile.is_source("F16")):
+        if profile.is_source("BF16" if source == "BF16" else "F16"):
             continue
         bits = (floats - embeddings) * profile.bits_per_weight + embeddings * max(
             EMBEDDING_BITS, profile.bits_per_weight
@@ -178,7 +191,7 @@ def plan_disk(
     needs = {cache_anchor: total}
     if _device(cache_anchor) != _device(out_anchor):  # hard links cannot cross file systems: copies
         needs[out_anchor] = total
-    return DiskPlan(tuple(items), needs)
+    return DiskPlan(tuple(items), needs, source)
 
 
 def _existing(path: Path) -> Path:
@@ -254,18 +267,9 @@ def preflight_export(
     if options.check:
         check_eval_data(options.quality.eval_data, tokenizer_dir)
     requested = DTYPE_ALIASES.get((options.dtype or "").lower())
-    merged_bytes = ELEMENT_SIZES[requested] if requested else 2  # the merge writes 16-bit by default
-    # Which 16-bit type a bfloat16 base converts to is settled by the merge's range check.
-    source_ftype = (
-        "BF16" if requested == "BF16" else "F16" if requested or not _has_bf16(base_dir) else "16-bit"
-    )
+    merged_bytes = _merged_bytes(requested)
     plan = plan_disk(
-        base_dir,
-        profiles,
-        options.out,
-        cache_dir if options.use_cache else options.out,
-        merged_bytes,
-        source_ftype,
+        base_dir, profiles, options.out, cache_dir if options.use_cache else options.out, requested
     )
     check_disk(plan)
     quality = replace(options.quality, trust_remote_code=options.trust_remote_code)
@@ -273,7 +277,7 @@ def preflight_export(
         merge = fit_merge(base_dir, adapters, options.max_memory, merged_bytes)
         estimates = [merge]
         if options.check:
-            f16 = next(item.bytes for item in plan.items if item.what == f"{source_ftype} GGUF")
+            f16 = next(item.bytes for item in plan.items if item.what == f"{plan.source} GGUF")
             quality, more = fit_check(
                 base_dir, adapters, quality, options.max_memory, options.reference_dtype_fixed, f16
             )
