@@ -31,8 +31,7 @@ from exporter.safetensors_header import (
 from quant_profiles import QuantProfile
 
 if TYPE_CHECKING:
-    from exporter.pipeline import ExportOptions
-    from exporter.quality import QualityOptions
+    from exporter.options import ExportOptions, QualityOptions, RuntimeLoraOptions
 
 # For tests and for users who know better: the free bytes to assume on every file system.
 FREE_DISK_ENV = "EDGE_EXPORT_FREE_DISK_BYTES"
@@ -248,47 +247,106 @@ def check_eval_data(path: Path | None, tokenizer_dir: Path) -> None:
     load_eval_data(path, load_tokenizer(tokenizer_dir))
 
 
+def check_inputs(
+    base_dir: Path,
+    adapters: list[LoraAdapter],
+    vendored: VendoredLlamaCpp,
+    trust_remote_code: bool,
+    eval_data: Path | None,
+    check: bool,
+) -> None:
+    """The checks every command makes of its inputs, in the order a user would fix them."""
+    config = read_base_config(base_dir)
+    check_custom_code(base_dir, config, trust_remote_code)
+    check_architecture(base_dir, config, vendored)
+    tokenizer_dir = tokenizer_source(adapters, base_dir)
+    check_tokenizer(base_dir, tokenizer_dir)
+    if check:
+        check_eval_data(eval_data, tokenizer_dir)
+
+
+def fit_budget(
+    budget: int | None,
+    base_dir: Path,
+    adapters: list[LoraAdapter],
+    quality: QualityOptions,
+    merged_bytes: int | None,
+    gguf_bytes: int | None,
+    report: Callable[[str], None],
+) -> QualityOptions:
+    """Stop now if the merge (when `merged_bytes` is given) or the check (when `gguf_bytes` is given) cannot
+    fit --max-memory; the quality options to use (the reference may move to bfloat16 to fit)."""
+    if not budget:
+        return quality
+    estimates = [fit_merge(base_dir, adapters, budget, merged_bytes)] if merged_bytes else []
+    fitted = quality
+    if gguf_bytes is not None:
+        fitted, more = fit_check(
+            base_dir, adapters, quality, budget, quality.reference_dtype_fixed, gguf_bytes
+        )
+        estimates += more
+    report(
+        f"memory budget {_size(budget)}: "
+        + ", ".join(f"{e.stage} about {_size(e.peak_bytes)}" for e in estimates)
+        + (" (reference in bfloat16 to fit)" if fitted.reference_dtype != quality.reference_dtype else "")
+    )
+    return fitted
+
+
 def preflight_export(
     options: ExportOptions,
     base_dir: Path,
     adapters: list[LoraAdapter],
     profiles: list[QuantProfile],
     vendored: VendoredLlamaCpp,
-    cache_dir: Path,
     report: Callable[[str], None],
 ) -> QualityOptions:
-    """Every check that needs no work, in the order a user would fix them; returns the quality options to
-    use (the reference may move to bfloat16 to fit --max-memory)."""
-    config = read_base_config(base_dir)
-    check_custom_code(base_dir, config, options.trust_remote_code)
-    check_architecture(base_dir, config, vendored)
-    tokenizer_dir = tokenizer_source(adapters, base_dir)
-    check_tokenizer(base_dir, tokenizer_dir)
-    if options.check:
-        check_eval_data(options.quality.eval_data, tokenizer_dir)
+    """Every check of merge-quantize that needs no work; returns the quality options to use."""
+    from exporter.stage_cache import cache_root
+
+    trust = options.inputs.trust_remote_code
+    check_inputs(base_dir, adapters, vendored, trust, options.quality.eval_data, options.check)
     requested = DTYPE_ALIASES.get((options.dtype or "").lower())
-    merged_bytes = _merged_bytes(requested)
-    plan = plan_disk(
-        base_dir, profiles, options.out, cache_dir if options.use_cache else options.out, requested
-    )
+    out = options.output.out
+    plan = plan_disk(base_dir, profiles, out, cache_root() if options.run.use_cache else out, requested)
     check_disk(plan)
-    quality = replace(options.quality, trust_remote_code=options.trust_remote_code)
-    if options.max_memory:
-        merge = fit_merge(base_dir, adapters, options.max_memory, merged_bytes)
-        estimates = [merge]
-        if options.check:
-            f16 = next(item.bytes for item in plan.items if item.what == f"{plan.source} GGUF")
-            quality, more = fit_check(
-                base_dir, adapters, quality, options.max_memory, options.reference_dtype_fixed, f16
-            )
-            estimates += more
-        report(
-            f"memory budget {_size(options.max_memory)}: "
-            + ", ".join(f"{e.stage} about {_size(e.peak_bytes)}" for e in estimates)
-            + (
-                " (reference in bfloat16 to fit)"
-                if quality.reference_dtype != options.quality.reference_dtype
-                else ""
-            )
-        )
-    return quality
+    f16 = next(item.bytes for item in plan.items if item.what == f"{plan.source} GGUF")
+    quality = replace(options.quality, trust_remote_code=trust)
+    return fit_budget(
+        options.run.max_memory,
+        base_dir,
+        adapters,
+        quality,
+        _merged_bytes(requested),
+        f16 if options.check else None,
+        report,
+    )
+
+
+def preflight_runtime(
+    options: RuntimeLoraOptions,
+    base_dir: Path,
+    adapters: list[LoraAdapter],
+    profiles: list[QuantProfile],
+    vendored: VendoredLlamaCpp,
+    report: Callable[[str], None],
+) -> QualityOptions:
+    """Every check of runtime-lora that needs no work: the same input checks, the disk plan of the base's
+    GGUFs (and of the merged comparison with --compare-merged), the memory budget of the check."""
+    from exporter.stage_cache import cache_root
+
+    trust = options.inputs.trust_remote_code
+    check_inputs(base_dir, adapters, vendored, trust, options.quality.eval_data, options.check)
+    out = options.output.out
+    plan = plan_disk(base_dir, profiles, out, cache_root() if options.run.use_cache else out)
+    if not options.compare_merged:  # no merged model is written
+        unwritten = sum(item.bytes for item in plan.items if item.what == "merged model")
+        items = tuple(item for item in plan.items if item.what != "merged model")
+        plan = replace(plan, items=items, needs={folder: n - unwritten for folder, n in plan.needs.items()})
+    check_disk(plan)
+    f16 = next(item.bytes for item in plan.items if item.what == f"{plan.source} GGUF")
+    quality = replace(options.quality, trust_remote_code=trust)
+    merged = _merged_bytes(None) if options.compare_merged else None
+    return fit_budget(
+        options.run.max_memory, base_dir, adapters, quality, merged, f16 if options.check else None, report
+    )

@@ -9,13 +9,8 @@ The base model without the adapter is scored the same way, as a floor: "adapter 
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import tempfile
-import time
 from dataclasses import dataclass, field
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -23,41 +18,11 @@ import numpy as np
 
 from converters.llama_runtime import score_gguf
 from exporter.adapter import LoraAdapter
-from exporter.atomic import write_text_atomic
 from exporter.errors import InputError
-from exporter.evaldata import EvalData, load_eval_data
-from exporter.metrics import TOP_K, compare_rows, greedy_agreement, log_softmax, reference_rows, summarize
+from exporter.evaldata import EvalData
+from exporter.metrics import compare_rows, greedy_agreement, log_softmax, reference_rows, summarize
+from exporter.options import GATE_KEYS, GateOverrides, QualityOptions
 from quant_profiles import QuantProfile
-
-REFERENCE_FORMAT = 1
-GATE_KEYS = {
-    "max_mean_kld": "mean_kld",
-    "min_top1": "top1",
-    "max_ln_ppl_ratio": "ln_ppl_ratio",
-    "min_greedy_match": "greedy_match",
-    "min_adapter_effect_kept": "adapter_effect_kept",
-}
-
-
-def cache_root() -> Path:
-    """Where cached stages live: $EDGE_EXPORT_CACHE_DIR, else $XDG_CACHE_HOME/edge-export."""
-    override = os.environ.get("EDGE_EXPORT_CACHE_DIR")
-    if override:
-        return Path(override)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edge-export"
-
-
-@dataclass(frozen=True)
-class QualityOptions:
-    eval_data: Path | None = None
-    reference_dtype: str = "float32"
-    device: str = "cpu"
-    gates: tuple[str, ...] = ()
-    n_prompts: int = 6
-    max_new_tokens: int = 24
-    threads: int | None = None
-    gguf_device: str = "cpu"  # or "metal", where llama-cpp-python was built with it
-    trust_remote_code: bool = False  # run the base's own modelling code (config.json auto_map)
 
 
 @dataclass
@@ -111,65 +76,10 @@ class ArtifactQuality:
         return all(g.passed for g in self.gates)
 
 
-def reference_key(input_hashes: dict[str, Any], eval_data: EvalData, options: QualityOptions) -> str:
-    payload = {
-        "format": REFERENCE_FORMAT,
-        "inputs": input_hashes,
-        "eval": eval_data.fingerprint(),
-        "top_k": TOP_K,
-        "dtype": options.reference_dtype,
-        "max_new_tokens": options.max_new_tokens,
-        "versions": {p: version(p) for p in ("torch", "transformers", "peft")},
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
 def load_tokenizer(folder: Path) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-
-
-def build_reference(
-    base_dir: Path,
-    adapters: list[LoraAdapter],
-    tokenizer_dir: Path,
-    input_hashes: dict[str, Any],
-    options: QualityOptions,
-) -> Reference:
-    """The reference for these inputs and eval data: from the cache, or computed once and cached."""
-    tokenizer = load_tokenizer(tokenizer_dir)
-    eval_data = load_eval_data(options.eval_data, tokenizer, n_prompts=options.n_prompts)
-    key = reference_key(input_hashes, eval_data, options)
-    folder = cache_root() / "reference"
-    data_file, meta_file = folder / f"{key}.npz", folder / f"{key}.json"
-    if data_file.is_file() and meta_file.is_file():
-        meta = json.loads(meta_file.read_text())
-        return Reference(
-            data_file,
-            eval_data,
-            np.load(data_file)["nll"],
-            meta["greedy"],
-            meta["base_metrics"],
-            key,
-            meta["seconds"],
-            cached=True,
-        )
-    start = time.perf_counter()
-    arrays, greedy, base_metrics = _compute_reference(base_dir, adapters, eval_data, options)
-    seconds = round(time.perf_counter() - start, 3)
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=folder, suffix=".npz", delete=False) as handle:
-        np.savez(handle, idx=arrays["idx"], lp=arrays["lp"], nll=arrays["nll"])
-    os.replace(handle.name, data_file)
-    meta = {
-        "greedy": greedy,
-        "base_metrics": base_metrics,
-        "seconds": seconds,
-        "eval_source": eval_data.source,
-    }
-    write_text_atomic(meta_file, json.dumps(meta))
-    return Reference(data_file, eval_data, arrays["nll"], greedy, base_metrics, key, seconds, cached=False)
 
 
 def _reference_model(base_dir: Path, adapters: list[LoraAdapter], options: QualityOptions) -> Any:
@@ -181,12 +91,6 @@ def _reference_model(base_dir: Path, adapters: list[LoraAdapter], options: Quali
 
     quiet_transformers()
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-    if options.reference_dtype not in dtypes:
-        raise InputError(
-            f"--reference-dtype {options.reference_dtype!r} is not supported; use float32 or bfloat16."
-        )
-    if options.device not in ("cpu", "mps"):
-        raise InputError(f"--reference-device {options.device!r} is not supported; use cpu or mps.")
     if options.device == "mps" and not torch.backends.mps.is_available():
         raise InputError(
             "--reference-device mps was asked for, but this PyTorch has no Metal (MPS) support here."
@@ -212,7 +116,7 @@ def _reference_model(base_dir: Path, adapters: list[LoraAdapter], options: Quali
     return peft_model.to(options.device).eval()
 
 
-def _compute_reference(
+def compute_reference(
     base_dir: Path, adapters: list[LoraAdapter], eval_data: EvalData, options: QualityOptions
 ) -> tuple[dict[str, np.ndarray], list[list[int]], dict[str, Any]]:
     import torch
@@ -297,32 +201,15 @@ def evaluate_gguf(
     return metrics
 
 
-def parse_gate_overrides(values: tuple[str, ...]) -> dict[tuple[str | None, str], float]:
-    """`--gate max_mean_kld=0.3` (every profile) or `--gate Q4_K_M:max_mean_kld=0.3` (one profile)."""
-    overrides: dict[tuple[str | None, str], float] = {}
-    for value in values:
-        target, sep, number = value.partition("=")
-        profile, _, key = target.rpartition(":")
-        if not sep or key not in GATE_KEYS:
-            raise InputError(
-                f"--gate {value!r} is not KEY=VALUE or PROFILE:KEY=VALUE with KEY one of {', '.join(GATE_KEYS)}."
-            )
-        try:
-            overrides[(profile.upper() or None, key)] = float(number)
-        except ValueError as exc:
-            raise InputError(f"--gate {value!r}: {number!r} is not a number.") from exc
-    return overrides
-
-
 def apply_gates(
-    profile: QuantProfile, metrics: dict[str, Any], overrides: dict[tuple[str | None, str], float]
+    profile: QuantProfile, metrics: dict[str, Any], overrides: GateOverrides | None
 ) -> list[GateResult]:
     """The profile's gates (from its file), with --gate overrides, checked against the metrics."""
     limits: dict[str, float] = {
         "max_mean_kld": profile.gates.max_mean_kld,
         "min_top1": profile.gates.min_top1,
     }
-    for (target, key), number in overrides.items():
+    for (target, key), number in (overrides if overrides is not None else {}).items():
         if target is None or target == profile.name.upper():
             limits[key] = number
     results = []
@@ -331,3 +218,17 @@ def apply_gates(
         passed = value is not None and (value <= limit if key.startswith("max_") else value >= limit)
         results.append(GateResult(profile.name, key, limit, value, passed))
     return results
+
+
+@dataclass
+class PairQuality:
+    """One adapter on one profile: as a runtime LoRA on the quantized base, and, when built, merged."""
+
+    adapter: str
+    profile: str
+    runtime: ArtifactQuality  # size: base + adapter, what one deployment needs on disk
+    merged: ArtifactQuality | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.runtime.passed

@@ -1,4 +1,6 @@
-"""Quality reports: report.json (machine-readable), report.md (a model card) and quality.png.
+"""Quality reports of both kinds: a merged export's report.json (machine-readable), report.md (a model
+card) and quality.png; and runtime-lora's report.json and report.md (each adapter on each profile,
+beside its merged export when one was built).
 
 The plot shows the trade-off a user chooses from: file size against mean KL divergence from the
 unmerged fine-tune, one point per profile, with the base model (adapter removed) as a floor.
@@ -14,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from exporter.atomic import atomic_target, write_text_atomic
-from exporter.quality import ArtifactQuality, QualityOptions, Reference
+from exporter.quality import ArtifactQuality, PairQuality, QualityOptions, Reference
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 PLOT = "quality.png"
 REPORT_FILES = (REPORT_JSON, REPORT_MD, PLOT)
+RUNTIME_REPORT_FILES = (REPORT_JSON, REPORT_MD)
 
 
 def _row(item: ArtifactQuality, root: Path) -> dict[str, Any]:
@@ -210,3 +213,75 @@ def _plot(data: dict[str, Any], target: Path) -> bool:
         figure.savefig(partial)
     plt.close(figure)
     return True
+
+
+COMPARED = ("mean_kld", "top1", "generate_tokens_per_s")
+
+
+def write_runtime_reports(
+    out: Path, base_name: str, pairs: list[PairQuality], floors: dict[str, dict[str, Any]]
+) -> list[Path]:
+    """report.json (every metric of every pair, merged beside runtime) and report.md (the comparison)."""
+    rows = [
+        {
+            "adapter": q.adapter,
+            "profile": q.profile,
+            "runtime": {
+                "size_bytes": q.runtime.size_bytes,
+                "metrics": q.runtime.metrics,
+                "gates": [asdict(g) for g in q.runtime.gates],
+                "gates_passed": q.passed,
+            },
+            "merged": None
+            if q.merged is None
+            else {"size_bytes": q.merged.size_bytes, "metrics": q.merged.metrics},
+        }
+        for q in pairs
+    ]
+    data = {
+        "format": "edge-export/runtime-lora-report/1",
+        "base": base_name,
+        "pairs": rows,
+        "base_floor": floors,
+    }
+    json_path, md_path = out / REPORT_JSON, out / REPORT_MD
+    write_text_atomic(json_path, json.dumps(data, indent=2) + "\n")
+    write_text_atomic(md_path, runtime_report_markdown(base_name, pairs, floors))
+    return [json_path, md_path]
+
+
+def runtime_report_markdown(
+    base_name: str, pairs: list[PairQuality], floors: dict[str, dict[str, Any]]
+) -> str:
+    lines = [
+        f"# {base_name}: runtime LoRA adapters",
+        "",
+        "Each adapter runs as a GGUF LoRA on the quantized base (llama.cpp runtime LoRA, as Ollama's ADAPTER), "
+        "checked against the unmerged fine-tune (base + adapter in PyTorch). Where merge-then-quantize was "
+        "built too, it is shown beside it. Size is what one deployment needs on disk: base + adapter for the "
+        "runtime path (the base is shared by every adapter), the merged GGUF otherwise.",
+        "",
+        "| adapter | profile | path | size | mean KLD | top-1 | generation tok/s | gates |",
+        "|---|---|---|---:|---:|---:|---:|---|",
+    ]
+    mib = 1024 * 1024
+    for q in pairs:
+        r = q.runtime.metrics
+        status = "evaluation failed" if "error" in r else ("pass" if q.passed else "FAIL")
+        lines.append(
+            f"| {q.adapter} | {q.profile} | runtime | {q.runtime.size_bytes / mib:.1f} MiB | {_fmt(r.get('mean_kld'), '.5f')} "
+            f"| {_fmt(r.get('top1'), '.1%')} | {_fmt(r.get('generate_tokens_per_s'), '.0f')} | {status} |"
+        )
+        if q.merged is not None:
+            m = q.merged.metrics
+            lines.append(
+                f"| {q.adapter} | {q.profile} | merged | {q.merged.size_bytes / mib:.1f} MiB "
+                f"| {_fmt(m.get('mean_kld'), '.5f')} | {_fmt(m.get('top1'), '.1%')} "
+                f"| {_fmt(m.get('generate_tokens_per_s'), '.0f')} | |"
+            )
+    lines += ["", "Base model without any adapter (the floor), per adapter's reference:", ""]
+    for name, floor in floors.items():
+        lines.append(
+            f"- {name}: mean KLD {_fmt(floor.get('mean_kld'), '.5f')}, top-1 {_fmt(floor.get('top1'), '.1%')}"
+        )
+    return "\n".join(lines) + "\n"

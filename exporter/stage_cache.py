@@ -25,11 +25,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from exporter.faults import kill_point
 from exporter.hashing import MEMO_FILE, HashMemo, sha256_file
 from exporter.locks import LockPolicy, hold_lock
 
 DONE = "done.json"
 FORMAT = 1
+
+
+def cache_root() -> Path:
+    """Where cached stages live: $EDGE_EXPORT_CACHE_DIR, else $XDG_CACHE_HOME/edge-export."""
+    override = os.environ.get("EDGE_EXPORT_CACHE_DIR")
+    if override:
+        return Path(override)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edge-export"
 
 
 def stage_key(payload: dict[str, Any]) -> str:
@@ -124,11 +133,12 @@ class StageCache:
                 shutil.rmtree(staging, ignore_errors=True)
 
     def get_or_build(
-        self, kind: str, key: str, produce: Callable[[Path, dict[str, Any]], None]
+        self, kind: str, key: str, produce: Callable[[Path, dict[str, Any]], None], label: str | None = None
     ) -> tuple[CacheEntry, bool]:
         """The verified entry for `key`, or one built now by `produce(staging, meta)`; and whether it was reused.
 
-        The entry is locked meanwhile: a second run that needs it waits, then reuses what the first built."""
+        The entry is locked meanwhile: a second run that needs it waits, then reuses what the first built.
+        `label` names the stage for the fault point `<label>:built` (built in staging, not yet published)."""
         lock = self.root / kind / f".{key[:16]}.lock"
         with hold_lock(lock, f"the cached {kind} stage {key[:12]}", self.lock_policy):
             entry = self.lookup(kind, key)
@@ -139,6 +149,7 @@ class StageCache:
                 shutil.rmtree(stale, ignore_errors=True)
             with self.build(kind, key) as (staging, meta):
                 produce(staging, meta)
+                kill_point(f"{label or kind}:built")
         entry = self.lookup(kind, key, verify=False)  # just written and hashed
         assert entry is not None
         self.hashes.save()

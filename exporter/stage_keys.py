@@ -33,7 +33,9 @@ def merge_key(inputs: dict[str, Any], dtype: str | None, versions: dict[str, str
 
 
 def convert_key(merge: str, llama_cpp: str, outtype: str, name: str) -> str:
-    return stage_key({"stage": "convert", "merge": merge, "llama.cpp": llama_cpp, "outtype": outtype, "name": name})
+    return stage_key(
+        {"stage": "convert", "merge": merge, "llama.cpp": llama_cpp, "outtype": outtype, "name": name}
+    )
 
 
 def convert_base_key(base_files: dict[str, str], llama_cpp: str, outtype: str, name: str, uuid: str) -> str:
@@ -95,7 +97,9 @@ def parity_key(convert: str, edge_export: str) -> str:
     return stage_key({"stage": "parity", "convert": convert, "edge-export": edge_export})
 
 
-def lora_key(adapter_files: dict[str, str], base_convert: str, llama_cpp: str, factors: dict[str, float]) -> str:
+def lora_key(
+    adapter_files: dict[str, str], base_convert: str, llama_cpp: str, factors: dict[str, float]
+) -> str:
     return stage_key(
         {
             "stage": "lora",
@@ -122,7 +126,9 @@ def reference_key(inputs: dict[str, Any], eval_fingerprint: Any, top_k: int, dty
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def quality_key(artifact: str, reference: str, device: str, llama_cpp_python: str, lora: str | None = None) -> str:
+def quality_key(
+    artifact: str, reference: str, device: str, llama_cpp_python: str, lora: str | None = None
+) -> str:
     """One GGUF (or base GGUF + GGUF LoRA) scored against one reference by one llama.cpp runtime."""
     payload: dict[str, Any] = {"stage": "quality", "artifact": artifact}
     if lora is not None:

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from exporter.runtime_lora import check_pair, runtime_correction
 
 from exporter.adapter import read_adapter
 from exporter.errors import InputError
-from exporter.runtime_lora import check_pair, runtime_correction
 from tests.conftest import DEMO_EVAL, DemoExport, DemoInputs, run_cli
 from tests.tiny import make_adapter, make_tiny_llama
 
@@ -169,9 +169,10 @@ def _uncorrected_kld(
     runtime_export: RuntimeExport, demo_inputs: DemoInputs, name: str, tmp_path: Path
 ) -> float:
     """What llama.cpp's converter alone gives: the same adapter converted without our correction."""
+    from exporter.pipeline import hash_inputs, input_hashes
+
     from converters.lora_to_gguf import convert_lora_to_gguf
     from converters.vendor import locate_vendored
-    from exporter.pipeline import hash_inputs, input_hashes
     from exporter.quality import QualityOptions, build_reference, evaluate_gguf
 
     adapter = read_adapter(runtime_export.adapters[name])

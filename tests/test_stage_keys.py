@@ -63,9 +63,7 @@ def computed() -> dict[str, str]:
         "lora": keys.lora_key(
             {"adapter_config.json": "c" * 64}, base, "0c1e57098", {"model.layers.0.self_attn.q_proj": 2.0}
         ),
-        "reference": keys.reference_key(
-            INPUTS, {"sha256": "9" * 64, "n": 3}, 32, "float32", 24, VERSIONS
-        ),
+        "reference": keys.reference_key(INPUTS, {"sha256": "9" * 64, "n": 3}, 32, "float32", 24, VERSIONS),
     }
 
 
@@ -77,7 +75,13 @@ def test_the_runtime_quality_key_names_the_runtime_on_purpose():
     new = keys.quality_key("1" * 64, "2" * 64, "cpu", "0.3.36", lora="3" * 64)
     assert new != OLD_RUNTIME_QUALITY
     assert new != keys.quality_key("1" * 64, "2" * 64, "cpu", "0.3.37", lora="3" * 64)
-    old_payload = {"stage": "quality", "artifact": "1" * 64, "lora": "3" * 64, "reference": "2" * 64, "device": "cpu"}
+    old_payload = {
+        "stage": "quality",
+        "artifact": "1" * 64,
+        "lora": "3" * 64,
+        "reference": "2" * 64,
+        "device": "cpu",
+    }
     assert stage_key(old_payload) == OLD_RUNTIME_QUALITY
 
 

@@ -1,0 +1,46 @@
+"""`edge-export merge`: the merged Hugging Face folder alone, written atomically at --out."""
+
+from __future__ import annotations
+
+from exporter.adapter import read_adapter, resolve_base
+from exporter.artifacts import MergeResult
+from exporter.errors import InputError
+from exporter.locks import hold_lock, output_lock_path
+from exporter.manifest import merge_provenance
+from exporter.memory import fit_merge
+from exporter.options import MergeOptions
+from exporter.preflight import check_writable
+from exporter.records import ModelInputs
+from exporter.run import Reporter, silent, utc_now
+
+
+def merge_model(options: MergeOptions, report: Reporter = silent) -> MergeResult:
+    """Merge the adapters into the base and write the folder (the merge writes to a staging folder and
+    renames it into place, so --out is never half-written)."""
+    adapters = [read_adapter(p, w, options.inputs.allow_pickle) for p, w in options.inputs.adapters]
+    base_dir = resolve_base(options.inputs.base, adapters[0])
+    out = options.output.out
+    with hold_lock(output_lock_path(out), f"the output folder {out}", options.run.lock):
+        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not options.output.force:
+            raise InputError(
+                f"The output folder {out} already exists and is not empty. Refusing to overwrite it; pass --force "
+                "to replace it, or choose another --out."
+            )
+        check_writable(out)
+        from exporter.merge import DTYPES, merge_adapters  # torch: imported when there is merging to do
+
+        if options.run.max_memory:
+            requested = DTYPES.get((options.dtype or "").lower())
+            itemsize = requested.itemsize if requested else 2
+            estimate = fit_merge(base_dir, adapters, options.run.max_memory, itemsize)
+            report(f"memory: the merge needs about {estimate.peak_bytes >> 20} MiB ({estimate.detail})")
+        report(f"merging {len(adapters)} adapter(s) into {base_dir}")
+        inputs = ModelInputs.hashed(base_dir, tuple(adapters))
+        return merge_adapters(
+            base_dir,
+            adapters,
+            out,
+            dtype=options.dtype,
+            max_shard_bytes=options.max_shard_bytes,
+            provenance=merge_provenance(inputs, utc_now()),
+        )

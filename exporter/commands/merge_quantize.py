@@ -1,0 +1,363 @@
+"""`edge-export merge-quantize`: the graph of one merged export.
+
+merge ──▶ convert ──▶ quantize:<P> … ──▶ templates ──▶ modelfiles ──▶ reference ──▶ quality:<P> … ──▶ report
+  └──▶ chat ─────────────────────────────┘     └──▶ parity        (imatrix between convert and quantize)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from exporter.adapter import read_adapter, resolve_base
+from exporter.errors import InputError
+from exporter.faults import kill_point
+from exporter.graph import LocalExecutor, Results, StageGraph
+from exporter.imatrix import ImatrixStage
+from exporter.manifest import EXPORT_FORMAT, MANIFEST, Manifest
+from exporter.modelfile import ChatSpec
+from exporter.options import ExportOptions, QualityOptions
+from exporter.preflight import preflight_export
+from exporter.profiles import requested_profiles
+from exporter.records import BuiltGGUF, MergedModel, ModelInputs
+from exporter.report import REPORT_FILES
+from exporter.run import Reporter, Run, check_output, silent
+from exporter.stage_keys import convert_key
+from exporter.stages.chat import chat_stage, parity_stage
+from exporter.stages.gguf import convert_stage, quantize_stage
+from exporter.stages.imatrix import computed_imatrix_stage, given_imatrix_stage
+from exporter.stages.merge import MERGED_DIR, merge_stage
+from exporter.stages.modelfiles import write_modelfiles
+from exporter.stages.quality import QualitySummary, judged, reference_stage, score_stage, write_quality_report
+from exporter.tokenizer_parity import ParityReport, check_embedded_chat_template
+from quant_profiles import ProfileRegistry, QuantProfile
+
+SOURCE_FTYPES = ("F16", "BF16")
+
+
+def sanitize_name(raw: str) -> str:
+    """A model name that is safe in a file name: no path separators, no odd characters."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", raw).strip(".-_")
+    return cleaned[:80] or "model"
+
+
+@dataclass(frozen=True)
+class ExportLayout:
+    """Where each output of one export goes: <out>/<name>-<PROFILE>.gguf, .Modelfile, merged/, …"""
+
+    out: Path
+    name: str
+    profiles: tuple[QuantProfile, ...]
+    has_imatrix: bool
+
+    def gguf(self, label: str) -> Path:
+        return self.out / f"{self.name}-{label}.gguf"
+
+    def modelfile(self, label: str) -> Path:
+        return self.out / f"{self.name}-{label}.Modelfile"
+
+    @property
+    def planned(self) -> list[Path]:
+        return [
+            self.out / MANIFEST,
+            self.out / MERGED_DIR,
+            *(self.gguf(ftype) for ftype in SOURCE_FTYPES),
+            *(self.gguf(p.name) for p in self.profiles),
+            *(self.modelfile(p.name) for p in self.profiles),
+            *(self.out / name for name in REPORT_FILES),
+            *([self.out / f"{self.name}.imatrix.gguf"] if self.has_imatrix else []),
+        ]
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    name: str
+    artifacts: list[Any]  # GGUFArtifact, one per requested profile
+    modelfiles: list[Path]
+    manifest: Path
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    quality: QualitySummary | None = None
+    imatrix: ImatrixStage | None = None
+
+
+def merge_quantize(options: ExportOptions, report: Reporter = silent) -> ExportResult:
+    """Merge → convert → quantize → Modelfiles → quality → manifest; on failure nothing this run wrote
+    stays. The output folder is locked for the whole run: a second run on it waits or fails clearly."""
+    registry, profiles = requested_profiles(options.profiles)
+    for profile in profiles:
+        if profile.needs_imatrix and not options.has_imatrix:
+            raise InputError(
+                f"Profile {profile.name} needs an importance matrix, and none can be computed without "
+                "calibration data. Pass --calibration FILE (plain text, or JSONL chats from the adapter's "
+                "domain) or --imatrix FILE (a matrix computed earlier), or choose a profile that does not "
+                "need one (e.g. Q4_K_M; see `edge-export profiles`)."
+            )
+    adapters = [read_adapter(p, w, options.inputs.allow_pickle) for p, w in options.inputs.adapters]
+    base_dir = resolve_base(options.inputs.base, adapters[0])
+    name = sanitize_name(options.output.name or adapters[0].path.resolve().name)
+    out = options.output.out
+    layout = ExportLayout(out, name, tuple(profiles), options.has_imatrix)
+
+    def before() -> None:
+        check_output(out, layout.planned, options.output.force, MANIFEST)
+
+    with Run.open(out, options.run, report, before=before) as run:
+        quality = preflight_export(options, base_dir, adapters, profiles, run.vendored, report)
+        inputs = ModelInputs.hashed(base_dir, tuple(adapters), run.cache.hashes)
+        if options.output.force:  # an earlier export's manifest and reports must not describe this one
+            for stale in (out / MANIFEST, *(out / report_file for report_file in REPORT_FILES)):
+                stale.unlink(missing_ok=True)
+        export = ExportGraph(run, inputs, layout, registry, options, quality)
+        results = LocalExecutor(options.run.jobs).run(export.graph)
+        kill_point("manifest")
+        return export.finish(results)
+
+
+class ExportGraph:
+    """The stage graph of one merged export, and the manifest made from its results."""
+
+    def __init__(
+        self,
+        run: Run,
+        inputs: ModelInputs,
+        layout: ExportLayout,
+        registry: ProfileRegistry,
+        options: ExportOptions,
+        quality: QualityOptions,
+    ):
+        self.run, self.inputs, self.layout, self.registry = run, inputs, layout, registry
+        self.options, self.quality = options, quality
+        self.graph = StageGraph()
+        g = self.graph
+        g.add("merge", self.merge)
+        g.add("chat", self.chat, ("merge",), heavy=False)
+        g.add("convert", self.convert, ("merge",))
+        source: tuple[str, ...] = ("convert",)
+        if options.has_imatrix:
+            g.add("imatrix", self.imatrix, ("merge", "convert"))
+            source = ("convert", "imatrix")
+        quantized = tuple(
+            g.add(f"quantize:{p.name}", self.quantizer(p), source, shared=True) for p in layout.profiles
+        )
+        g.add("parity", self.parity, ("merge", "convert"), heavy=False)
+        g.add("templates", self.templates, ("merge", "chat", "convert", *quantized), heavy=False)
+        g.add("modelfiles", self.modelfiles, ("chat", "templates", *quantized), heavy=False)
+        if options.check:
+            g.add("reference", self.reference, ("merge", "modelfiles"))
+            scored = [g.add("quality:source", self.scorer(None), ("reference", "convert"))]
+            scored += list(
+                g.add(f"quality:{p.name}", self.scorer(p), ("reference", "convert", f"quantize:{p.name}"))
+                for p in layout.profiles
+            )
+            g.add("report", self.report, ("reference", *scored), heavy=False)
+
+    # --------------------------------------------------------------------------- the stages
+
+    def merge(self, _: Results) -> MergedModel:
+        merged = merge_stage(
+            self.run, self.inputs, self.options.dtype, self.layout.name, self.layout.out / MERGED_DIR
+        )
+        check_float16_range(merged, self.layout.profiles, self.inputs.base_dir)
+        return merged
+
+    def chat(self, r: Results) -> Any:
+        merged: MergedModel = r["merge"]
+        return chat_stage(self.run, merged.key, merged.path)
+
+    def convert(self, r: Results) -> BuiltGGUF:
+        merged: MergedModel = r["merge"]
+        ftype = merged.result.gguf_ftype
+        target = self.layout.gguf(ftype)
+        if self.options.output.force:  # an earlier export of this name may have converted to the other type
+            for other in SOURCE_FTYPES:
+                if other != ftype and other not in (p.name for p in self.layout.profiles):
+                    self.layout.gguf(other).unlink(missing_ok=True)
+        key = convert_key(merged.key, self.run.vendored.commit, ftype.lower(), self.layout.name)
+        built = convert_stage(
+            self.run, "convert", key, merged.path, self.layout.name, self.registry.get(ftype), target
+        )
+        assert isinstance(built, BuiltGGUF)
+        return built
+
+    def imatrix(self, r: Results) -> ImatrixStage:
+        merged: MergedModel = r["merge"]
+        f16: BuiltGGUF = r["convert"]
+        name = self.layout.name
+        if self.options.imatrix is not None:
+            return given_imatrix_stage(self.run, self.options.imatrix, f16.path, f16.key, name)
+        assert self.options.calibration is not None
+        return computed_imatrix_stage(
+            self.run,
+            self.options.calibration,
+            self.options.calibration_tokens,
+            merged.path,
+            f16.path,
+            f16.key,
+            name,
+        )
+
+    def quantizer(self, profile: QuantProfile) -> Any:
+        def quantize(r: Results) -> BuiltGGUF:
+            f16: BuiltGGUF = r["convert"]
+            if profile.is_source(f16.artifact.profile):
+                return f16
+            target = self.layout.gguf(profile.name)
+            return quantize_stage(
+                self.run, f"quantize:{profile.name}", f16.cached, f16.key, profile, target, r.get("imatrix")
+            )
+
+        return quantize
+
+    def parity(self, r: Results) -> ParityReport:
+        merged: MergedModel = r["merge"]
+        f16: BuiltGGUF = r["convert"]
+        return parity_stage(self.run, f16.key, merged.path, f16.path)
+
+    def templates(self, r: Results) -> None:
+        merged: MergedModel = r["merge"]
+        ggufs = [r["convert"], *(r[f"quantize:{p.name}"] for p in self.layout.profiles)]
+        self.run.report("checking each GGUF's chat template against the merged model's")
+        headers = {g.path: g.header for g in ggufs}
+        check_embedded_chat_template(r["chat"].template, merged.path, list(headers), headers)
+
+    def modelfiles(self, r: Results) -> list[Path]:
+        spec: ChatSpec = r["chat"].spec
+        merged_dir = self.layout.out / MERGED_DIR
+        targets = {
+            self.layout.modelfile(p.name): (r[f"quantize:{p.name}"].path, f"{self.layout.name} ({p.name})")
+            for p in self.layout.profiles
+        }
+        self.run.report("writing Modelfiles")
+        written = write_modelfiles(self.run, targets, spec, merged_dir)
+        kill_point("modelfiles")
+        return written
+
+    def reference(self, r: Results) -> Any:
+        kill_point("check")
+        merged: MergedModel = r["merge"]
+        self.run.report("checking quality against the unmerged reference")
+        return reference_stage(self.run, self.inputs, merged.path, self.quality)
+
+    def scorer(self, profile: QuantProfile | None) -> Any:
+        def score(r: Results) -> Any:
+            f16: BuiltGGUF = r["convert"]
+            if profile is not None and profile.is_source(f16.artifact.profile):
+                return None  # scored once, as the unquantized GGUF
+            built: BuiltGGUF = f16 if profile is None else r[f"quantize:{profile.name}"]
+            a = built.artifact
+            name = f"quality:{'source' if profile is None else profile.name}"
+            metrics = score_stage(self.run, name, r["reference"], a.path, a.sha256, self.quality)
+            label_profile = self.registry.get(a.profile)
+            return judged(
+                a.profile, a.path, a.size_bytes, a.bits_per_weight, metrics, label_profile, self.quality
+            )
+
+        return score
+
+    def report(self, r: Results) -> QualitySummary:
+        items = [q for name, q in r.items() if name.startswith("quality:") and q is not None]
+        items.sort(key=lambda item: -item.size_bytes)  # largest (closest to the fine-tune) first
+        return write_quality_report(
+            self.run, self.layout.name, self.inputs, r["reference"], self.quality, items
+        )
+
+    # --------------------------------------------------------------------------- the manifest
+
+    def finish(self, r: Results) -> ExportResult:
+        merged: MergedModel = r["merge"]
+        f16: BuiltGGUF = r["convert"]
+        artifacts = [r[f"quantize:{p.name}"].artifact for p in self.layout.profiles]
+        chat = r["chat"]
+        parity: ParityReport = r["parity"]
+        imatrix: ImatrixStage | None = r.get("imatrix")
+        summary: QualitySummary | None = r.get("report")
+        out = self.layout.out
+        modelfiles: list[Path] = r["modelfiles"]
+        sections: dict[str, Any] = {
+            "merge": merged.to_json(MERGED_DIR),
+            "precision": merged.precision(),
+            "intermediates": [f16.artifact.to_json(out)],
+            "artifacts": [a.to_json(out) for a in artifacts],
+            "modelfiles": [
+                {
+                    "path": m.name,
+                    "chat_template_family": chat.spec.family,
+                    "stops": list(chat.spec.stops),
+                    "verified_conversations": chat.spec.verified_conversations,
+                }
+                for m in modelfiles
+            ],
+            "tokenizer_parity": parity.to_json(),
+        }
+        if imatrix is not None:
+            sections["imatrix"] = imatrix.to_json(out)
+        notes = [n for n in (chat.spec.note, None if parity.passed else parity.summary()) if n]
+        self.run.report(parity.summary())
+        cached = self.run.cached_stages(self.graph.order)
+        if cached:
+            self.run.report(f"reused from the cache: {', '.join(cached)}")
+        manifest = Manifest(
+            EXPORT_FORMAT,
+            self.layout.name,
+            self.run.started_utc,
+            self.run.versions,
+            self.manifest_options(merged, artifacts),
+            self.inputs.to_json(),
+            sections,
+            dict(self.run.seconds),
+            cached,
+            [chat.spec.note] if chat.spec.note else [],
+            None if summary is None else {"report": "report.json", "passed": summary.passed},
+        )
+        path = manifest.write(out)
+        return ExportResult(
+            out,
+            self.layout.name,
+            artifacts,
+            modelfiles,
+            path,
+            dict(self.run.seconds),
+            notes,
+            summary,
+            imatrix,
+        )
+
+    def manifest_options(self, merged: MergedModel, artifacts: list[Any]) -> dict[str, Any]:
+        options = self.options
+        return {
+            "profiles": [a.profile for a in artifacts],
+            "dtype": merged.result.dtype,
+            "threads": options.run.threads,
+            "profile_files": [str(p) for p in options.profiles.files],
+            "cache": options.run.use_cache,
+            "allow_pickle": options.inputs.allow_pickle,
+            "trust_remote_code": options.inputs.trust_remote_code,
+            "reference_dtype": self.quality.reference_dtype,
+        }
+
+
+def check_float16_range(merged: MergedModel, profiles: tuple[QuantProfile, ...], base_dir: Path) -> None:
+    """A float16 GGUF made from a bfloat16 or float32 merge must not overflow to Inf."""
+    result = merged.result
+    if result.gguf_ftype == "F16" and not result.fits_float16:  # a --dtype float32 merge
+        raise InputError(
+            f"The merged model holds values up to {result.max_abs:.6g}, beyond float16's range (±65504), and "
+            f"the converter writes {result.dtype} merges as F16, which would hold Inf there. Pass --dtype "
+            "bfloat16 (or leave --dtype out: a bfloat16 base that does not fit float16 stays bfloat16)."
+        )
+    wanted = [
+        p.name
+        for p in profiles
+        if not p.is_source(result.gguf_ftype)
+        and (p.ftype == "F16" or "F16" in p.overrides.tensor_types.values())
+    ]
+    if wanted and not result.fits_float16:
+        raise InputError(
+            f"The merged model holds values up to {result.max_abs:.6g}, beyond float16's range (±65504), so "
+            f"{', '.join(wanted)} would hold Inf where the model has large weights (the base {base_dir} is "
+            f"{result.dtype}). Ask for BF16 instead, or a quantized profile (Q8_0, Q4_K_M, …), which keep the range."
+        )

@@ -1,0 +1,422 @@
+"""`edge-export runtime-lora`: one quantized base per profile, shared by small GGUF LoRA adapters.
+
+    convert-base ──▶ quantize:<P> …  ─┬─▶ modelfiles ──▶ reference:<A> ──▶ quality:<A>:<P> … ──▶ report
+               └──▶ lora:<A> … ───────┘
+    with --compare-merged, per adapter: merge:<A> ──▶ convert:<A> ──▶ quantize:<A>:<P> ──▶ merged:<A>:<P>
+
+The same stages as merge-quantize, in another graph: the merged comparison is built beside the
+runtime path (under <out>/merged/<adapter>/), scored against the same reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from exporter.adapter import read_adapter, resolve_base, tokenizer_source
+from exporter.commands.merge_quantize import sanitize_name
+from exporter.errors import InputError
+from exporter.faults import kill_point
+from exporter.graph import LocalExecutor, Results, StageGraph
+from exporter.manifest import MANIFEST, RUNTIME_LORA_FORMAT, Manifest
+from exporter.modelfile import ChatSpec, chat_spec
+from exporter.options import QualityOptions, RuntimeLoraOptions
+from exporter.preflight import preflight_runtime
+from exporter.profiles import requested_profiles
+from exporter.quality import PairQuality, Reference
+from exporter.records import BuiltGGUF, MergedModel, ModelInputs
+from exporter.report import RUNTIME_REPORT_FILES, write_runtime_reports
+from exporter.run import Reporter, Run, check_output, silent
+from exporter.runtime_adapter import (
+    ScaleCorrection,
+    base_identity,
+    base_uuid,
+    check_pair,
+    runtime_correction,
+)
+from exporter.safetensors_header import choose_merge_dtype, gguf_source_ftype
+from exporter.stage_cache import CacheEntry
+from exporter.stage_keys import convert_base_key, convert_key
+from exporter.stages.gguf import GGUF_FILE, convert_stage, publish_gguf, quantize_stage
+from exporter.stages.lora import RuntimeAdapter, lora_stage
+from exporter.stages.merge import MERGED_DIR, merge_stage
+from exporter.stages.modelfiles import write_modelfiles
+from exporter.stages.quality import judged, reference_stage, score_stage
+from quant_profiles import ProfileRegistry, QuantProfile
+
+
+@dataclass
+class RuntimeLoraResult:
+    out: Path
+    base_name: str
+    bases: dict[str, Path]
+    adapters: list[RuntimeAdapter]
+    modelfiles: list[Path]
+    manifest: Path
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    cached: list[str] = field(default_factory=list)
+    quality: list[PairQuality] = field(default_factory=list)
+    floors: dict[str, dict[str, Any]] = field(default_factory=dict)
+    reports: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(q.passed for q in self.quality)
+
+
+@dataclass(frozen=True)
+class RuntimeLayout:
+    out: Path
+    base_name: str
+    adapter_names: tuple[str, ...]
+    profiles: tuple[QuantProfile, ...]
+
+    def base(self, profile: str) -> Path:
+        return self.out / f"{self.base_name}-{profile}.gguf"
+
+    def adapter(self, name: str) -> Path:
+        return self.out / f"{name}.lora.gguf"
+
+    def modelfile(self, name: str, profile: str) -> Path:
+        return self.out / f"{name}-{profile}.Modelfile"
+
+    def merged(self, name: str) -> Path:
+        return self.out / MERGED_DIR / name
+
+    @property
+    def planned(self) -> list[Path]:
+        return [
+            self.out / MANIFEST,
+            *(self.out / report_file for report_file in RUNTIME_REPORT_FILES),
+            self.out / MERGED_DIR,
+            *(self.base(p.name) for p in self.profiles),
+            *(self.adapter(n) for n in self.adapter_names),
+            *(self.modelfile(n, p.name) for n in self.adapter_names for p in self.profiles),
+        ]
+
+
+def runtime_lora(options: RuntimeLoraOptions, report: Reporter = silent) -> RuntimeLoraResult:
+    """Quantize the unmerged base once per profile, convert every adapter, write Modelfiles, check each
+    base + adapter pair against its unmerged reference, and write the manifest."""
+    registry, profiles = requested_profiles(options.profiles)
+    for profile in profiles:
+        if profile.needs_imatrix:
+            raise InputError(
+                f"Profile {profile.name} needs an importance matrix, which runtime-lora does not compute "
+                "(the base is shared by every adapter, so no single adapter's data fits it). Choose a profile "
+                "that does not need one (e.g. Q4_K_M; see `edge-export profiles`), or use merge-quantize "
+                "--calibration FILE."
+            )
+    adapters = [read_adapter(p, w, options.inputs.allow_pickle) for p, w in options.inputs.adapters]
+    base_dir = resolve_base(options.inputs.base, adapters[0])
+    names = tuple(sanitize_name(a.path.resolve().name) for a in adapters)
+    if len(set(names)) != len(names):
+        raise InputError(
+            f"Two --adapter folders have the same name ({', '.join(names)}); the adapter files are named after "
+            "their folders. Rename or copy one of them."
+        )
+    out = options.output.out
+    layout = RuntimeLayout(
+        out, sanitize_name(options.output.name or base_dir.resolve().name), names, tuple(profiles)
+    )
+
+    def before() -> None:
+        check_output(out, layout.planned, options.output.force, MANIFEST)
+
+    with Run.open(out, options.run, report, before=before) as run:
+        quality = preflight_runtime(options, base_dir, adapters, profiles, run.vendored, report)
+        corrections = [runtime_correction(adapter, base_dir) for adapter in adapters]
+        # The base converts as the merge would write it: float16 when it fits float16's range, else BF16
+        # (a bfloat16 base holding larger values), never a silent overflow to Inf.
+        source = gguf_source_ftype(choose_merge_dtype(base_dir, None).dtype)
+        if source == "BF16" and any(p.ftype == "F16" for p in profiles):
+            raise InputError(
+                f"The bfloat16 base {base_dir} holds values beyond float16's range (±65504), so an F16 base "
+                "would hold Inf there. Ask for --profile BF16 instead, or a quantized profile."
+            )
+        inputs = ModelInputs.hashed(base_dir, tuple(adapters), run.cache.hashes)
+        if options.output.force:  # an earlier export's manifest and reports must not describe this one
+            for stale in layout.planned[: 1 + len(RUNTIME_REPORT_FILES)]:
+                stale.unlink(missing_ok=True)
+        graph = RuntimeGraph(run, inputs, layout, registry, options, quality, corrections, source)
+        results = LocalExecutor(options.run.jobs).run(graph.graph)
+        kill_point("manifest")
+        return graph.finish(results)
+
+
+class RuntimeGraph:
+    """The stage graph of runtime-lora, and the manifest made from its results."""
+
+    def __init__(
+        self,
+        run: Run,
+        inputs: ModelInputs,
+        layout: RuntimeLayout,
+        registry: ProfileRegistry,
+        options: RuntimeLoraOptions,
+        quality: QualityOptions,
+        corrections: list[ScaleCorrection],
+        source: str,
+    ):
+        self.run, self.inputs, self.layout, self.registry = run, inputs, layout, registry
+        self.options, self.quality, self.source = options, quality, source
+        self.adapters = dict(
+            zip(layout.adapter_names, zip(inputs.adapters, corrections, strict=True), strict=True)
+        )
+        self.identity_uuid = base_uuid(inputs.base_files)
+        self.convert_key = convert_base_key(
+            inputs.base_files, run.vendored.commit, source.lower(), layout.base_name, self.identity_uuid
+        )
+        self.graph = g = StageGraph()
+        g.add("convert-base", self.convert_base)
+        bases = tuple(
+            g.add(f"quantize:{p.name}", self.base_quantizer(p), ("convert-base",), shared=True)
+            for p in layout.profiles
+        )
+        loras = tuple(g.add(f"lora:{n}", self.lora(n), ("convert-base",)) for n in layout.adapter_names)
+        g.add("modelfiles", self.modelfiles, (*bases, *loras), heavy=False)
+        if not options.check:
+            return
+        scored: list[str] = []
+        for n in layout.adapter_names:
+            g.add(f"reference:{n}", self.reference(n), ("modelfiles",))
+            for p in layout.profiles:
+                needs = (f"reference:{n}", f"quantize:{p.name}", f"lora:{n}")
+                scored.append(g.add(f"quality:{n}:{p.name}", self.pair_scorer(n, p), needs))
+            if options.compare_merged:
+                scored += self.add_merged_branch(n)
+        g.add("report", self.report, tuple(scored), heavy=False)
+
+    # --------------------------------------------------------------------------- the runtime path
+
+    def convert_base(self, _: Results) -> CacheEntry:
+        metadata = {"general.uuid": self.identity_uuid}
+        profile = self.registry.get(self.source)
+        entry = convert_stage(
+            self.run,
+            "convert-base",
+            self.convert_key,
+            self.inputs.base_dir,
+            self.layout.base_name,
+            profile,
+            None,
+            metadata,
+        )
+        assert isinstance(entry, CacheEntry)
+        return entry
+
+    def base_quantizer(self, profile: QuantProfile) -> Any:
+        def quantize(r: Results) -> BuiltGGUF:
+            entry: CacheEntry = r["convert-base"]
+            target = self.layout.base(profile.name)
+            if profile.is_source(self.source):
+                return publish_gguf(self.run, entry, target, profile)
+            source = entry.path / GGUF_FILE
+            name = f"quantize:{profile.name}"
+            return quantize_stage(
+                self.run, name, source, self.convert_key, profile, target, runtime_base=True
+            )
+
+        return quantize
+
+    def lora(self, name: str) -> Any:
+        def convert(r: Results) -> RuntimeAdapter:
+            entry: CacheEntry = r["convert-base"]
+            identity = base_identity(entry.path / GGUF_FILE, entry.meta["files"][GGUF_FILE])
+            adapter, correction = self.adapters[name]
+            files = self.inputs.adapter_files[self.inputs.adapters.index(adapter)]
+            return lora_stage(
+                self.run, name, adapter, files, correction, self.inputs.base_dir, self.convert_key, identity,
+                self.layout.adapter(name),
+            )  # fmt: skip
+
+        return convert
+
+    def modelfiles(self, r: Results) -> tuple[list[Path], dict[str, ChatSpec]]:
+        self.run.report("writing Modelfiles")
+        written: list[Path] = []
+        specs: dict[str, ChatSpec] = {}
+        base_name = self.layout.base_name
+        for name, (adapter, _) in self.adapters.items():
+            specs[name] = spec = chat_spec(tokenizer_source([adapter], self.inputs.base_dir))
+            targets = {
+                self.layout.modelfile(name, p.name): (
+                    r[f"quantize:{p.name}"].path,
+                    f"{name} ({p.name}, runtime adapter on {base_name}; if your Ollama rejects ADAPTER, use the "
+                    "merged Modelfile from merge-quantize)",
+                )
+                for p in self.layout.profiles
+            }
+            written += write_modelfiles(
+                self.run, targets, spec, self.inputs.base_dir, adapter=r[f"lora:{name}"].gguf
+            )
+        kill_point("modelfiles")
+        return written, specs
+
+    def reference(self, name: str) -> Any:
+        def build(_: Results) -> Reference:
+            kill_point("check")
+            adapter, _correction = self.adapters[name]
+            tokenizer_dir = tokenizer_source([adapter], self.inputs.base_dir)
+            only = self.inputs.only(adapter)
+            return reference_stage(self.run, only, tokenizer_dir, self.quality, name=f"reference:{name}")
+
+        return build
+
+    def pair_scorer(self, name: str, profile: QuantProfile) -> Any:
+        def score(r: Results) -> PairQuality:
+            base: BuiltGGUF = r[f"quantize:{profile.name}"]
+            lora: RuntimeAdapter = r[f"lora:{name}"]
+            check_pair(lora.gguf, base.path)
+            metrics = score_stage(
+                self.run,
+                f"quality:{name}:{profile.name}",
+                r[f"reference:{name}"],
+                base.path,
+                base.artifact.sha256,
+                self.quality,
+                lora=(lora.gguf, lora.sha256),
+            )
+            size = base.artifact.size_bytes + lora.size_bytes
+            judged_pair = judged(profile.name, base.path, size, None, metrics, profile, self.quality)
+            return PairQuality(name, profile.name, judged_pair)
+
+        return score
+
+    # --------------------------------------------------------------------------- the merged comparison
+
+    def add_merged_branch(self, name: str) -> list[str]:
+        g = self.graph
+        g.add(f"merge:{name}", self.merger(name), ("modelfiles",))
+        g.add(f"convert:{name}", self.converter(name), (f"merge:{name}",))
+        scored = []
+        for p in self.layout.profiles:
+            g.add(
+                f"quantize:{name}:{p.name}", self.merged_quantizer(name, p), (f"convert:{name}",), shared=True
+            )
+            needs = (f"reference:{name}", f"quantize:{name}:{p.name}")
+            scored.append(g.add(f"merged:{name}:{p.name}", self.merged_scorer(name, p), needs))
+        return scored
+
+    def merger(self, name: str) -> Any:
+        def merge(_: Results) -> MergedModel:
+            adapter, _correction = self.adapters[name]
+            target = self.layout.merged(name) / MERGED_DIR
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.run.guard.claim(target.parent)
+            return merge_stage(self.run, self.inputs.only(adapter), None, name, target, name=f"merge:{name}")
+
+        return merge
+
+    def converter(self, name: str) -> Any:
+        def convert(r: Results) -> BuiltGGUF:
+            merged: MergedModel = r[f"merge:{name}"]
+            ftype = merged.result.gguf_ftype
+            key = convert_key(merged.key, self.run.vendored.commit, ftype.lower(), name)
+            target = self.layout.merged(name) / f"{name}-{ftype}.gguf"
+            built = convert_stage(
+                self.run, f"convert:{name}", key, merged.path, name, self.registry.get(ftype), target
+            )
+            assert isinstance(built, BuiltGGUF)
+            return built
+
+        return convert
+
+    def merged_quantizer(self, name: str, profile: QuantProfile) -> Any:
+        def quantize(r: Results) -> BuiltGGUF:
+            f16: BuiltGGUF = r[f"convert:{name}"]
+            if profile.is_source(f16.artifact.profile):
+                return f16
+            target = self.layout.merged(name) / f"{name}-{profile.name}.gguf"
+            return quantize_stage(
+                self.run, f"quantize:{name}:{profile.name}", f16.cached, f16.key, profile, target
+            )
+
+        return quantize
+
+    def merged_scorer(self, name: str, profile: QuantProfile) -> Any:
+        def score(r: Results) -> tuple[str, str, Any]:
+            built: BuiltGGUF = r[f"quantize:{name}:{profile.name}"]
+            a = built.artifact
+            metrics = score_stage(
+                self.run,
+                f"merged:{name}:{profile.name}",
+                r[f"reference:{name}"],
+                a.path,
+                a.sha256,
+                self.quality,
+            )
+            return (
+                name,
+                profile.name,
+                judged(a.profile, a.path, a.size_bytes, a.bits_per_weight, metrics, profile, self.quality),
+            )
+
+        return score
+
+    # --------------------------------------------------------------------------- reports and manifest
+
+    def report(self, r: Results) -> tuple[list[PairQuality], dict[str, dict[str, Any]], list[Path]]:
+        pairs = [q for key, q in r.items() if key.startswith("quality:")]
+        merged = {(n, p): q for key, (n, p, q) in r.items() if key.startswith("merged:")}
+        for pair in pairs:
+            pair.merged = merged.get((pair.adapter, pair.profile))
+        floors = {n: r[f"reference:{n}"].base_metrics for n in self.layout.adapter_names}
+        for report_file in RUNTIME_REPORT_FILES:
+            self.run.guard.claim(self.layout.out / report_file)
+        reports = write_runtime_reports(self.layout.out, self.layout.base_name, pairs, floors)
+        return pairs, floors, reports
+
+    def finish(self, r: Results) -> RuntimeLoraResult:
+        layout, run = self.layout, self.run
+        entry: CacheEntry = r["convert-base"]
+        identity = base_identity(entry.path / GGUF_FILE, entry.meta["files"][GGUF_FILE])
+        bases = {p.name: r[f"quantize:{p.name}"] for p in layout.profiles}
+        adapters = [r[f"lora:{n}"] for n in layout.adapter_names]
+        modelfiles, specs = r["modelfiles"]
+        cached = run.cached_stages(self.graph.order)
+        if cached:
+            run.report(f"reused from the cache: {', '.join(cached)}")
+        pairs, floors, reports = r.get("report", ([], {}, []))
+        sections = {
+            "base_identity": identity,
+            "bases": [b.artifact.to_json(layout.out) for b in bases.values()],
+            "adapters": [a.to_json() for a in adapters],
+            "modelfiles": [
+                {
+                    "path": layout.modelfile(n, p.name).name,
+                    "adapter": n,
+                    "profile": p.name,
+                    "chat_template_family": specs[n].family,
+                }
+                for n in layout.adapter_names
+                for p in layout.profiles
+            ],  # fmt: skip
+        }
+        passed = all(q.passed for q in pairs)
+        manifest = Manifest(
+            RUNTIME_LORA_FORMAT,
+            layout.base_name,
+            run.started_utc,
+            run.versions,
+            {
+                "profiles": [b.artifact.profile for b in bases.values()],
+                "threads": self.options.run.threads,
+                "profile_files": [str(p) for p in self.options.profiles.files],
+                "cache": self.options.run.use_cache,
+                "allow_pickle": self.options.inputs.allow_pickle,
+            },
+            {"base": self.inputs.to_json()["base"], "adapters": self.inputs.adapter_records()},
+            sections,
+            dict(run.seconds),
+            cached,
+            quality=None if "report" not in r else {"report": "report.json", "passed": passed},
+        )
+        path = manifest.write(layout.out)
+        notes = sorted({spec.note for spec in specs.values() if spec.note})
+        return RuntimeLoraResult(
+            layout.out, layout.base_name, {n: b.path for n, b in bases.items()}, adapters, modelfiles, path,
+            dict(run.seconds), cached, pairs, floors, reports, notes,
+        )  # fmt: skip

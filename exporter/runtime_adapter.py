@@ -1,0 +1,151 @@
+"""What can run as a llama.cpp runtime LoRA on a base, and how a GGUF LoRA names the base it was made for.
+
+llama.cpp applies a GGUF LoRA as alpha / rank · B·A with the global alpha; PEFT's scaling can differ
+per module (rsLoRA, alpha_pattern, an adapter weight), so the difference is folded into lora_B
+(`ScaleCorrection`). A GGUF LoRA records the identity of its base GGUF (architecture, a UUID derived
+from the base's files, the sha256 of the F16 base and of its tensor shapes), and `check_pair` refuses
+to apply it to another base.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from converters.lora_to_gguf import KEY_PREFIX
+from exporter.adapter import ADAPTER_CONFIG, LoraAdapter
+from exporter.artifacts import read_gguf_metadata
+from exporter.errors import InputError
+from exporter.merge import BaseModel, LoraUpdate, plan_merge
+
+MERGED_PATH_HINT = (
+    "Use `edge-export merge-quantize` for this adapter instead: it merges the adapter into the base."
+)
+
+
+@dataclass(frozen=True)
+class ScaleCorrection:
+    """How one adapter's scaling is made right for llama.cpp: a factor per module folded into lora_B."""
+
+    factors: dict[str, float]
+    reasons: tuple[str, ...]  # what the converter alone would get wrong, e.g. "use_rslora"
+
+    @property
+    def corrected_modules(self) -> int:
+        return sum(1 for f in self.factors.values() if abs(f - 1.0) > 1e-12)
+
+
+def runtime_correction(adapter: LoraAdapter, base_dir: Path) -> ScaleCorrection:
+    """Check that the adapter can run as a GGUF LoRA on this base and compute its scale correction.
+
+    Refuses what llama.cpp cannot apply at run time (DoRA, full tensors from modules_to_save or
+    trained biases, lm_head or embedding LoRA on a tied-embedding base, …) and an adapter whose
+    shapes or recorded base do not fit this base, each with a message that suggests the merged path.
+    """
+    where = adapter.path / ADAPTER_CONFIG
+    config = adapter.config
+
+    def refuse(what: str) -> InputError:
+        return InputError(
+            f"{where}: {what}, which llama.cpp cannot apply as a runtime adapter. {MERGED_PATH_HINT}"
+        )
+
+    if adapter.peft_type != "LORA":
+        raise refuse(f"the adapter is a {adapter.peft_type} adapter; runtime adapters must be LoRA")
+    if config.get("use_dora"):
+        raise refuse("the adapter uses DoRA (use_dora), whose magnitude vector rescales whole weight rows")
+    if config.get("modules_to_save"):
+        raise refuse(
+            f"the adapter trains full copies of {', '.join(map(str, config['modules_to_save']))} (modules_to_save)"
+        )
+    if config.get("bias", "none") != "none" or config.get("lora_bias"):
+        raise refuse("the adapter trains biases (bias / lora_bias)")
+    if config.get("fan_in_fan_out"):
+        raise refuse("the adapter targets Conv1D (fan_in_fan_out) layers")
+    if config.get("trainable_token_indices"):
+        raise refuse("the adapter trains individual token embeddings (trainable_token_indices)")
+    if config.get("layer_replication"):
+        raise refuse("the adapter replicates layers (layer_replication)")
+
+    base_config = json.loads((base_dir / "config.json").read_text())
+    # The merge planner checks names, shapes and the recorded base, exactly as for merge-quantize.
+    plan, untied = plan_merge(BaseModel(base_dir), [adapter], base_config)
+    if untied:
+        raise refuse(
+            "the adapter changes lm_head or the token embedding of a base that ties the two (one matrix for both)"
+        )
+    global_alpha = float(config.get("lora_alpha", 8))
+    factors: dict[str, float] = {}
+    for target, updates in plan.updates.items():
+        for update in updates:
+            if not isinstance(update, LoraUpdate) or update.magnitude is not None:
+                raise refuse(f"the adapter replaces or rescales {target} outright")
+            rank = int(update.lora_b.shape[1])
+            # llama.cpp: alpha / rank, with the global alpha and the rank of the tensor.
+            factors[target.removesuffix(".weight")] = update.scale / (global_alpha / rank)
+    reasons = tuple(key for key in ("use_rslora", "alpha_pattern") if config.get(key))
+    return ScaleCorrection(factors, reasons)
+
+
+def base_uuid(base_files: dict[str, str]) -> str:
+    """A UUID for a base model, derived from the sha256 of its input files (written as general.uuid)."""
+    digest = hashlib.sha256(json.dumps(base_files, sort_keys=True).encode()).digest()
+    return str(uuid.UUID(bytes=digest[:16], version=5))
+
+
+def shapes_sha256(tensors: dict[str, tuple[int, ...]]) -> str:
+    text = "\n".join(f"{name}:{'x'.join(map(str, dims))}" for name, dims in sorted(tensors.items()))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def base_identity(base_gguf: Path, sha256: str) -> dict[str, str]:
+    """What an adapter GGUF records about the base GGUF it was made for."""
+    values, tensors = read_gguf_metadata(base_gguf, ("general.architecture", "general.uuid"))
+    return {
+        "architecture": str(values.get("general.architecture")),
+        "uuid": str(values.get("general.uuid")),
+        "gguf_sha256": sha256,
+        "shapes_sha256": shapes_sha256(tensors),
+    }
+
+
+def check_pair(adapter_gguf: Path, base_gguf: Path) -> None:
+    """Refuse to pair a GGUF LoRA with a base GGUF other than (a quantization of) the one it was made for."""
+    keys = tuple(f"{KEY_PREFIX}base.{k}" for k in ("architecture", "uuid", "gguf_sha256", "shapes_sha256"))
+    recorded, _ = read_gguf_metadata(adapter_gguf, (*keys, "general.type"))
+    if recorded.get("general.type") != "adapter":
+        raise InputError(
+            f"{adapter_gguf} is not a GGUF adapter (general.type is {recorded.get('general.type')!r})."
+        )
+    if keys[1] not in recorded:
+        raise InputError(
+            f"{adapter_gguf} does not record the base it was made for; re-create it with `edge-export runtime-lora`."
+        )
+    values, tensors = read_gguf_metadata(base_gguf, ("general.architecture", "general.uuid"))
+    actual = {
+        keys[0]: str(values.get("general.architecture")),
+        keys[1]: str(values.get("general.uuid")),
+        keys[3]: shapes_sha256(tensors),
+    }
+    for key, value in actual.items():
+        if recorded.get(key) != value:
+            what = key.rsplit(".", 1)[1]
+            raise InputError(
+                f"{adapter_gguf} was made for another base than {base_gguf} (base {what}: recorded "
+                f"{recorded.get(key)}, this base has {value}). A LoRA applied to another base silently produces "
+                "a different model; use the base GGUF it was exported with (recorded sha256 of its F16 "
+                f"base: {recorded.get(keys[2])}), or export the adapter again for this base."
+            )
+
+
+def describe_correction(correction: ScaleCorrection) -> str:
+    if not correction.corrected_modules:
+        return "none needed (alpha / r is what llama.cpp applies)"
+    factors = sorted({round(f, 6) for f in correction.factors.values()})
+    return (
+        f"lora_b of {correction.corrected_modules} modules multiplied by {', '.join(map(str, factors))} "
+        f"for {', '.join(correction.reasons) or 'per-module scaling'}"
+    )

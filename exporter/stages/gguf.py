@@ -1,0 +1,136 @@
+"""convert and quantize: the merged folder (or a bare base) ──▶ a 16-bit GGUF ──▶ one GGUF per profile."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from converters.hf_to_gguf import convert_hf_to_gguf
+from converters.quantize import quantize_gguf
+from exporter.artifacts import GGUFArtifact, GGUFHeader, read_gguf_header
+from exporter.errors import StageError
+from exporter.imatrix import ImatrixStage
+from exporter.records import BuiltGGUF
+from exporter.run import Run
+from exporter.stage_cache import CacheEntry, link_into
+from exporter.stage_keys import quantize_key
+from quant_profiles import QuantProfile
+
+GGUF_FILE = "model.gguf"
+
+
+def entry_header(entry: CacheEntry) -> GGUFHeader:
+    """The header facts of a cached GGUF: recorded when the entry was built (reading them again means
+    walking the whole vocabulary), or read from the file for entries recorded without them."""
+    known = entry.meta.get("header")
+    return GGUFHeader(**known) if isinstance(known, dict) else read_gguf_header(entry.path / GGUF_FILE)
+
+
+def gguf_record(entry: CacheEntry, target: Path, profile: QuantProfile) -> BuiltGGUF:
+    """The record of a GGUF linked at `target` from a verified cache entry; its header must say what
+    the profile asked for."""
+    header = entry_header(entry)
+    if header.file_type != profile.ftype_id:
+        raise StageError(
+            f"{target} carries file type {header.file_type_name} in its GGUF header, but profile {profile.name} "
+            f"asked for {profile.ftype}; the quantizer did not do what was asked."
+        )
+    size = target.stat().st_size
+    artifact = GGUFArtifact(
+        path=target,
+        profile=profile.name,
+        file_type=header.file_type_name,
+        size_bytes=size,
+        bits_per_weight=round(size * 8 / max(header.n_params, 1), 3),
+        sha256=entry.meta["files"][GGUF_FILE],
+        seconds=round(entry.meta["seconds"], 3),
+    )
+    return BuiltGGUF(artifact, entry.key, entry.path / GGUF_FILE, header)
+
+
+def convert_stage(
+    run: Run,
+    name: str,
+    key: str,
+    model_dir: Path,
+    model_name: str,
+    profile: QuantProfile,
+    target: Path | None,
+    metadata: dict[str, str] | None = None,
+) -> BuiltGGUF | CacheEntry:
+    """The 16-bit GGUF of `model_dir` (profile F16 or BF16); linked at `target` when one is given, else
+    the cache entry alone (a bare base, published per profile)."""
+    outtype = profile.ftype.lower()
+
+    def produce(staging: Path, meta: dict[str, Any]) -> None:
+        run.report(f"converting {model_dir} to GGUF with llama.cpp {run.vendored.commit[:9]}")
+        start = time.perf_counter()
+        digest = convert_hf_to_gguf(
+            model_dir, staging / GGUF_FILE, run.vendored, model_name, outtype=outtype, metadata=metadata
+        )
+        meta.update(
+            seconds=round(time.perf_counter() - start, 3),
+            what=f"{model_name} {profile.ftype} GGUF" + (" (unmerged base)" if metadata else ""),
+            files={GGUF_FILE: digest},
+            header=asdict(read_gguf_header(staging / GGUF_FILE)),
+        )
+
+    entry = run.stage(name, "convert", key, produce, {GGUF_FILE: target} if target else {})
+    if name in run.reused:
+        run.report(f"{name}: reusing the cached {profile.ftype} GGUF")
+    return gguf_record(entry, target, profile) if target else entry
+
+
+def quantize_stage(
+    run: Run,
+    name: str,
+    source: Path,
+    source_key: str,
+    profile: QuantProfile,
+    target: Path,
+    imatrix: ImatrixStage | None = None,
+    runtime_base: bool = False,
+) -> BuiltGGUF:
+    """`source` (a cached 16-bit GGUF) quantized to `profile`, linked at `target`."""
+    key = quantize_key(
+        source_key,
+        run.versions["llama-cpp-python"],
+        profile.ftype,
+        profile.overrides.model_dump(mode="json"),
+        imatrix.key if imatrix else None,
+        runtime_base=runtime_base,
+    )
+    # Each parallel quantization gets every core and the OS shares them: quantizations differ in
+    # length, and a fixed split leaves cores idle once the short ones end (1.2B model, 2 cores,
+    # Q4_K_M + Q8_0 at once: 74 s with a thread each, 47 s with two each, 48 s one after the
+    # other). llama.cpp's output does not depend on the thread count.
+    threads = run.options.threads or os.cpu_count() or 1
+
+    def produce(staging: Path, meta: dict[str, Any]) -> None:
+        run.report(f"quantizing {target.stem} to {profile.name}")
+        start = time.perf_counter()
+        quantize_gguf(
+            source,
+            staging / GGUF_FILE,
+            profile,
+            threads,
+            imatrix=imatrix.cached if imatrix else None,
+            metadata=imatrix.gguf_metadata() if imatrix else None,
+        )
+        meta.update(
+            seconds=round(time.perf_counter() - start, 3),
+            what=f"{target.stem} GGUF",
+            header=asdict(read_gguf_header(staging / GGUF_FILE)),
+        )
+
+    entry = run.stage(name, "quantize", key, produce, {GGUF_FILE: target})
+    return gguf_record(entry, target, profile)
+
+
+def publish_gguf(run: Run, entry: CacheEntry, target: Path, profile: QuantProfile) -> BuiltGGUF:
+    """Link an already built 16-bit GGUF into the output as the file of its own profile (F16, BF16)."""
+    link_into(entry.path / GGUF_FILE, run.guard.claim(target))
+    return gguf_record(entry, target, profile)

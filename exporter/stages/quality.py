@@ -1,0 +1,176 @@
+"""reference and quality: the unmerged model's log-probs on the evaluation data (PyTorch, cached like
+any stage), and each GGUF (or base GGUF + GGUF LoRA) scored against them in a llama.cpp child."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from exporter.errors import StageError
+from exporter.evaldata import load_eval_data
+from exporter.metrics import TOP_K
+from exporter.options import QualityOptions
+from exporter.quality import (
+    ArtifactQuality,
+    GateResult,
+    Reference,
+    apply_gates,
+    compute_reference,
+    evaluate_gguf,
+    load_tokenizer,
+)
+from exporter.records import ModelInputs
+from exporter.report import REPORT_FILES, report_data, write_reports
+from exporter.run import Run
+from exporter.stage_keys import quality_key, reference_key
+from quant_profiles import QuantProfile
+
+REFERENCE_FILE = "reference.npz"
+
+
+def reference_stage(
+    run: Run, inputs: ModelInputs, tokenizer_dir: Path, options: QualityOptions, name: str = "reference"
+) -> Reference:
+    """The reference for these inputs and this evaluation data, computed once and cached."""
+    eval_data = load_eval_data(options.eval_data, load_tokenizer(tokenizer_dir), n_prompts=options.n_prompts)
+    key = reference_key(
+        inputs.content(),
+        eval_data.fingerprint(),
+        TOP_K,
+        options.reference_dtype,
+        options.max_new_tokens,
+        run.versions,
+    )
+
+    def produce(staging: Path, meta: dict[str, Any]) -> None:
+        run.report(f"computing the unmerged reference on {eval_data.n_scored} tokens of {eval_data.source}")
+        start = time.perf_counter()
+        arrays, greedy, base_metrics = compute_reference(
+            inputs.base_dir, list(inputs.adapters), eval_data, options
+        )
+        np.savez(staging / REFERENCE_FILE, idx=arrays["idx"], lp=arrays["lp"], nll=arrays["nll"])
+        meta.update(
+            greedy=greedy,
+            base_metrics=base_metrics,
+            seconds=round(time.perf_counter() - start, 3),
+            eval_source=eval_data.source,
+            what="unmerged model's log-probs",
+        )
+
+    entry = run.stage(name, "reference", key, produce)
+    meta = entry.meta
+    cached = name in run.reused
+    run.report(
+        f"{name}: {eval_data.n_scored} tokens from {eval_data.source}"
+        + (" (cached)" if cached else f" ({meta['seconds']:.0f}s)")
+    )
+    with np.load(entry.path / REFERENCE_FILE) as data:
+        nll = data["nll"]
+    return Reference(
+        entry.path / REFERENCE_FILE,
+        eval_data,
+        nll,
+        meta["greedy"],
+        meta["base_metrics"],
+        key,
+        meta["seconds"],
+        cached=cached,
+    )
+
+
+def score_stage(
+    run: Run,
+    name: str,
+    reference: Reference,
+    gguf: Path,
+    sha256: str,
+    options: QualityOptions,
+    lora: tuple[Path, str] | None = None,
+) -> dict[str, Any]:
+    """The metrics of one GGUF (with `lora`: base GGUF + GGUF LoRA, each with its sha256) against the
+    reference. An evaluation that crashes gives {"error": …} for that artifact alone (never cached)."""
+    key = quality_key(
+        sha256,
+        reference.key,
+        options.gguf_device,
+        run.versions["llama-cpp-python"],
+        lora=lora[1] if lora else None,
+    )
+    what = gguf.name + (f" + {lora[0].name}" if lora else "")
+
+    def produce(staging: Path, meta: dict[str, Any]) -> None:
+        run.report(f"evaluating {what}")
+        metrics = evaluate_gguf(gguf, reference, options, lora=lora[0] if lora else None)
+        meta.update(metrics=metrics, what=f"quality of {what}")
+
+    try:
+        entry = run.stage(name, "quality", key, produce)
+    except StageError as exc:
+        run.report(f"{name}: evaluation failed: {exc}")
+        return {"error": str(exc)}
+    metrics: dict[str, Any] = entry.meta["metrics"]
+    return metrics
+
+
+def judged(
+    label: str,
+    path: Path | None,
+    size_bytes: int,
+    bits_per_weight: float | None,
+    metrics: dict[str, Any],
+    profile: QuantProfile,
+    options: QualityOptions,
+) -> ArtifactQuality:
+    """An artifact's metrics with its profile's gates (and --gate overrides) applied; an evaluation that
+    failed fails the "evaluation" gate."""
+    gates = (
+        [GateResult(label, "evaluation", 0.0, None, False)]
+        if "error" in metrics
+        else apply_gates(profile, metrics, options.gate_overrides)
+    )
+    return ArtifactQuality(label, path, size_bytes, bits_per_weight, metrics, gates)
+
+
+@dataclass
+class QualitySummary:
+    """Every artifact judged against one reference, the base floor, and the reports written."""
+
+    items: list[ArtifactQuality]
+    floor: ArtifactQuality
+    reports: list[Path]
+    reference_seconds: float
+    reference_cached: bool
+
+    @property
+    def passed(self) -> bool:
+        return all(item.passed for item in self.items)
+
+    @property
+    def failed_gates(self) -> list[GateResult]:
+        return [g for item in self.items for g in item.gates if not g.passed]
+
+
+def write_quality_report(
+    run: Run,
+    name: str,
+    inputs: ModelInputs,
+    reference: Reference,
+    options: QualityOptions,
+    items: list[ArtifactQuality],
+) -> QualitySummary:
+    """report.json, report.md and quality.png for artifacts judged against one reference."""
+    floor = ArtifactQuality("base (no adapter)", None, 0, None, reference.base_metrics)
+    sources = {
+        "tools": run.versions,
+        "base": str(inputs.base_dir.resolve()),
+        "adapters": [{"path": str(a.path.resolve()), "weight": a.weight} for a in inputs.adapters],
+    }
+    data = report_data(name, run.out, reference, options, items, floor, sources)
+    for report_file in REPORT_FILES:
+        run.guard.claim(run.out / report_file)
+    reports = write_reports(run.out, data)
+    return QualitySummary(items, floor, reports, reference.seconds, reference.cached)
