@@ -28,8 +28,9 @@ sys.path.insert(0, str(ROOT))
 from converters.child import run_child  # noqa: E402
 from converters.llama_runtime import score_gguf  # noqa: E402
 from exporter.adapter import read_adapter  # noqa: E402
-from exporter.pipeline import input_hashes  # noqa: E402
-from exporter.quality import QualityOptions, build_reference  # noqa: E402
+from exporter.options import QualityOptions  # noqa: E402
+from exporter.records import ModelInputs  # noqa: E402
+from exporter.stages.quality import reference_for  # noqa: E402
 
 
 def main() -> None:
@@ -45,7 +46,8 @@ def main() -> None:
     adapters = [read_adapter(Path(a["path"]), a["weight"]) for a in manifest["inputs"]["adapters"]]
     base = Path(manifest["inputs"]["base"]["path"])
     options = QualityOptions(eval_data=args.eval_data)
-    reference = build_reference(base, adapters, args.export / "merged", input_hashes(manifest), options)
+    inputs = ModelInputs.hashed(base, tuple(adapters))
+    reference = reference_for(inputs, args.export / "merged", options)
     sequences = reference.eval.sequences
     threads = os.cpu_count() or 1
     print(

@@ -91,7 +91,7 @@ def test_kasa_adapter_through_the_pipeline(demo_inputs: DemoInputs, tmp_path: Pa
 def test_an_internal_error_is_not_a_failed_gate(tmp_path: Path):
     """Exit code 1 means a failed quality gate; a bug in edge-export exits 4, with its own message."""
     script = (
-        "import sys, exporter.pipeline as p\n"
+        "import sys, exporter.commands.merge_quantize as p\n"
         "def broken(*a, **k): raise RuntimeError('simulated bug')\n"
         "p.merge_quantize = broken\n"
         "from exporter.cli import main\n"

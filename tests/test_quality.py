@@ -13,7 +13,8 @@ import pytest
 from exporter.errors import InputError
 from exporter.evaldata import load_eval_data
 from exporter.metrics import compare_rows, log_softmax, reference_rows, summarize
-from exporter.quality import apply_gates, parse_gate_overrides
+from exporter.options import parse_gate_overrides
+from exporter.quality import apply_gates
 from quant_profiles import builtin_profiles
 from tests.conftest import DemoExport, run_cli
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from exporter.runtime_lora import check_pair, runtime_correction
+from exporter.runtime_adapter import check_pair, runtime_correction
 
 from exporter.adapter import read_adapter
 from exporter.errors import InputError
@@ -169,11 +169,13 @@ def _uncorrected_kld(
     runtime_export: RuntimeExport, demo_inputs: DemoInputs, name: str, tmp_path: Path
 ) -> float:
     """What llama.cpp's converter alone gives: the same adapter converted without our correction."""
-    from exporter.pipeline import hash_inputs, input_hashes
-
     from converters.lora_to_gguf import convert_lora_to_gguf
     from converters.vendor import locate_vendored
-    from exporter.quality import QualityOptions, build_reference, evaluate_gguf
+    from exporter.options import QualityOptions, RunOptions
+    from exporter.quality import evaluate_gguf
+    from exporter.records import ModelInputs
+    from exporter.run import Run
+    from exporter.stages.quality import reference_stage
 
     adapter = read_adapter(runtime_export.adapters[name])
     plain = tmp_path / f"{name}-uncorrected.gguf"
@@ -181,8 +183,9 @@ def _uncorrected_kld(
         adapter.path, adapter.config, adapter.weights, demo_inputs.base, plain, locate_vendored(), {}, {}
     )
     options = QualityOptions(eval_data=DEMO_EVAL)
-    hashes = input_hashes({"inputs": hash_inputs([adapter], demo_inputs.base)})
-    reference = build_reference(demo_inputs.base, [adapter], demo_inputs.base, hashes, options)
+    with Run.open(tmp_path / "scratch", RunOptions()) as run:
+        inputs = ModelInputs.hashed(demo_inputs.base, (adapter,))
+        reference = reference_stage(run, inputs, demo_inputs.base, options)
     assert reference.cached  # the same reference the command used
     return float(
         evaluate_gguf(runtime_export.out / "smollm2-F16.gguf", reference, options, lora=plain)["mean_kld"]

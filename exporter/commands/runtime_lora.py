@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from exporter.adapter import read_adapter, resolve_base, tokenizer_source
+from exporter.commands.compare_merged import MergedComparison
 from exporter.commands.merge_quantize import sanitize_name
 from exporter.errors import InputError
 from exporter.faults import kill_point
@@ -25,7 +26,7 @@ from exporter.options import QualityOptions, RuntimeLoraOptions
 from exporter.preflight import preflight_runtime
 from exporter.profiles import requested_profiles
 from exporter.quality import PairQuality, Reference
-from exporter.records import BuiltGGUF, MergedModel, ModelInputs
+from exporter.records import BuiltGGUF, ModelInputs
 from exporter.report import RUNTIME_REPORT_FILES, write_runtime_reports
 from exporter.run import Reporter, Run, check_output, silent
 from exporter.runtime_adapter import (
@@ -37,10 +38,10 @@ from exporter.runtime_adapter import (
 )
 from exporter.safetensors_header import choose_merge_dtype, gguf_source_ftype
 from exporter.stage_cache import CacheEntry
-from exporter.stage_keys import convert_base_key, convert_key
+from exporter.stage_keys import convert_base_key
 from exporter.stages.gguf import GGUF_FILE, convert_stage, publish_gguf, quantize_stage
 from exporter.stages.lora import RuntimeAdapter, lora_stage
-from exporter.stages.merge import MERGED_DIR, merge_stage
+from exporter.stages.merge import MERGED_DIR
 from exporter.stages.modelfiles import write_modelfiles
 from exporter.stages.quality import judged, reference_stage, score_stage
 from quant_profiles import ProfileRegistry, QuantProfile
@@ -186,7 +187,9 @@ class RuntimeGraph:
                 needs = (f"reference:{n}", f"quantize:{p.name}", f"lora:{n}")
                 scored.append(g.add(f"quality:{n}:{p.name}", self.pair_scorer(n, p), needs))
             if options.compare_merged:
-                scored += self.add_merged_branch(n)
+                adapter, _correction = self.adapters[n]
+                branch = MergedComparison(run, inputs.only(adapter), layout.merged(n), registry, quality)
+                scored += branch.add(g, n, layout.profiles, after="modelfiles")
         g.add("report", self.report, tuple(scored), heavy=False)
 
     # --------------------------------------------------------------------------- the runtime path
@@ -282,77 +285,6 @@ class RuntimeGraph:
             size = base.artifact.size_bytes + lora.size_bytes
             judged_pair = judged(profile.name, base.path, size, None, metrics, profile, self.quality)
             return PairQuality(name, profile.name, judged_pair)
-
-        return score
-
-    # --------------------------------------------------------------------------- the merged comparison
-
-    def add_merged_branch(self, name: str) -> list[str]:
-        g = self.graph
-        g.add(f"merge:{name}", self.merger(name), ("modelfiles",))
-        g.add(f"convert:{name}", self.converter(name), (f"merge:{name}",))
-        scored = []
-        for p in self.layout.profiles:
-            g.add(
-                f"quantize:{name}:{p.name}", self.merged_quantizer(name, p), (f"convert:{name}",), shared=True
-            )
-            needs = (f"reference:{name}", f"quantize:{name}:{p.name}")
-            scored.append(g.add(f"merged:{name}:{p.name}", self.merged_scorer(name, p), needs))
-        return scored
-
-    def merger(self, name: str) -> Any:
-        def merge(_: Results) -> MergedModel:
-            adapter, _correction = self.adapters[name]
-            target = self.layout.merged(name) / MERGED_DIR
-            target.parent.mkdir(parents=True, exist_ok=True)
-            self.run.guard.claim(target.parent)
-            return merge_stage(self.run, self.inputs.only(adapter), None, name, target, name=f"merge:{name}")
-
-        return merge
-
-    def converter(self, name: str) -> Any:
-        def convert(r: Results) -> BuiltGGUF:
-            merged: MergedModel = r[f"merge:{name}"]
-            ftype = merged.result.gguf_ftype
-            key = convert_key(merged.key, self.run.vendored.commit, ftype.lower(), name)
-            target = self.layout.merged(name) / f"{name}-{ftype}.gguf"
-            built = convert_stage(
-                self.run, f"convert:{name}", key, merged.path, name, self.registry.get(ftype), target
-            )
-            assert isinstance(built, BuiltGGUF)
-            return built
-
-        return convert
-
-    def merged_quantizer(self, name: str, profile: QuantProfile) -> Any:
-        def quantize(r: Results) -> BuiltGGUF:
-            f16: BuiltGGUF = r[f"convert:{name}"]
-            if profile.is_source(f16.artifact.profile):
-                return f16
-            target = self.layout.merged(name) / f"{name}-{profile.name}.gguf"
-            return quantize_stage(
-                self.run, f"quantize:{name}:{profile.name}", f16.cached, f16.key, profile, target
-            )
-
-        return quantize
-
-    def merged_scorer(self, name: str, profile: QuantProfile) -> Any:
-        def score(r: Results) -> tuple[str, str, Any]:
-            built: BuiltGGUF = r[f"quantize:{name}:{profile.name}"]
-            a = built.artifact
-            metrics = score_stage(
-                self.run,
-                f"merged:{name}:{profile.name}",
-                r[f"reference:{name}"],
-                a.path,
-                a.sha256,
-                self.quality,
-            )
-            return (
-                name,
-                profile.name,
-                judged(a.profile, a.path, a.size_bytes, a.bits_per_weight, metrics, profile, self.quality),
-            )
 
         return score
 

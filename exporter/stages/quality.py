@@ -3,6 +3,7 @@ any stage), and each GGUF (or base GGUF + GGUF LoRA) scored against them in a ll
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ import numpy as np
 from exporter.errors import StageError
 from exporter.evaldata import load_eval_data
 from exporter.metrics import TOP_K
-from exporter.options import QualityOptions
+from exporter.options import QualityOptions, RunOptions
 from exporter.quality import (
     ArtifactQuality,
     GateResult,
@@ -174,3 +175,12 @@ def write_quality_report(
         run.guard.claim(run.out / report_file)
     reports = write_reports(run.out, data)
     return QualitySummary(items, floor, reports, reference.seconds, reference.cached)
+
+
+def reference_for(inputs: ModelInputs, tokenizer_dir: Path, options: QualityOptions) -> Reference:
+    """The reference outside a command (benches, tests): from the stage cache, or computed into it."""
+    with (
+        tempfile.TemporaryDirectory(prefix="edge-export-reference-") as scratch,
+        Run.open(Path(scratch), RunOptions(), lock=False) as run,
+    ):
+        return reference_stage(run, inputs, tokenizer_dir, options)
