@@ -237,14 +237,9 @@ def modelfile_command(
     if (check is None) == (gguf is None):
         raise InputError("Pass exactly one of --gguf MODEL.gguf (write a Modelfile) or --check MODELFILE.")
     if gguf is not None:
-        from exporter import __version__
-        from exporter.modelfile import chat_spec_from_gguf, write_modelfile
+        from exporter.commands.modelfile import modelfile_for_gguf
 
-        if not gguf.is_file():
-            raise InputError(f"The GGUF {gguf} does not exist. Pass the path of a .gguf model file.")
-        spec = chat_spec_from_gguf(gguf, num_ctx)
-        check = out or gguf.with_suffix(".Modelfile")
-        write_modelfile(check, gguf, spec, f"{gguf.stem}, written by edge-export {__version__}")
+        check, spec = modelfile_for_gguf(gguf, out, num_ctx)
         console.print(
             f"wrote {check}: template {spec.family}, verified on {spec.verified_conversations} conversations, "
             f"stops {', '.join(spec.stops)}",

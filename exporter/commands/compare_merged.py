@@ -49,6 +49,8 @@ class MergedComparison:
         return scored
 
     def merge(self, name: str) -> MergedModel:
+        if not self.folder.parent.exists():  # <out>/merged, shared by every adapter's branch
+            self.run.guard.claim(self.folder.parent)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.run.guard.claim(self.folder)
         return merge_stage(self.run, self.inputs, None, name, self.folder / MERGED_DIR, name=f"merge:{name}")

@@ -190,7 +190,8 @@ class RuntimeGraph:
                 adapter, _correction = self.adapters[n]
                 branch = MergedComparison(run, inputs.only(adapter), layout.merged(n), registry, quality)
                 scored += branch.add(g, n, layout.profiles, after="modelfiles")
-        g.add("report", self.report, tuple(scored), heavy=False)
+        references = tuple(f"reference:{n}" for n in layout.adapter_names)
+        g.add("report", self.report, (*references, *scored), heavy=False)
 
     # --------------------------------------------------------------------------- the runtime path
 
@@ -292,7 +293,7 @@ class RuntimeGraph:
 
     def report(self, r: Results) -> tuple[list[PairQuality], dict[str, dict[str, Any]], list[Path]]:
         pairs = [q for key, q in r.items() if key.startswith("quality:")]
-        merged = {(n, p): q for key, (n, p, q) in r.items() if key.startswith("merged:")}
+        merged = {(n, p): q for key, (n, p, q) in ((k, v) for k, v in r.items() if k.startswith("merged:"))}
         for pair in pairs:
             pair.merged = merged.get((pair.adapter, pair.profile))
         floors = {n: r[f"reference:{n}"].base_metrics for n in self.layout.adapter_names}
@@ -327,6 +328,16 @@ class RuntimeGraph:
                 for p in layout.profiles
             ],  # fmt: skip
         }
+        if self.options.check and self.options.compare_merged:
+            sections["merged"] = [
+                {
+                    "adapter": n,
+                    "artifacts": [
+                        r[f"quantize:{n}:{p.name}"].artifact.to_json(layout.out) for p in layout.profiles
+                    ],
+                }
+                for n in layout.adapter_names
+            ]
         passed = all(q.passed for q in pairs)
         manifest = Manifest(
             RUNTIME_LORA_FORMAT,
