@@ -426,12 +426,12 @@ def _merge_quantize(options: ExportOptions, report: Reporter) -> ExportResult:
 
         kill_point("merge")
         with _timed(seconds, "merge"):
-            entry, reused = cache.get_or_build("merge", merge_key, produce_merge)
+            entry, reused = cache.get_or_build("merge", merge_key, produce_merge, label="merge")
             if reused:
                 cached.append("merge")
                 report("merge: reusing the cached merged model")
             link_into(entry.path / MERGED_DIR, guard.claim(out / MERGED_DIR))
-        kill_point("merged")
+        kill_point("merge:done")
         meta = entry.meta
         merged = MergeResult(
             out / MERGED_DIR,
@@ -479,12 +479,12 @@ def _merge_quantize(options: ExportOptions, report: Reporter) -> ExportResult:
 
         kill_point("convert")
         with _timed(seconds, "convert"):
-            entry, reused = cache.get_or_build("convert", convert_key, produce_f16)
+            entry, reused = cache.get_or_build("convert", convert_key, produce_f16, label="convert")
             if reused:
                 cached.append("convert")
                 report(f"convert: reusing the cached {source_ftype} GGUF")
             link_into(entry.path / "model.gguf", guard.claim(f16_path))
-        kill_point("converted")
+        kill_point("convert:done")
         spec, chat_template = chat_future.result()
         # Tokenizer parity needs only the F16 GGUF's vocabulary: checked while the quantizations run.
         parity_future = side_work.submit(_parity_stage, cache, convert_key, merged.path, f16_path)
@@ -549,11 +549,13 @@ def _merge_quantize(options: ExportOptions, report: Reporter) -> ExportResult:
                     header=asdict(read_gguf_header(staging / "model.gguf")),
                 )
 
-            entry, reused = cache.get_or_build("quantize", quantize_key, produce)
+            entry, reused = cache.get_or_build(
+                "quantize", quantize_key, produce, label=f"quantize:{profile.name}"
+            )
             if reused:
                 cached.append(f"quantize {profile.name}")
             link_into(entry.path / "model.gguf", guard.claim(target))
-            kill_point(f"quantized:{profile.name}")
+            kill_point(f"quantize:{profile.name}:done")
             seconds[f"quantize {profile.name}"] = round(time.perf_counter() - start, 3)
             headers[target] = header = _entry_header(entry)
             return _artifact(
@@ -575,6 +577,7 @@ def _merge_quantize(options: ExportOptions, report: Reporter) -> ExportResult:
         report(parity.summary())
         report("writing Modelfiles and manifest")
         license_text = model_license(merged.path)
+        kill_point("modelfiles")
         modelfiles = []
         for profile in profiles:
             target = guard.claim(planned_modelfiles[profile.name])
@@ -586,7 +589,7 @@ def _merge_quantize(options: ExportOptions, report: Reporter) -> ExportResult:
                 license_text,
             )
             modelfiles.append(target)
-        kill_point("modelfiles")
+        kill_point("manifest")
         manifest = _write_manifest(
             out,
             name,
@@ -613,7 +616,6 @@ def _merge_quantize(options: ExportOptions, report: Reporter) -> ExportResult:
     result = ExportResult(
         out, name, list(artifacts.values()), modelfiles, manifest, seconds, notes, imatrix=imatrix
     )
-    kill_point("manifest")
     if options.check:
         # After the manifest: a failure here (even a native crash) leaves the finished export intact.
         kill_point("check")
@@ -738,9 +740,11 @@ def _publish_imatrix(
     given: bool = False,
 ) -> ImatrixStage:
     """Build (or reuse) the imatrix cache entry and link it into the output as <name>.imatrix.gguf."""
-    entry, reused = cache.get_or_build("imatrix", key, produce)
+    kill_point("imatrix")
+    entry, reused = cache.get_or_build("imatrix", key, produce, label="imatrix")
     output = guard.claim(guard.out / f"{name}.imatrix.gguf")
     link_into(entry.path / "imatrix.gguf", output)
+    kill_point("imatrix:done")
     return ImatrixStage(
         key,
         entry.path / "imatrix.gguf",
@@ -766,7 +770,9 @@ def _chat_stage(cache: StageCache, merge_key: str, merged_dir: Path) -> tuple[Ch
         meta.update(spec=asdict(spec), chat_template=tokenizer.chat_template or None, what="chat template")
 
     key = stage_key({"stage": "chat", "merge": merge_key, "edge-export": __version__})
-    entry, _ = cache.get_or_build("chat", key, produce)
+    kill_point("chat")
+    entry, _ = cache.get_or_build("chat", key, produce, label="chat")
+    kill_point("chat:done")
     spec = entry.meta["spec"]
     return ChatSpec(**{**spec, "stops": tuple(spec["stops"])}), entry.meta["chat_template"]
 
@@ -779,7 +785,9 @@ def _parity_stage(cache: StageCache, convert_key: str, merged_dir: Path, f16_pat
         meta.update(parity=check_tokenizer_parity(merged_dir, f16_path).to_json(), what="tokenizer parity")
 
     key = stage_key({"stage": "parity", "convert": convert_key, "edge-export": __version__})
-    entry, _ = cache.get_or_build("parity", key, produce)
+    kill_point("parity")
+    entry, _ = cache.get_or_build("parity", key, produce, label="parity")
+    kill_point("parity:done")
     recorded = {k: v for k, v in entry.meta["parity"].items() if k != "passed"}
     return ParityReport(**recorded)
 
@@ -825,6 +833,7 @@ def check_artifacts(
                 "llama-cpp-python": manifest.get("tools", {}).get("llama-cpp-python"),
             }
         )
+        kill_point(f"quality:{label}")
         entry = stage_cache.lookup("quality", quality_key) if stage_cache else None
         if entry is not None:
             metrics = entry.meta["metrics"]
@@ -834,8 +843,9 @@ def check_artifacts(
             except StageError as exc:  # a crash in one artifact's evaluation fails that artifact, not the run
                 metrics = {"error": str(exc)}
             if stage_cache and "error" not in metrics:
-                with stage_cache.build("quality", quality_key) as (_, meta):
+                with stage_cache.build("quality", quality_key, label=f"quality:{label}") as (_, meta):
                     meta.update(metrics=metrics, what=f"quality of {path.name}")
+        kill_point(f"quality:{label}:done")
         profile = registry.get(label)
         gates = (
             apply_gates(profile, metrics, overrides)

@@ -26,6 +26,7 @@ from exporter.adapter import LoraAdapter
 from exporter.atomic import write_text_atomic
 from exporter.errors import InputError
 from exporter.evaldata import EvalData, load_eval_data
+from exporter.faults import kill_point
 from exporter.metrics import TOP_K, compare_rows, greedy_agreement, log_softmax, reference_rows, summarize
 from quant_profiles import QuantProfile
 
@@ -136,8 +137,12 @@ def build_reference(
     tokenizer_dir: Path,
     input_hashes: dict[str, Any],
     options: QualityOptions,
+    label: str = "reference",
 ) -> Reference:
-    """The reference for these inputs and eval data: from the cache, or computed once and cached."""
+    """The reference for these inputs and eval data: from the cache, or computed once and cached.
+
+    `label` is the stage's name in fault points (exporter.faults)."""
+    kill_point(label)
     tokenizer = load_tokenizer(tokenizer_dir)
     eval_data = load_eval_data(options.eval_data, tokenizer, n_prompts=options.n_prompts)
     key = reference_key(input_hashes, eval_data, options)
@@ -145,6 +150,7 @@ def build_reference(
     data_file, meta_file = folder / f"{key}.npz", folder / f"{key}.json"
     if data_file.is_file() and meta_file.is_file():
         meta = json.loads(meta_file.read_text())
+        kill_point(f"{label}:done")
         return Reference(
             data_file,
             eval_data,
@@ -161,6 +167,7 @@ def build_reference(
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=folder, suffix=".npz", delete=False) as handle:
         np.savez(handle, idx=arrays["idx"], lp=arrays["lp"], nll=arrays["nll"])
+    kill_point(f"{label}:built")
     os.replace(handle.name, data_file)
     meta = {
         "greedy": greedy,
@@ -169,6 +176,7 @@ def build_reference(
         "eval_source": eval_data.source,
     }
     write_text_atomic(meta_file, json.dumps(meta))
+    kill_point(f"{label}:done")
     return Reference(data_file, eval_data, arrays["nll"], greedy, base_metrics, key, seconds, cached=False)
 
 

@@ -28,6 +28,7 @@ from exporter.adapter import ADAPTER_CONFIG, LoraAdapter, read_adapter, resolve_
 from exporter.artifacts import read_gguf_metadata
 from exporter.atomic import write_text_atomic
 from exporter.errors import InputError, StageError
+from exporter.faults import kill_point
 from exporter.hashing import sha256_file
 from exporter.merge import BaseModel, LoraUpdate, plan_merge
 from exporter.modelfile import chat_spec, model_license, write_modelfile
@@ -350,7 +351,9 @@ def runtime_lora(options: RuntimeLoraOptions, report: Any = lambda _: None) -> R
             )
 
         start = time.perf_counter()
-        f16_entry, reused = cache.get_or_build("convert", convert_key, produce_f16)
+        kill_point("convert-base")
+        f16_entry, reused = cache.get_or_build("convert", convert_key, produce_f16, label="convert-base")
+        kill_point("convert-base:done")
         seconds["convert base"] = round(time.perf_counter() - start, 3)
         if reused:
             cached.append("convert base")
@@ -365,6 +368,7 @@ def runtime_lora(options: RuntimeLoraOptions, report: Any = lambda _: None) -> R
             if profile.is_source(source_ftype):
                 entry, sha, built_seconds = f16_entry, f16_sha, f16_entry.meta["seconds"]
             else:
+                kill_point(f"quantize:{profile.name}")
                 entry, reused = cache.get_or_build(
                     "quantize",
                     stage_key(
@@ -377,11 +381,14 @@ def runtime_lora(options: RuntimeLoraOptions, report: Any = lambda _: None) -> R
                         }
                     ),
                     _quantizer(f16_cached, profile, options.threads, base_name, report),
+                    label=f"quantize:{profile.name}",
                 )
                 if reused:
                     cached.append(f"quantize base {profile.name}")
                 sha, built_seconds = entry.meta["files"]["model.gguf"], entry.meta["seconds"]
             link_into(entry.path / "model.gguf", guard.claim(target))
+            if not profile.is_source(source_ftype):
+                kill_point(f"quantize:{profile.name}:done")
             seconds[f"base {profile.name}"] = round(time.perf_counter() - start, 3)
             bases[profile.name] = target
             base_records.append(_artifact(target, profile, built_seconds, sha).to_json(out))
@@ -424,11 +431,13 @@ def runtime_lora(options: RuntimeLoraOptions, report: Any = lambda _: None) -> R
                 meta.update(what=f"{name} GGUF LoRA")
 
             start = time.perf_counter()
-            entry, reused = cache.get_or_build("lora", lora_key, produce_lora)
+            kill_point(f"lora:{name}")
+            entry, reused = cache.get_or_build("lora", lora_key, produce_lora, label=f"lora:{name}")
             if reused:
                 cached.append(f"adapter {name}")
             target = adapter_paths[name]
             link_into(entry.path / "adapter.gguf", guard.claim(target))
+            kill_point(f"lora:{name}:done")
             seconds[f"adapter {name}"] = round(time.perf_counter() - start, 3)
             runtime_adapters.append(
                 RuntimeAdapter(
@@ -447,6 +456,7 @@ def runtime_lora(options: RuntimeLoraOptions, report: Any = lambda _: None) -> R
         written: dict[tuple[str, str], Path] = {}
         license_text = model_license(base_dir)
         specs = {}
+        kill_point("modelfiles")
         for item in runtime_adapters:
             spec = chat_spec(tokenizer_source([item.source], base_dir))
             specs[item.name] = spec
@@ -463,6 +473,7 @@ def runtime_lora(options: RuntimeLoraOptions, report: Any = lambda _: None) -> R
                 )
                 written[(item.name, profile.name)] = target
         modelfiles = list(written.values())
+        kill_point("manifest")
         manifest = _write_manifest(
             out, base_name, options, versions, base_dir, base_inputs, identity, base_records, runtime_adapters,
             written, specs, seconds, cached,
@@ -475,6 +486,7 @@ def runtime_lora(options: RuntimeLoraOptions, report: Any = lambda _: None) -> R
     result = RuntimeLoraResult(out, base_name, bases, runtime_adapters, modelfiles, manifest, seconds, cached)
     result.notes = notes
     if options.check:
+        kill_point("check")
         start = time.perf_counter()
         _check(result, base_dir, registry, profiles, options, report)
         seconds["check"] = round(time.perf_counter() - start, 3)
@@ -520,7 +532,12 @@ def _check(
         tokenizer_dir = tokenizer_source([item.source], base_dir)
         inputs = {"inputs": hash_inputs([item.source], base_dir)}
         reference = build_reference(
-            base_dir, [item.source], tokenizer_dir, input_hashes(inputs), options.quality
+            base_dir,
+            [item.source],
+            tokenizer_dir,
+            input_hashes(inputs),
+            options.quality,
+            f"reference:{item.name}",
         )
         report(
             f"reference for {item.name}: {reference.eval.n_scored} tokens"
@@ -532,6 +549,8 @@ def _check(
             base_gguf = result.bases[profile.name]
             check_pair(item.gguf, base_gguf)
             report(f"evaluating {base_gguf.name} + {item.gguf.name}")
+            stage = f"quality:{item.name}:{profile.name}"
+            kill_point(stage)
             key = stage_key(
                 {
                     "stage": "quality",
@@ -550,8 +569,9 @@ def _check(
                 except StageError as exc:
                     metrics = {"error": str(exc)}
                 if stage_cache and "error" not in metrics:
-                    with stage_cache.build("quality", key) as (_, meta):
+                    with stage_cache.build("quality", key, label=stage) as (_, meta):
                         meta.update(metrics=metrics, what=f"quality of {base_gguf.name} + {item.gguf.name}")
+            kill_point(f"{stage}:done")
             gates = (
                 apply_gates(registry.get(profile.name), metrics, overrides) if "error" not in metrics else []
             )
