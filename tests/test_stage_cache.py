@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from exporter import hashing
+from exporter.faults import KILL_ENV
 from exporter.hashing import RACY_NS, AppendHasher, HashMemo, sha256_file
 from exporter.stage_cache import StageCache, link_into, stage_key
-from tests.conftest import REPO, DemoExport, DemoInputs, export_args, run_cli
+from tests.conftest import REPO, DemoExport, DemoInputs, copy_export, export_args, run_cli
 
 
 def test_entries_appear_only_when_complete_and_are_verified(tmp_path: Path):
@@ -103,12 +104,15 @@ def test_prune_removes_entries_and_leftovers(tmp_path: Path):
     assert removed == 3 and freed > 3 and cache.entries() == []  # the files and their done.json
 
 
-def test_unchanged_rerun_reuses_every_stage_and_gives_the_same_bytes(demo_export: DemoExport, demo_inputs):
-    manifest = json.loads((demo_export.out / "manifest.json").read_text())
-    # The session's first export filled the cache; the second run (test_demo_pipeline) or this one reuses it.
-    proc = run_cli(*export_args(demo_inputs, demo_export.out), "--force", "--no-check")
+def test_unchanged_rerun_reuses_every_stage_and_gives_the_same_bytes(
+    demo_export: DemoExport, demo_inputs, tmp_path: Path
+):
+    manifest = demo_export.manifest
+    out = copy_export(demo_export.out, tmp_path / "export")
+    # The session's export filled the cache; this run reuses every stage of it.
+    proc = run_cli(*export_args(demo_inputs, out), "--force", "--no-check")
     assert proc.returncode == 0, proc.stderr
-    again = json.loads((demo_export.out / "manifest.json").read_text())
+    again = json.loads((out / "manifest.json").read_text())
     assert set(again["cached_stages"]) == {
         "merge",
         "convert",
@@ -120,7 +124,7 @@ def test_unchanged_rerun_reuses_every_stage_and_gives_the_same_bytes(demo_export
     assert "reused from the cache" in proc.stdout
     # Verifying is all it does: no tokenizer, no model, so neither torch nor transformers is imported.
     traced = run_cli(
-        *export_args(demo_inputs, demo_export.out),
+        *export_args(demo_inputs, out),
         "--force",
         "--no-check",
         env={"PYTHONPROFILEIMPORTTIME": "1"},
@@ -175,12 +179,10 @@ def test_killed_run_leaves_nothing_finished_looking_and_resumes(demo_inputs: Dem
     out = tmp_path / "out"
     env = dict(os.environ, EDGE_EXPORT_CACHE_DIR=str(cache))
     args = [sys.executable, "-m", "exporter", *export_args(demo_inputs, out), "--no-check"]
-    process = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and not list((cache / "stages" / "convert").glob(".*.partial-*")):
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)  # in the middle of the conversion
-    process.wait()
+    # Killed with the F16 GGUF written into the staging folder, before it is published.
+    killed = subprocess.run(args, cwd=REPO, env={**env, KILL_ENV: "convert:built"}, capture_output=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert list((cache / "stages" / "convert").glob(".*.partial-*/model.gguf"))
     assert not list((cache / "stages").glob("convert/*/done.json"))
     assert list((cache / "stages").glob("merge/*/done.json"))  # the finished stage is kept
     assert not (out / "manifest.json").exists()
@@ -189,6 +191,7 @@ def test_killed_run_leaves_nothing_finished_looking_and_resumes(demo_inputs: Dem
     assert resumed.returncode == 0, resumed.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["cached_stages"] == ["merge"]
+    assert not list((cache / "stages" / "convert").glob(".*.partial-*"))  # the killed run's staging folder
 
 
 WRITER = """
@@ -221,7 +224,7 @@ def test_append_hasher_follows_a_growing_file_and_gives_up_on_a_rewrite(tmp_path
 
 
 def test_unchanged_rerun_takes_gguf_headers_from_the_cache(
-    demo_export: DemoExport, demo_inputs: DemoInputs, monkeypatch: pytest.MonkeyPatch
+    demo_export: DemoExport, demo_inputs: DemoInputs, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ):
     """A GGUF header is read by walking the whole vocabulary; cached GGUFs carry theirs in the entry."""
     from exporter import pipeline, tokenizer_parity
@@ -234,7 +237,7 @@ def test_unchanged_rerun_takes_gguf_headers_from_the_cache(
     options = pipeline.ExportOptions(
         adapters=((demo_inputs.adapter, 1.0),),
         profiles=("Q4_K_M", "q8_0", "Q2_K"),
-        out=demo_export.out,
+        out=copy_export(demo_export.out, tmp_path / "export"),
         base=str(demo_inputs.base),
         name="smollm2-pirate",
         force=True,
