@@ -106,6 +106,14 @@ class Run:
     def output(self) -> str:
         return "".join(self.stdout) + "".join(self.stderr)
 
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc: object) -> None:  # a failed test leaves no run behind
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
 
 def test_runs_on_a_held_output_folder_wait_or_are_refused_then_reuse_each_others_stages(
     demo_inputs: DemoInputs, demo_export: DemoExport, tmp_path: Path
@@ -114,8 +122,9 @@ def test_runs_on_a_held_output_folder_wait_or_are_refused_then_reuse_each_others
     env = dict(os.environ, EDGE_EXPORT_CACHE_DIR=str(cache), COLUMNS="1000", PYTHONUNBUFFERED="1")
     args = [*export_args(demo_inputs, out), "--no-check", "--force"]
     lock = output_lock_path(out)
-    with hold_lock(lock, f"the output folder {out}", LockPolicy()):
-        first, second = Run(args, env), Run(args, env)
+    held = ExitStack()
+    held.enter_context(hold_lock(lock, f"the output folder {out}", LockPolicy()))
+    with held, Run(args, env) as first, Run(args, env) as second:
         first.wait_until_waiting()
         second.wait_until_waiting()
         refused = subprocess.run(
@@ -125,12 +134,13 @@ def test_runs_on_a_held_output_folder_wait_or_are_refused_then_reuse_each_others
             capture_output=True,
             text=True,
         )
+        message = " ".join(refused.stderr.split())
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert f"the output folder {out} is in use by another edge-export run (pid {os.getpid()})" in message
         assert not out.exists()  # neither waiting run has started
-    message = " ".join(refused.stderr.split())
-    assert refused.returncode == 2, refused.stdout + refused.stderr
-    assert f"the output folder {out} is in use by another edge-export run (pid {os.getpid()})" in message
-    assert first.finish() == 0, first.output()
-    assert second.finish() == 0, second.output()
+        held.close()  # the waiting runs go on
+        assert first.finish() == 0, first.output()
+        assert second.finish() == 0, second.output()
     # One run built every stage; the other waited for it, then reused them all: the manifest is the
     # later run's, and its bytes are any run's.
     manifest = json.loads((out / "manifest.json").read_text())
