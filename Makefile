@@ -36,11 +36,17 @@ demo: install vendor demo-inputs
 		--name smollm2-pirate --profile Q4_K_M --profile Q8_0 --out $(DEMO_OUT) --force \
 		--eval-data exporter/data/demo_eval.jsonl
 
+# The suite runs in a new random order each time (pytest-randomly), so no test can lean on another
+# having run first; the seed is printed first, and `make test SEED=N` replays that order.
+SHUFFLED = seed=$(or $(SEED),$$($(PY) -c 'import random; print(random.getrandbits(32))')); \
+	echo "Using --randomly-seed=$$seed (make test SEED=$$seed replays this order)"; \
+	$(PY) -m pytest -q -p randomly --randomly-seed=$$seed
+
 test: install vendor
-	$(PY) -m pytest -q
+	@$(SHUFFLED)
 
 test-all: install vendor
-	$(PY) -m pytest -q --runslow
+	@$(SHUFFLED) --runslow
 
 lint: install
 	$(VENV)/bin/ruff check exporter converters quant_profiles tests bench vendor/fetch_llama_cpp.py

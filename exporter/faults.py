@@ -1,30 +1,43 @@
 """A fault-injection hook for the interruption tests: SIGKILL this process at a named point.
 
-Set EDGE_EXPORT_KILL_AT=POINT to be killed when the pipeline reaches POINT, or POINT+SECONDS to
-be killed that many seconds after it (in the middle of the stage that starts there; child
-processes die with their parent). Points: merge, merged, convert, converted, quantize:PROFILE,
-quantized:PROFILE, modelfiles, manifest, check. Unset (always, outside those tests) it does nothing.
+Set EDGE_EXPORT_KILL_AT=POINT to be killed when the run reaches POINT. Unset (always, outside those
+tests) it does nothing. Every stage has three points:
+
+    <stage>        before the stage starts (or finds its entry in the stage cache)
+    <stage>:built  its output fully written into the stage cache's staging folder, not yet published:
+                   a kill here leaves a partial staging folder that the next run must clean up
+    <stage>:done   published in the stage cache and linked into the output folder
+
+Stages of merge-quantize: merge, convert, chat, parity, imatrix, quantize:<PROFILE>,
+quality:<PROFILE>, reference. Stages of runtime-lora: convert-base, quantize:<PROFILE> (the base's),
+lora:<ADAPTER-NAME>, reference:<ADAPTER-NAME>, quality:<ADAPTER-NAME>:<PROFILE>. Both commands also
+have three run-level points, each reached before that step: modelfiles, manifest, check.
+
+A point is reached only where the run does that work: a stage reused from the cache reaches
+<stage> and <stage>:done but not <stage>:built. Points are killed at when reached, never after a
+delay: the former POINT+SECONDS form raced the stage it meant to interrupt, and is refused (an
+InputError, exit 2) at the first point the run reaches.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import threading
+
+from exporter.errors import InputError
 
 KILL_ENV = "EDGE_EXPORT_KILL_AT"
 
 
 def kill_point(name: str) -> None:
-    """Die by SIGKILL here (or after a delay) if EDGE_EXPORT_KILL_AT names this point."""
+    """Die by SIGKILL here if EDGE_EXPORT_KILL_AT names this point."""
     spec = os.environ.get(KILL_ENV)
     if not spec:
         return
-    point, _, delay = spec.partition("+")
-    if point != name:
-        return
-    if not delay:
+    if "+" in spec:
+        raise InputError(
+            f"{KILL_ENV}={spec}: the POINT+SECONDS form was removed; a run is killed only at a point it "
+            "reaches. Name a point, e.g. quantize:Q4_K_M:built (see exporter/faults.py)."
+        )
+    if spec == name:
         os.kill(os.getpid(), signal.SIGKILL)
-    timer = threading.Timer(float(delay), os.kill, (os.getpid(), signal.SIGKILL))
-    timer.daemon = True
-    timer.start()

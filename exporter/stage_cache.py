@@ -100,11 +100,12 @@ class StageCache:
         return CacheEntry(kind, key, folder, meta)
 
     @contextmanager
-    def build(self, kind: str, key: str) -> Iterator[tuple[Path, dict[str, Any]]]:
+    def build(self, kind: str, key: str, label: str | None = None) -> Iterator[tuple[Path, dict[str, Any]]]:
         """Yield a staging folder and a metadata dict to fill; publish both atomically when the block ends.
 
         The block may put in meta["files"] the sha256 of files it hashed while writing them (relative
-        paths); the others are hashed here."""
+        paths); the others are hashed here. `label` names the stage's fault point `<label>:built`
+        (exporter.faults), reached when the block has ended and nothing is published yet."""
         parent = self.root / kind
         parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{key[:16]}.partial-", dir=parent))
@@ -112,6 +113,8 @@ class StageCache:
         meta: dict[str, Any] = {}
         try:
             yield staging, meta
+            if label is not None:
+                kill_point(f"{label}:built")
             known = meta.pop("files", {})
             files = {}
             for path in sorted(p for p in staging.rglob("*") if p.is_file()):
@@ -133,12 +136,16 @@ class StageCache:
                 shutil.rmtree(staging, ignore_errors=True)
 
     def get_or_build(
-        self, kind: str, key: str, produce: Callable[[Path, dict[str, Any]], None], label: str | None = None
+        self,
+        kind: str,
+        key: str,
+        produce: Callable[[Path, dict[str, Any]], None],
+        label: str | None = None,
     ) -> tuple[CacheEntry, bool]:
         """The verified entry for `key`, or one built now by `produce(staging, meta)`; and whether it was reused.
 
         The entry is locked meanwhile: a second run that needs it waits, then reuses what the first built.
-        `label` names the stage for the fault point `<label>:built` (built in staging, not yet published)."""
+        `label` is the stage's name in fault points (`<label>:built`, see `build`)."""
         lock = self.root / kind / f".{key[:16]}.lock"
         with hold_lock(lock, f"the cached {kind} stage {key[:12]}", self.lock_policy):
             entry = self.lookup(kind, key)
@@ -147,9 +154,8 @@ class StageCache:
                 return entry, True
             for stale in (self.root / kind).glob(f".{key[:16]}.partial-*"):  # left by a killed run
                 shutil.rmtree(stale, ignore_errors=True)
-            with self.build(kind, key) as (staging, meta):
+            with self.build(kind, key, label) as (staging, meta):
                 produce(staging, meta)
-                kill_point(f"{label or kind}:built")
         entry = self.lookup(kind, key, verify=False)  # just written and hashed
         assert entry is not None
         self.hashes.save()

@@ -1,9 +1,15 @@
-"""Shared fixtures: the real demo model and its export are built once per session and reused."""
+"""Shared fixtures: the real demo model and its exports are built once per session and reused.
+
+A session export is read-only: a test that runs a command on it (a --force re-export, `check`, which
+writes its reports next to the manifest) works on `copy_export(...)` in its own tmp_path, and the
+autouse guard below fails any test that changes a session export's folder.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -56,6 +62,54 @@ def _isolated_caches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+# The output folders of session fixtures, registered by `session_output`.
+SESSION_OUTPUTS: list[Path] = []
+
+
+def session_output(folder: Path) -> Path:
+    """Register a session fixture's output folder as read-only for every test (see the guard below)."""
+    SESSION_OUTPUTS.append(folder)
+    return folder
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, int, int]]:
+    return {
+        path.relative_to(folder).as_posix(): (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        for path in folder.rglob("*")
+        for stat in [path.lstat()]
+    }
+
+
+@pytest.fixture(autouse=True)
+def _session_outputs_stay_read_only() -> Iterator[None]:
+    """Fail a test that changed a session export: the next test (in any order) would see its changes.
+
+    Session fixtures are set up before this function-scoped one, so the folders a test uses are
+    registered by the time it looks."""
+    before = {folder: _snapshot(folder) for folder in SESSION_OUTPUTS}
+    yield
+    changed = [str(folder) for folder, files in before.items() if _snapshot(folder) != files]
+    assert not changed, f"the test changed the session export(s) {changed}; work on copy_export(...) instead"
+
+
+def copy_export(source: Path, target: Path) -> Path:
+    """A copy of an export that a test may run commands on.
+
+    GGUFs and safetensors are hard-linked (they are hard links into the stage cache already, and every
+    command replaces such files by rename, never in place); everything else is copied."""
+
+    def link_or_copy(src: str, dst: str) -> object:
+        if Path(src).suffix in (".gguf", ".safetensors"):
+            try:
+                os.link(src, dst)
+                return dst
+            except OSError:
+                pass
+        return shutil.copy2(src, dst)
+
+    return Path(shutil.copytree(source, target, symlinks=True, copy_function=link_or_copy))
 
 
 def run_cli(
@@ -111,7 +165,55 @@ def demo_export(demo_inputs: DemoInputs, tmp_path_factory: pytest.TempPathFactor
     out = tmp_path_factory.mktemp("export") / "smollm2"
     proc = run_cli(*export_args(demo_inputs, out))
     assert proc.returncode == 0, proc.stderr + proc.stdout
-    return DemoExport(out, json.loads((out / "manifest.json").read_text()), proc.stdout)
+    return DemoExport(session_output(out), json.loads((out / "manifest.json").read_text()), proc.stdout)
+
+
+def _variant(source: Path, target: Path, **changes: Any) -> Path:
+    """The demo adapter's trained tensors with a changed scaling config (what rsLoRA / alpha_pattern
+    training saves: the same kind of tensors, a different scale)."""
+    shutil.copytree(source, target)
+    config = json.loads((target / "adapter_config.json").read_text())
+    (target / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+    return target
+
+
+@dataclass(frozen=True)
+class RuntimeExport:
+    out: Path
+    adapters: dict[str, Path]
+    stdout: str
+
+    @property
+    def report(self) -> dict[str, Any]:
+        return json.loads((self.out / "report.json").read_text())
+
+    def pair(self, adapter: str, profile: str) -> dict[str, Any]:
+        return next(p for p in self.report["pairs"] if p["adapter"] == adapter and p["profile"] == profile)
+
+
+def runtime_lora_args(demo_inputs: DemoInputs, adapters: dict[str, Path], out: Path) -> list[str]:
+    """The runtime-LoRA export the integration tests share: two adapters on the demo base, F16 and Q4_K_M."""
+    # fmt: off
+    return ["runtime-lora", "--adapter", str(adapters["pirate-rslora"]), "--adapter", str(adapters["pirate-alpha"]),
+            "--base", str(demo_inputs.base), "--name", "smollm2", "--profile", "F16", "--profile", "Q4_K_M",
+            "--out", str(out), "--eval-data", str(DEMO_EVAL)]
+    # fmt: on
+
+
+@pytest.fixture(scope="session")
+def runtime_export(demo_inputs: DemoInputs, tmp_path_factory: pytest.TempPathFactory) -> RuntimeExport:
+    """`edge-export runtime-lora` with two adapters (rsLoRA, alpha_pattern) on the demo base, F16 and Q4_K_M."""
+    root = tmp_path_factory.mktemp("runtime-lora")
+    adapters = {
+        "pirate-rslora": _variant(demo_inputs.adapter, root / "pirate-rslora", use_rslora=True),
+        "pirate-alpha": _variant(
+            demo_inputs.adapter, root / "pirate-alpha", alpha_pattern={"q_proj": 32, "down_proj": 4}
+        ),
+    }
+    out = root / "out"
+    proc = run_cli(*runtime_lora_args(demo_inputs, adapters, out))
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    return RuntimeExport(session_output(out), adapters, proc.stdout)
 
 
 @dataclass

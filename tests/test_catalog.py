@@ -1,5 +1,6 @@
-"""The catalog of bad inputs, each through the real command line: exit code 2, one paragraph naming the
-file and the fix, no traceback, and nothing left behind in the output folder."""
+"""The catalog of bad inputs, each through the real command line (merge-quantize, and runtime-lora where
+its entry says so): exit code 2, one paragraph naming the file and the fix, no traceback, and nothing
+left behind in the output folder."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
 
+from exporter.locks import LockPolicy, hold_lock, output_lock_path
 from tests.conftest import REPO, DemoInputs
 from tests.tiny import copy_tokenizer, make_adapter, make_tiny_llama
 
@@ -66,13 +69,16 @@ def edit_json(path: Path, **changes: object) -> None:
 
 @dataclass(frozen=True)
 class Case:
-    """One catalog entry: prepare(inputs, tmp) returns the CLI arguments (without --out)."""
+    """One catalog entry: prepare(inputs, tmp) returns the CLI arguments of `command` (without --out);
+    with `held`, the test holds the output folder's lock (as another run would) while it runs."""
 
     entry: str
     prepare: Callable[[Inputs, Path], list[str]]
     fragments: tuple[str, ...]
     env: dict[str, str] = field(default_factory=dict)
     out: Callable[[Path], Path] = lambda tmp: tmp / "out"
+    command: str = "merge-quantize"
+    held: bool = False
 
 
 def tiny_args(inputs: Inputs, adapter: Path | None = None, base: Path | None = None) -> list[str]:
@@ -233,6 +239,16 @@ def f16_profile_of_overflowing_bf16(inputs: Inputs, tmp: Path) -> list[str]:
     return [*tiny_args(inputs, base=overflowing_bf16_base(inputs, tmp)), "--profile", "F16"]
 
 
+def base_config_not_json(inputs: Inputs, tmp: Path) -> list[str]:
+    base = shutil.copytree(inputs.base, tmp / "base")
+    (base / "config.json").write_text('{"architectures": ["LlamaForCausalLM"],')
+    return tiny_args(inputs, base=base)
+
+
+def held_output(inputs: Inputs, tmp: Path) -> list[str]:
+    return [*tiny_args(inputs), "--no-wait"]
+
+
 CASES = [
     Case(
         "missing adapter_config.json", missing_config, ("adapter_config.json is missing", "Point --adapter")
@@ -317,12 +333,51 @@ CASES = [
         custom_code,
         ("config.json has an auto_map", "--trust-remote-code"),
     ),
+    Case(
+        "base config.json that is not JSON",
+        base_config_not_json,
+        ("base/config.json is not valid JSON", "restore the base model's config.json"),
+    ),
+    Case(
+        "output folder another run holds, with --no-wait",
+        held_output,
+        ("the output folder", "is in use by another edge-export run", "without --no-wait"),
+        held=True,
+    ),
+    Case(
+        "runtime-lora: base config.json that is not JSON",
+        base_config_not_json,
+        ("base/config.json is not valid JSON", "restore the base model's config.json"),
+        command="runtime-lora",
+    ),
+    Case(
+        "runtime-lora: profile that needs an importance matrix",
+        imatrix_profile,
+        ("IQ4_XS needs an importance matrix", "runtime-lora does not compute", "Q4_K_M"),
+        command="runtime-lora",
+    ),
+    Case(
+        "runtime-lora: output folder that is not writable",
+        existing_output,
+        ("is not writable", "Choose another"),
+        out=lambda tmp: Path("/proc/edge-export-catalog/out"),
+        command="runtime-lora",
+    ),
+    Case(
+        "runtime-lora: output folder another run holds, with --no-wait",
+        held_output,
+        ("the output folder", "is in use by another edge-export run", "without --no-wait"),
+        command="runtime-lora",
+        held=True,
+    ),
 ]
 
 
-def run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def run(
+    args: list[str], env: dict[str, str], command: str = "merge-quantize"
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "exporter", "merge-quantize", *args],
+        [sys.executable, "-m", "exporter", command, *args],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -335,7 +390,10 @@ def test_bad_input_fails_cleanly(case: Case, inputs: Inputs, tmp_path: Path):
     args = case.prepare(inputs, tmp_path)
     out = case.out(tmp_path)
     before = set(tmp_path.iterdir())
-    proc = run([*args, "--out", str(out)], case.env)
+    with ExitStack() as held:
+        if case.held:  # as another run holds it, until this one has given up
+            held.enter_context(hold_lock(output_lock_path(out), f"the output folder {out}", LockPolicy()))
+        proc = run([*args, "--out", str(out)], case.env, case.command)
     message = " ".join(proc.stderr.split())
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert message.startswith("error: "), message
@@ -349,12 +407,13 @@ def test_bad_input_fails_cleanly(case: Case, inputs: Inputs, tmp_path: Path):
             log.write(json.dumps({"entry": case.entry, "message": message, "code": proc.returncode}) + "\n")
 
 
-def test_existing_output_is_refused_without_force_and_kept(inputs: Inputs, tmp_path: Path):
+@pytest.mark.parametrize("command", ["merge-quantize", "runtime-lora"])
+def test_existing_output_is_refused_without_force_and_kept(inputs: Inputs, tmp_path: Path, command: str):
     out = tmp_path / "out"
     out.mkdir()
     (out / "manifest.json").write_text("{}")
-    (out / "base-Q4_K_M.gguf").write_text("an earlier export")
-    proc = run([*tiny_args(inputs), "--name", "base", "--out", str(out)], {})
+    (out / "base-Q4_K_M.gguf").write_text("an earlier export")  # merge-quantize's model, runtime-lora's base
+    proc = run([*tiny_args(inputs), "--name", "base", "--out", str(out)], {}, command)
     message = " ".join(proc.stderr.split())
     assert proc.returncode == 2 and "already exists" in message and "pass --force" in message, message
     assert (out / "base-Q4_K_M.gguf").read_text() == "an earlier export"

@@ -10,7 +10,7 @@ import pytest
 from converters.llama_runtime import greedy_generate
 from exporter.artifacts import read_gguf_header
 from exporter.hashing import sha256_file
-from tests.conftest import DEMO_PROMPTS, DemoExport, Reference, export_args
+from tests.conftest import DEMO_PROMPTS, DemoExport, Reference, copy_export, export_args
 
 NEW_TOKENS = 24
 
@@ -113,15 +113,16 @@ def test_cli_prints_the_result_table(demo_export: DemoExport):
 def test_second_run_refuses_then_force_replaces(demo_export: DemoExport, demo_inputs, tmp_path: Path):
     from tests.conftest import run_cli
 
-    args = export_args(demo_inputs, demo_export.out)
+    export = DemoExport(copy_export(demo_export.out, tmp_path / "export"), demo_export.manifest, "")
+    args = export_args(demo_inputs, export.out)
     refused = run_cli(*args)
     assert refused.returncode == 2 and "--force" in refused.stderr
     before = {p: sha256_file(demo_export.gguf(p)) for p in ("F16", "Q4_K_M", "Q8_0", "Q2_K")}
     forced = run_cli(*args, "--force")
     assert forced.returncode == 0, forced.stderr
     # Same inputs, same bytes.
-    assert {p: sha256_file(demo_export.gguf(p)) for p in before} == before
-    assert demo_export.report["reference"]["from_cache"] is True  # the reference was not recomputed
+    assert {p: sha256_file(export.gguf(p)) for p in before} == before
+    assert export.report["reference"]["from_cache"] is True  # the reference was not recomputed
 
 
 def test_header_reader_agrees_with_the_gguf_package(demo_export: DemoExport):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from exporter.imatrix import activation_dtype, collect_activations
-from tests.conftest import REPO, DemoExport, DemoInputs, export_args, run_cli
+from tests.conftest import REPO, DemoExport, DemoInputs, export_args, run_cli, session_output
 from tests.tiny import make_tiny_llama
 
 DEMO_TRAIN = REPO / "exporter" / "data" / "demo_train.jsonl"
@@ -47,7 +47,7 @@ def imatrix_export(
     # fmt: on
     proc = run_cli(*args, "--no-check", "--calibration", str(DEMO_TRAIN), "--calibration-tokens", "1024")
     assert proc.returncode == 0, proc.stderr + proc.stdout
-    return out, proc.stdout
+    return session_output(out), proc.stdout
 
 
 def test_calibration_builds_a_matrix_that_reaches_the_quantizer(imatrix_export, demo_export: DemoExport):

@@ -1,4 +1,7 @@
-"""File locks: two runs sharing an output folder or a stage cache wait for each other or fail clearly."""
+"""File locks: two runs sharing an output folder or a stage cache wait for each other or fail clearly.
+
+The tests synchronise on the lock itself, never on time: the test holds a lock, a run says on its
+output that it waits for it, the test releases it. Deadlines only turn a hang into a failure."""
 
 from __future__ import annotations
 
@@ -6,7 +9,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -15,24 +20,43 @@ from exporter.errors import BusyError
 from exporter.locks import LockPolicy, hold_lock, output_lock_path
 from tests.conftest import REPO, DemoExport, DemoInputs, export_args
 
+WAITING = "waiting for another edge-export run"
+DEADLINE_S = 600  # a failure guard: a run that never says it waits, or never finishes
 
-def test_a_held_lock_refuses_or_times_out_and_is_removed_when_released(tmp_path: Path):
+
+def test_a_waiting_run_announces_itself_and_takes_the_lock_when_released(tmp_path: Path):
     lock = tmp_path / "x.lock"
+    holder = ExitStack()
+    holder.enter_context(hold_lock(lock, "the thing", LockPolicy()))
+    assert lock.read_text() == str(os.getpid())
+    busy = r"the thing is in use by another edge-export run \(pid \d+\)"
+    with pytest.raises(BusyError, match=busy), hold_lock(lock, "the thing", LockPolicy(wait=False)):
+        pass
     messages: list[str] = []
-    with hold_lock(lock, "the thing", LockPolicy()):
+
+    def release_when_told(message: str) -> None:  # the holder finishes once the waiter has said it waits
+        messages.append(message)
+        holder.close()
+
+    with hold_lock(lock, "the thing", LockPolicy(report=release_when_told)):
         assert lock.read_text() == str(os.getpid())
-        busy = r"the thing is in use by another edge-export run \(pid \d+\)"
-        with pytest.raises(BusyError, match=busy), hold_lock(lock, "the thing", LockPolicy(wait=False)):
-            pass
-        start = time.monotonic()
-        patient = LockPolicy(timeout=0.5, report=messages.append)
-        with pytest.raises(BusyError, match="after waiting"), hold_lock(lock, "the thing", patient):
-            pass
-        assert time.monotonic() - start >= 0.5
-        assert messages and messages[0].startswith("waiting for another edge-export run")
+    assert len(messages) == 1 and messages[0].startswith(
+        f"{WAITING} (pid {os.getpid()}) to release the thing"
+    )
     assert not lock.exists()  # nothing left behind
     with hold_lock(lock, "the thing", LockPolicy(wait=False)):  # free again
         pass
+
+
+def test_a_lock_timeout_gives_up_no_sooner_than_asked(tmp_path: Path):
+    lock = tmp_path / "x.lock"
+    with hold_lock(lock, "the thing", LockPolicy()):
+        start = time.monotonic()
+        patient = LockPolicy(timeout=0.5)
+        with pytest.raises(BusyError, match="after waiting"), hold_lock(lock, "the thing", patient):
+            pass
+        assert time.monotonic() - start >= 0.5
+    assert not lock.exists()
 
 
 def test_output_lock_lives_beside_the_output(tmp_path: Path):
@@ -41,32 +65,94 @@ def test_output_lock_lives_beside_the_output(tmp_path: Path):
     assert deep.parent == tmp_path and deep.name.startswith(".edge-export-")
 
 
-def test_two_exports_at_once_on_one_cache_and_output(
+class Run:
+    """The real command line in a child process, its output read line by line as it comes."""
+
+    def __init__(self, args: list[str], env: dict[str, str]):
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "exporter", *args],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        self._waiting = threading.Event()
+        self._readers = [
+            threading.Thread(target=self._read, args=(self.process.stdout, self.stdout), daemon=True),
+            threading.Thread(target=self._read, args=(self.process.stderr, self.stderr), daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    def _read(self, stream, lines: list[str]) -> None:
+        for line in stream:
+            lines.append(line)
+            if WAITING in line:
+                self._waiting.set()
+
+    def wait_until_waiting(self) -> None:
+        """Return once the run has said it waits for a lock (or fail, if it ends or hangs first)."""
+        assert self._waiting.wait(DEADLINE_S), self.output()
+
+    def finish(self) -> int:
+        code = self.process.wait(DEADLINE_S)
+        for reader in self._readers:
+            reader.join(DEADLINE_S)
+        return code
+
+    def output(self) -> str:
+        return "".join(self.stdout) + "".join(self.stderr)
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc: object) -> None:  # a failed test leaves no run behind
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def test_runs_on_a_held_output_folder_wait_or_are_refused_then_reuse_each_others_stages(
     demo_inputs: DemoInputs, demo_export: DemoExport, tmp_path: Path
 ):
     cache, out = tmp_path / "cache", tmp_path / "out"
-    env = dict(os.environ, EDGE_EXPORT_CACHE_DIR=str(cache), COLUMNS="200")
-    args = [sys.executable, "-m", "exporter", *export_args(demo_inputs, out), "--no-check"]
-    first = subprocess.Popen(
-        args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    env = dict(os.environ, EDGE_EXPORT_CACHE_DIR=str(cache), COLUMNS="1000", PYTHONUNBUFFERED="1")
+    args = [*export_args(demo_inputs, out), "--no-check", "--force"]
     lock = output_lock_path(out)
-    deadline = time.time() + 120
-    while not lock.exists() and time.time() < deadline:
-        time.sleep(0.05)
-    assert lock.exists()
-    refused = subprocess.run([*args, "--no-wait"], cwd=REPO, env=env, capture_output=True, text=True)
-    message = " ".join(refused.stderr.split())
-    assert refused.returncode == 2, refused.stdout + refused.stderr
-    assert f"the output folder {out} is in use by another edge-export run (pid {first.pid})" in message
-    second = subprocess.run([*args, "--force"], cwd=REPO, env=env, capture_output=True, text=True)
-    first_out, first_err = first.communicate(timeout=600)
-    assert first.returncode == 0, first_err
-    assert second.returncode == 0, second.stderr
-    assert "waiting for another edge-export run" in " ".join(second.stdout.split())
+    held = ExitStack()
+    held.enter_context(hold_lock(lock, f"the output folder {out}", LockPolicy()))
+    with held, Run(args, env) as first, Run(args, env) as second:
+        first.wait_until_waiting()
+        second.wait_until_waiting()
+        refused = subprocess.run(
+            [sys.executable, "-m", "exporter", *args, "--no-wait"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        message = " ".join(refused.stderr.split())
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert f"the output folder {out} is in use by another edge-export run (pid {os.getpid()})" in message
+        assert not out.exists()  # neither waiting run has started
+        held.close()  # the waiting runs go on
+        assert first.finish() == 0, first.output()
+        assert second.finish() == 0, second.output()
+    # One run built every stage; the other waited for it, then reused them all: the manifest is the
+    # later run's, and its bytes are any run's.
     manifest = json.loads((out / "manifest.json").read_text())
-    # The second run waited, then reused every stage the first one built: same bytes as any other run.
-    assert {"merge", "convert", "quantize Q4_K_M"} <= set(manifest["cached_stages"])
+    assert set(manifest["cached_stages"]) == {
+        "merge",
+        "chat",
+        "convert",
+        "parity",
+        "quantize:Q4_K_M",
+        "quantize:Q8_0",
+        "quantize:Q2_K",
+    }
     expected = {a["profile"]: a["sha256"] for a in demo_export.manifest["artifacts"]}
     assert {a["profile"]: a["sha256"] for a in manifest["artifacts"]} == expected
     assert not lock.exists() and not list(cache.rglob("*.lock")) and not list(cache.rglob(".*partial*"))

@@ -16,7 +16,7 @@ from exporter.metrics import compare_rows, log_softmax, reference_rows, summariz
 from exporter.options import parse_gate_overrides
 from exporter.quality import apply_gates
 from quant_profiles import builtin_profiles
-from tests.conftest import DemoExport, run_cli
+from tests.conftest import DemoExport, copy_export, run_cli
 
 
 def rows_by_label(report: dict) -> dict[str, dict]:
@@ -69,18 +69,15 @@ def test_check_command_for_ci(demo_export: DemoExport, tmp_path: Path):
     baseline = tmp_path / "baseline.json"
     baseline.write_text((demo_export.out / "report.json").read_text())
     junit = tmp_path / "junit.xml"
-    proc = run_cli(
-        "check",
-        "--manifest",
-        str(demo_export.out / "manifest.json"),
+    proc = run_check(
+        demo_export,
+        tmp_path,
         "--baseline",
         str(baseline),
         "--junit",
         str(junit),
         "--gate",
         "Q2_K:max_mean_kld=0.01",
-        "--eval-data",
-        str(Path(demo_export.report["reference"]["eval_data"])),
     )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "failed quality gates" in proc.stderr and "Q2_K" in proc.stderr
@@ -174,21 +171,23 @@ def test_kld_from_raw_logits_equals_kld_from_log_probs():
         assert np.allclose(a[key], b[key], atol=1e-5), key
 
 
-def run_check(demo_export: DemoExport, *options: str):
-    """`edge-export check` of the demo export on its own evaluation data, with `options`."""
-    manifest, eval_data = demo_export.out / "manifest.json", demo_export.report["reference"]["eval_data"]
+def run_check(demo_export: DemoExport, tmp_path: Path, *options: str):
+    """`edge-export check` of a copy of the demo export (check writes its reports next to the
+    manifest) on the export's own evaluation data, with `options`."""
+    manifest = copy_export(demo_export.out, tmp_path / "export") / "manifest.json"
+    eval_data = demo_export.report["reference"]["eval_data"]
     return run_cli("check", "--manifest", str(manifest), "--eval-data", str(eval_data), *options)
 
 
-def test_metal_evaluation_without_a_metal_build_is_a_clear_error(demo_export: DemoExport):
-    proc = run_check(demo_export, "--device", "metal")
+def test_metal_evaluation_without_a_metal_build_is_a_clear_error(demo_export: DemoExport, tmp_path: Path):
+    proc = run_check(demo_export, tmp_path, "--device", "metal")
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "built without Metal" in " ".join(proc.stderr.split())
 
 
-def test_a_failed_f16_gate_blames_the_merge_or_conversion(demo_export: DemoExport):
+def test_a_failed_f16_gate_blames_the_merge_or_conversion(demo_export: DemoExport, tmp_path: Path):
     """The F16 GGUF is not quantized: when it misses its exactness gate, quantization is not the suspect."""
-    proc = run_check(demo_export, "--gate", "F16:max_mean_kld=1e-9")
+    proc = run_check(demo_export, tmp_path, "--gate", "F16:max_mean_kld=1e-9")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     message = " ".join(proc.stderr.split())
     assert "F16: The F16 GGUF is not quantized" in message and "the merge, the conversion" in message, message

@@ -6,16 +6,15 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from exporter.runtime_adapter import check_pair, runtime_correction
 
 from exporter.adapter import read_adapter
 from exporter.errors import InputError
-from tests.conftest import DEMO_EVAL, DemoExport, DemoInputs, run_cli
+from exporter.runtime_adapter import check_pair, runtime_correction
+from tests.conftest import DEMO_EVAL, DemoExport, DemoInputs, RuntimeExport, run_cli
 from tests.tiny import make_adapter, make_tiny_llama
 
 # ------------------------------------------------------------------------------------ tiny models
@@ -95,49 +94,6 @@ def test_dora_refused_through_the_command_line(demo_inputs: DemoInputs, tmp_path
 
 
 # ------------------------------------------------------------------------------- the real demo model
-
-
-def _variant(source: Path, target: Path, **changes: Any) -> Path:
-    """The demo adapter's trained tensors with a changed scaling config (what rsLoRA / alpha_pattern
-    training saves: the same kind of tensors, a different scale)."""
-    shutil.copytree(source, target)
-    config = json.loads((target / "adapter_config.json").read_text())
-    (target / "adapter_config.json").write_text(json.dumps({**config, **changes}))
-    return target
-
-
-@dataclass(frozen=True)
-class RuntimeExport:
-    out: Path
-    adapters: dict[str, Path]
-    stdout: str
-
-    @property
-    def report(self) -> dict[str, Any]:
-        return json.loads((self.out / "report.json").read_text())
-
-    def pair(self, adapter: str, profile: str) -> dict[str, Any]:
-        return next(p for p in self.report["pairs"] if p["adapter"] == adapter and p["profile"] == profile)
-
-
-@pytest.fixture(scope="session")
-def runtime_export(demo_inputs: DemoInputs, tmp_path_factory: pytest.TempPathFactory) -> RuntimeExport:
-    """`edge-export runtime-lora` with two adapters (rsLoRA, alpha_pattern) on the demo base, F16 and Q4_K_M."""
-    root = tmp_path_factory.mktemp("runtime-lora")
-    adapters = {
-        "pirate-rslora": _variant(demo_inputs.adapter, root / "pirate-rslora", use_rslora=True),
-        "pirate-alpha": _variant(
-            demo_inputs.adapter, root / "pirate-alpha", alpha_pattern={"q_proj": 32, "down_proj": 4}
-        ),
-    }
-    out = root / "out"
-    # fmt: off
-    proc = run_cli("runtime-lora", "--adapter", str(adapters["pirate-rslora"]), "--adapter",
-                   str(adapters["pirate-alpha"]), "--base", str(demo_inputs.base), "--name", "smollm2",
-                   "--profile", "F16", "--profile", "Q4_K_M", "--out", str(out), "--eval-data", str(DEMO_EVAL))
-    # fmt: on
-    assert proc.returncode == 0, proc.stderr + proc.stdout
-    return RuntimeExport(out, adapters, proc.stdout)
 
 
 def test_two_adapters_share_one_base_file_per_profile(runtime_export: RuntimeExport) -> None:

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from exporter import hashing
+from exporter.faults import KILL_ENV
 from exporter.hashing import RACY_NS, AppendHasher, HashMemo, sha256_file
 from exporter.stage_cache import StageCache, link_into, stage_key
-from tests.conftest import REPO, DemoExport, DemoInputs, export_args, run_cli
+from tests.conftest import REPO, DemoExport, DemoInputs, copy_export, export_args, run_cli
 
 
 def test_entries_appear_only_when_complete_and_are_verified(tmp_path: Path):
@@ -103,24 +104,29 @@ def test_prune_removes_entries_and_leftovers(tmp_path: Path):
     assert removed == 3 and freed > 3 and cache.entries() == []  # the files and their done.json
 
 
-def test_unchanged_rerun_reuses_every_stage_and_gives_the_same_bytes(demo_export: DemoExport, demo_inputs):
-    manifest = json.loads((demo_export.out / "manifest.json").read_text())
-    # The session's first export filled the cache; the second run (test_demo_pipeline) or this one reuses it.
-    proc = run_cli(*export_args(demo_inputs, demo_export.out), "--force", "--no-check")
+def test_unchanged_rerun_reuses_every_stage_and_gives_the_same_bytes(
+    demo_export: DemoExport, demo_inputs, tmp_path: Path
+):
+    manifest = demo_export.manifest
+    out = copy_export(demo_export.out, tmp_path / "export")
+    # The session's export filled the cache; this run reuses every stage of it.
+    proc = run_cli(*export_args(demo_inputs, out), "--force", "--no-check")
     assert proc.returncode == 0, proc.stderr
-    again = json.loads((demo_export.out / "manifest.json").read_text())
+    again = json.loads((out / "manifest.json").read_text())
     assert set(again["cached_stages"]) == {
         "merge",
+        "chat",
         "convert",
-        "quantize Q4_K_M",
-        "quantize Q8_0",
-        "quantize Q2_K",
+        "parity",
+        "quantize:Q4_K_M",
+        "quantize:Q8_0",
+        "quantize:Q2_K",
     }
     assert [a["sha256"] for a in again["artifacts"]] == [a["sha256"] for a in manifest["artifacts"]]
     assert "reused from the cache" in proc.stdout
     # Verifying is all it does: no tokenizer, no model, so neither torch nor transformers is imported.
     traced = run_cli(
-        *export_args(demo_inputs, demo_export.out),
+        *export_args(demo_inputs, out),
         "--force",
         "--no-check",
         env={"PYTHONPROFILEIMPORTTIME": "1"},
@@ -129,7 +135,8 @@ def test_unchanged_rerun_reuses_every_stage_and_gives_the_same_bytes(demo_export
     imported = {
         line.rsplit("|", 1)[-1].strip() for line in traced.stderr.splitlines() if "import time:" in line
     }
-    assert "exporter.pipeline" in imported and not imported & {"torch", "transformers", "llama_cpp"}
+    assert "exporter.commands.merge_quantize" in imported
+    assert not imported & {"torch", "transformers", "llama_cpp"}
 
 
 def test_adding_a_profile_quantizes_only_that_profile(demo_export: DemoExport, demo_inputs, tmp_path: Path):
@@ -147,12 +154,12 @@ def test_adding_a_profile_quantizes_only_that_profile(demo_export: DemoExport, d
     assert proc.returncode == 0, proc.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert (
-        "quantize Q5_K_M" not in manifest["cached_stages"]
-        and "quantize Q6_K" not in manifest["cached_stages"]
+        "quantize:Q5_K_M" not in manifest["cached_stages"]
+        and "quantize:Q6_K" not in manifest["cached_stages"]
     )
     files = {a["profile"]: a["file_type"] for a in manifest["artifacts"]}
     assert files["Q5_K_M"] == "Q5_K_M" and files["Q6_K"] == "Q6_K"  # built in parallel, each as asked
-    assert {"merge", "convert", "quantize Q4_K_M", "quantize Q8_0", "quantize Q2_K"} <= set(
+    assert {"merge", "convert", "quantize:Q4_K_M", "quantize:Q8_0", "quantize:Q2_K"} <= set(
         manifest["cached_stages"]
     )
 
@@ -175,12 +182,10 @@ def test_killed_run_leaves_nothing_finished_looking_and_resumes(demo_inputs: Dem
     out = tmp_path / "out"
     env = dict(os.environ, EDGE_EXPORT_CACHE_DIR=str(cache))
     args = [sys.executable, "-m", "exporter", *export_args(demo_inputs, out), "--no-check"]
-    process = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and not list((cache / "stages" / "convert").glob(".*.partial-*")):
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)  # in the middle of the conversion
-    process.wait()
+    # Killed with the F16 GGUF written into the staging folder, before it is published.
+    killed = subprocess.run(args, cwd=REPO, env={**env, KILL_ENV: "convert:built"}, capture_output=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert list((cache / "stages" / "convert").glob(".*.partial-*/model.gguf"))
     assert not list((cache / "stages").glob("convert/*/done.json"))
     assert list((cache / "stages").glob("merge/*/done.json"))  # the finished stage is kept
     assert not (out / "manifest.json").exists()
@@ -189,6 +194,7 @@ def test_killed_run_leaves_nothing_finished_looking_and_resumes(demo_inputs: Dem
     assert resumed.returncode == 0, resumed.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["cached_stages"] == ["merge"]
+    assert not list((cache / "stages" / "convert").glob(".*.partial-*"))  # the killed run's staging folder
 
 
 WRITER = """
@@ -221,26 +227,26 @@ def test_append_hasher_follows_a_growing_file_and_gives_up_on_a_rewrite(tmp_path
 
 
 def test_unchanged_rerun_takes_gguf_headers_from_the_cache(
-    demo_export: DemoExport, demo_inputs: DemoInputs, monkeypatch: pytest.MonkeyPatch
+    demo_export: DemoExport, demo_inputs: DemoInputs, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ):
     """A GGUF header is read by walking the whole vocabulary; cached GGUFs carry theirs in the entry."""
-    from exporter import pipeline, tokenizer_parity
+    from exporter import tokenizer_parity
+    from exporter.commands.merge_quantize import merge_quantize
+    from exporter.options import ExportOptions, InputOptions, OutputOptions, ProfileOptions
+    from exporter.stages import gguf
 
     def refuse(path: Path) -> None:
         raise AssertionError(f"read the header of {path}")
 
-    monkeypatch.setattr(pipeline, "read_gguf_header", refuse)
+    monkeypatch.setattr(gguf, "read_gguf_header", refuse)
     monkeypatch.setattr(tokenizer_parity, "read_gguf_header", refuse)
-    options = pipeline.ExportOptions(
-        adapters=((demo_inputs.adapter, 1.0),),
-        profiles=("Q4_K_M", "q8_0", "Q2_K"),
-        out=demo_export.out,
-        base=str(demo_inputs.base),
-        name="smollm2-pirate",
-        force=True,
+    options = ExportOptions(
+        inputs=InputOptions(adapters=((demo_inputs.adapter, 1.0),), base=str(demo_inputs.base)),
+        output=OutputOptions(copy_export(demo_export.out, tmp_path / "export"), "smollm2-pirate", force=True),
+        profiles=ProfileOptions(("Q4_K_M", "q8_0", "Q2_K")),
         check=False,
     )
-    result = pipeline.merge_quantize(options, lambda message: None)
+    result = merge_quantize(options)
     recorded = {a["profile"]: a for a in demo_export.manifest["artifacts"]}
     for artifact in result.artifacts:  # file types and bits per weight as when the GGUFs were read
         assert artifact.file_type == recorded[artifact.profile]["file_type"]
