@@ -8,10 +8,12 @@ tests) it does nothing. Every stage has three points:
                    a kill here leaves a partial staging folder that the next run must clean up
     <stage>:done   published in the stage cache and linked into the output folder
 
-Stages of merge-quantize: merge, convert, chat, parity, imatrix, quantize:<PROFILE>,
-quality:<PROFILE>, reference. Stages of runtime-lora: convert-base, quantize:<PROFILE> (the base's),
-lora:<ADAPTER-NAME>, reference:<ADAPTER-NAME>, quality:<ADAPTER-NAME>:<PROFILE>. Both commands also
-have three run-level points, each reached before that step: modelfiles, manifest, check.
+Stages of merge-quantize: merge, convert, chat, parity, imatrix, quantize:<PROFILE>, reference,
+quality:source (the unquantized GGUF), quality:<PROFILE>. Stages of runtime-lora: convert-base,
+quantize:<PROFILE> (the base's), lora:<ADAPTER>, reference:<ADAPTER>, quality:<ADAPTER>:<PROFILE>,
+and with --compare-merged merge:<ADAPTER>, convert:<ADAPTER>, quantize:<ADAPTER>:<PROFILE>,
+merged:<ADAPTER>:<PROFILE>. Both commands also have three run-level points, each reached before
+that step: modelfiles, check, manifest.
 
 A point is reached only where the run does that work: a stage reused from the cache reaches
 <stage> and <stage>:done but not <stage>:built. Points are killed at when reached, never after a

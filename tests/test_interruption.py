@@ -25,10 +25,10 @@ def points(fast: list[str], slow: list[str]) -> list:
     return [*fast, *(pytest.param(point, marks=pytest.mark.slow) for point in slow)]
 
 
-# The check runs after the manifest is written: a run killed there leaves a finished export without
-# its quality report, which the next run replaces (--force), reusing every stage. The runs killed
-# before it skip the check (--no-check), which only adds time.
-MERGE_QUANTIZE_CHECK = ["check", "reference:built", "quality:Q4_K_M:built", "quality:F16:done"]
+# The manifest is written once, after the check: a run killed anywhere, the check included, leaves
+# no finished export, and the next run completes it from the cached stages. The runs killed before
+# the check skip it (--no-check), which only adds time.
+MERGE_QUANTIZE_CHECK = ["check", "reference:built", "quality:Q4_K_M:built", "quality:source:done"]
 RUNTIME_LORA_CHECK = ["check", "reference:pirate-rslora:built", "quality:pirate-alpha:Q4_K_M:built"]
 CHECK_POINTS = {*MERGE_QUANTIZE_CHECK, *RUNTIME_LORA_CHECK}
 MERGE_QUANTIZE = points(
@@ -80,17 +80,15 @@ def leftovers(*folders: Path) -> list[Path]:
 
 def kill_then_resume(args: list[str], out: Path, point: str, tmp_path: Path) -> None:
     """Run `args` (writing `out`, caching in tmp_path) killed at `point`, then again to the end."""
-    finished = point in CHECK_POINTS
-    command = [sys.executable, "-m", "exporter", *args, *([] if finished else ["--no-check"])]
+    checked = point in CHECK_POINTS
+    command = [sys.executable, "-m", "exporter", *args, *([] if checked else ["--no-check"])]
     env = dict(os.environ, EDGE_EXPORT_CACHE_DIR=str(tmp_path / "cache"))
     killed = subprocess.run(command, cwd=REPO, env={**env, KILL_ENV: point}, capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
-    assert (out / "manifest.json").exists() == finished
-    resumed = subprocess.run(
-        [*command, *(["--force"] if finished else [])], cwd=REPO, env=env, capture_output=True, text=True
-    )
+    assert not (out / "manifest.json").exists()
+    resumed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    if finished:
+    if checked:
         assert json.loads((out / "report.json").read_text())["passed"] is True
     assert leftovers(tmp_path) == []
 

@@ -232,9 +232,8 @@ class ExportGraph:
             for p in self.layout.profiles
         }
         self.run.report("writing Modelfiles")
-        written = write_modelfiles(self.run, targets, spec, merged_dir)
         kill_point("modelfiles")
-        return written
+        return write_modelfiles(self.run, targets, spec, merged_dir)
 
     def reference(self, r: Results) -> Any:
         kill_point("check")

@@ -239,6 +239,7 @@ class RuntimeGraph:
         return convert
 
     def modelfiles(self, r: Results) -> tuple[list[Path], dict[str, ChatSpec]]:
+        kill_point("modelfiles")
         self.run.report("writing Modelfiles")
         written: list[Path] = []
         specs: dict[str, ChatSpec] = {}
@@ -256,7 +257,6 @@ class RuntimeGraph:
             written += write_modelfiles(
                 self.run, targets, spec, self.inputs.base_dir, adapter=r[f"lora:{name}"].gguf
             )
-        kill_point("modelfiles")
         return written, specs
 
     def reference(self, name: str) -> Any:
