@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 
 from converters.llama_runtime import score_gguf
+from converters.metrics import TOP_K, compare_rows, greedy_agreement, log_softmax, reference_rows, summarize
 from exporter.adapter import LoraAdapter
 from exporter.atomic import write_text_atomic
 from exporter.errors import InputError
 from exporter.evaldata import EvalData, load_eval_data
-from exporter.metrics import TOP_K, compare_rows, greedy_agreement, log_softmax, reference_rows, summarize
 from quant_profiles import QuantProfile
 
 REFERENCE_FORMAT = 1
