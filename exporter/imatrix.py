@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from converters.child import die_with_parent, stderr_tail
+from converters.gguf_header import read_gguf_metadata
 from converters.hf_to_gguf import converter_env
 from converters.vendor import VendoredLlamaCpp
-from exporter.artifacts import read_gguf_metadata
 from exporter.errors import InputError, StageError
 
 log = logging.getLogger(__name__)
