@@ -40,8 +40,9 @@ from converters.quantize import quantize_gguf  # noqa: E402
 from converters.vendor import locate_vendored  # noqa: E402
 from exporter.adapter import read_adapter  # noqa: E402
 from exporter.imatrix import compute_imatrix  # noqa: E402
-from exporter.pipeline import input_hashes  # noqa: E402
-from exporter.quality import QualityOptions, build_reference  # noqa: E402
+from exporter.options import QualityOptions  # noqa: E402
+from exporter.records import ModelInputs  # noqa: E402
+from exporter.stages.quality import reference_for  # noqa: E402
 from quant_profiles import builtin_profiles  # noqa: E402
 
 DATA = ROOT / "exporter" / "data"
@@ -119,6 +120,10 @@ def widen_to_k_quant_rows(source: Path, target: Path) -> dict[str, int]:
     return {"hidden": wide, "intermediate": wide_inter, "heads": wide_heads}
 
 
+# (profile, with a matrix, size, scores, scores of the same profile without a matrix)
+Row = tuple[str, bool, int, dict[str, np.ndarray], dict[str, np.ndarray] | None]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--export", type=Path, default=ROOT / "demo-out")
@@ -138,13 +143,13 @@ def main() -> None:
     base = Path(manifest["inputs"]["base"]["path"])
     merged = args.export / "merged"
     f16 = args.export / manifest["intermediates"][0]["path"]
-    reference = build_reference(
-        base, adapters, merged, input_hashes(manifest), QualityOptions(eval_data=args.eval_data)
+    reference = reference_for(
+        ModelInputs.hashed(base, tuple(adapters)), merged, QualityOptions(eval_data=args.eval_data)
     )
     sequences = reference.eval.sequences
     registry = builtin_profiles()
     threads = os.cpu_count() or 1
-    rows = []
+    rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="bench-imatrix-") as scratch_name:
         scratch = Path(scratch_name)
         if args.aligned:
@@ -182,6 +187,12 @@ def main() -> None:
                 if name == "Q4_K_M" and not with_matrix:
                     baseline = scored[False]
                 rows.append((name, with_matrix, gguf.stat().st_size, scored[with_matrix], scored.get(False)))
+    print_table(rows, baseline)
+
+
+def print_table(rows: list[Row], baseline: dict[str, np.ndarray] | None) -> None:
+    """One line per GGUF: size, mean KLD with its standard error, top-1, and paired KLD differences
+    against the same profile without a matrix and against Q4_K_M without one."""
     print()
     print(
         f"{'profile':8} {'imatrix':8} {'MiB':>6} {'mean KLD':>10} {'± SE':>8} {'top-1':>7} "

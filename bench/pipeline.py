@@ -32,7 +32,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from converters.vendor import VendoredLlamaCpp
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -94,6 +99,22 @@ def build_1b() -> tuple[Path, Path]:
     return build_inputs(WORK_1B, config, DEMO / "base")
 
 
+@dataclass(frozen=True)
+class Timings:
+    """Wall seconds of every contender; the recipe's steps and the cold run's stages are the best run's."""
+
+    steps: dict[str, float]
+    cold: float
+    stages: dict[str, float]
+    unchanged: float
+    added: float
+    q5_alone: float
+
+    @property
+    def recipe(self) -> float:
+        return sum(self.steps.values())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=("1b", "demo"), default="1b")
@@ -115,88 +136,102 @@ def main() -> None:
         # Built in a child: torch stays out of this process, whose children inherit its size.
         subprocess.run([sys.executable, __file__, "--build"], check=True)
         args.base, args.adapter = WORK_1B / "base", WORK_1B / "adapter"
+    print_results(args.base, args.runs, measure(args.base, args.adapter, args.runs))
+
+
+def measure(base: Path, adapter: Path, runs: int) -> Timings:
+    """The recipe and the cold export `runs` times, interleaved, then the warm re-runs and Q5_K_M alone."""
     from converters.vendor import locate_vendored
 
     vendored = locate_vendored()
-    python = sys.executable
     work = ROOT / "bench" / ".work"
     work.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="pipeline-", dir=work) as scratch_name:
         scratch = Path(scratch_name)
-        converter_env = dict(os.environ, PYTHONPATH=str(vendored.gguf_py), HF_HUB_OFFLINE="1")
-        merged, f16 = scratch / "recipe-merged", scratch / "recipe-F16.gguf"
-
-        def run_recipe() -> dict[str, float]:
-            """The manual recipe, step by step, from nothing."""
-            shutil.rmtree(merged, ignore_errors=True)
-            steps = {
-                "PEFT merge + save": timed(
-                    [python, "-c", RECIPE, str(args.base), str(args.adapter), str(merged), *TOKENIZER_FILES]
-                ),
-                "convert_hf_to_gguf": timed(
-                    [
-                        python,
-                        str(vendored.convert_hf_script),
-                        str(merged),
-                        "--outtype",
-                        "f16",
-                        "--outfile",
-                        str(f16),
-                    ],
-                    converter_env,
-                    settle=False,  # the recipe's steps run back to back, as a script would run them
-                ),
-            }
-            for profile in ("Q4_K_M", "Q8_0"):
-                target = scratch / f"recipe-{profile}.gguf"
-                command = [python, "-c", QUANTIZE, str(f16), str(target), profile]
-                steps[f"quantize {profile}"] = timed(command, settle=False)
-            return steps
-
-        def export(cache: Path, *profiles: str) -> float:
-            profile_args = [a for p in profiles for a in ("--profile", p)]
-            command = [python, "-m", "exporter", "merge-quantize", "--adapter", str(args.adapter)]
-            command += ["--base", str(args.base), "--name", "bench", *profile_args, "--no-check", "--force"]
-            env = dict(os.environ, EDGE_EXPORT_CACHE_DIR=str(cache))
-            return timed([*command, "--out", str(scratch / "edge")], env)
-
+        f16 = scratch / "recipe-F16.gguf"
         recipes: list[dict[str, float]] = []
         colds: list[tuple[float, dict[str, float]]] = []
-        for run in range(args.runs):  # interleaved, so both see the same drift in the machine's state
-            recipes.append(run_recipe())
+        for run in range(runs):  # interleaved, so both see the same drift in the machine's state
+            recipes.append(run_recipe(base, adapter, scratch, vendored))
             cache = scratch / f"cache-{run}"
             if run:
                 shutil.rmtree(scratch / f"cache-{run - 1}")
-            wall = export(cache, "Q4_K_M", "Q8_0")
+            wall = run_export(base, adapter, scratch, cache, "Q4_K_M", "Q8_0")
             manifest = json.loads((scratch / "edge" / "manifest.json").read_text())
             colds.append((wall, manifest["stage_seconds"]))
         steps = min(recipes, key=lambda s: sum(s.values()))
-        recipe = sum(steps.values())
         cold, stages = min(colds, key=lambda c: c[0])
-        q5_alone = timed([python, "-c", QUANTIZE, str(f16), str(scratch / "alone-Q5_K_M.gguf"), "Q5_K_M"])
+        q5_alone = timed(
+            [sys.executable, "-c", QUANTIZE, str(f16), str(scratch / "alone-Q5_K_M.gguf"), "Q5_K_M"]
+        )
         # `cache` is now the warm cache of the last cold run.
-        unchanged = export(cache, "Q4_K_M", "Q8_0")
-        added = export(cache, "Q4_K_M", "Q8_0", "Q5_K_M")
-    size = sum(f.stat().st_size for f in args.base.glob("*.safetensors"))
+        unchanged = run_export(base, adapter, scratch, cache, "Q4_K_M", "Q8_0")
+        added = run_export(base, adapter, scratch, cache, "Q4_K_M", "Q8_0", "Q5_K_M")
+    return Timings(steps, cold, stages, unchanged, added, q5_alone)
+
+
+def run_recipe(base: Path, adapter: Path, scratch: Path, vendored: VendoredLlamaCpp) -> dict[str, float]:
+    """The manual recipe, step by step, from nothing."""
+    python = sys.executable
+    merged, f16 = scratch / "recipe-merged", scratch / "recipe-F16.gguf"
+    converter_env = dict(os.environ, PYTHONPATH=str(vendored.gguf_py), HF_HUB_OFFLINE="1")
+    shutil.rmtree(merged, ignore_errors=True)
+    steps = {
+        "PEFT merge + save": timed(
+            [python, "-c", RECIPE, str(base), str(adapter), str(merged), *TOKENIZER_FILES]
+        ),
+        "convert_hf_to_gguf": timed(
+            [
+                python,
+                str(vendored.convert_hf_script),
+                str(merged),
+                "--outtype",
+                "f16",
+                "--outfile",
+                str(f16),
+            ],
+            converter_env,
+            settle=False,  # the recipe's steps run back to back, as a script would run them
+        ),
+    }
+    for profile in ("Q4_K_M", "Q8_0"):
+        target = scratch / f"recipe-{profile}.gguf"
+        command = [python, "-c", QUANTIZE, str(f16), str(target), profile]
+        steps[f"quantize {profile}"] = timed(command, settle=False)
+    return steps
+
+
+def run_export(base: Path, adapter: Path, scratch: Path, cache: Path, *profiles: str) -> float:
+    """Wall seconds of `edge-export merge-quantize` into scratch/edge with the stage cache at `cache`."""
+    profile_args = [a for p in profiles for a in ("--profile", p)]
+    command = [sys.executable, "-m", "exporter", "merge-quantize", "--adapter", str(adapter)]
+    command += ["--base", str(base), "--name", "bench", *profile_args, "--no-check", "--force"]
+    env = dict(os.environ, EDGE_EXPORT_CACHE_DIR=str(cache))
+    return timed([*command, "--out", str(scratch / "edge")], env)
+
+
+def print_results(base: Path, runs: int, timings: Timings) -> None:
+    """The wall times side by side, then the three ratios against their targets."""
+    size = sum(f.stat().st_size for f in base.glob("*.safetensors"))
     print(
-        f"base: {args.base.relative_to(ROOT) if args.base.is_relative_to(ROOT) else args.base} "
+        f"base: {base.relative_to(ROOT) if base.is_relative_to(ROOT) else base} "
         f"({size / 2**30:.2f} GiB of safetensors); {os.cpu_count()} cores"
     )
-    print(f"{'':34} {'wall s':>8}" + (f"   (best of {args.runs})" if args.runs > 1 else ""))
-    for step, seconds in steps.items():
+    print(f"{'':34} {'wall s':>8}" + (f"   (best of {runs})" if runs > 1 else ""))
+    for step, seconds in timings.steps.items():
         print(f"  recipe: {step:26} {seconds:8.1f}")
-    print(f"{'recipe, total':34} {recipe:8.1f}")
-    print(f"{'edge-export cold (empty cache)':34} {cold:8.1f}")
-    for stage, seconds in stages.items():
+    print(f"{'recipe, total':34} {timings.recipe:8.1f}")
+    print(f"{'edge-export cold (empty cache)':34} {timings.cold:8.1f}")
+    for stage, seconds in timings.stages.items():
         print(f"  edge-export: {stage:21} {seconds:8.1f}")
-    print(f"{'edge-export unchanged re-run':34} {unchanged:8.1f}")
-    print(f"{'edge-export adding Q5_K_M':34} {added:8.1f}")
-    print(f"{'quantizing Q5_K_M alone':34} {q5_alone:8.1f}")
+    print(f"{'edge-export unchanged re-run':34} {timings.unchanged:8.1f}")
+    print(f"{'edge-export adding Q5_K_M':34} {timings.added:8.1f}")
+    print(f"{'quantizing Q5_K_M alone':34} {timings.q5_alone:8.1f}")
     print()
     checks = [
-        ("cold / recipe", cold / recipe, 1.0),
-        ("unchanged / cold", unchanged / cold, 0.05),
-        ("adding Q5_K_M / Q5_K_M alone", added / q5_alone, 1.2),
+        ("cold / recipe", timings.cold / timings.recipe, 1.0),
+        ("unchanged / cold", timings.unchanged / timings.cold, 0.05),
+        ("adding Q5_K_M / Q5_K_M alone", timings.added / timings.q5_alone, 1.2),
     ]
     for name, ratio, limit in checks:
         verdict = "meets" if ratio <= limit else "misses"

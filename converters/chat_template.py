@@ -23,8 +23,8 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
+from converters.errors import InputError
 from converters.gotemplate import GoTemplateError, render_go_template
-from exporter.errors import InputError
 
 Message = dict[str, str]
 # render(messages, add_generation_prompt) -> the Jinja template's text

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from exporter.errors import ExportError, NativeCrashError, StageError
+from converters.errors import ExportError, NativeCrashError, StageError
 
 STDERR_TAIL = 2500
 

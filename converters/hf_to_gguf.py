@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 
 from converters.child import die_with_parent, stderr_tail
+from converters.errors import InputError, StageError
+from converters.hashing import AppendHasher, sha256_file
 from converters.vendor import VendoredLlamaCpp
-from exporter.errors import InputError, StageError
-from exporter.hashing import AppendHasher, sha256_file
 
 
 def converter_env(vendored: VendoredLlamaCpp) -> dict[str, str]:

@@ -1,9 +1,9 @@
 """Write a llama.cpp importance-matrix GGUF from activation statistics keyed by Hugging Face names.
 
-Runs as `python -m converters.imatrix_gguf REQUEST RESPONSE` with the vendored gguf-py first on
-PYTHONPATH (see converters.hf_to_gguf.converter_env), so names are mapped by the same table that
-convert_hf_to_gguf.py used for the F16 GGUF. Every mapped name is checked against that GGUF: it
-must exist and its row width (ne0) must equal the number of collected columns.
+write_imatrix_gguf runs this module as `python -m converters.imatrix_gguf REQUEST RESPONSE` with the
+vendored gguf-py first on PYTHONPATH (see converters.hf_to_gguf.converter_env), so names are mapped
+by the same table that convert_hf_to_gguf.py used for the F16 GGUF. Every mapped name is checked
+against that GGUF: it must exist and its row width (ne0) must equal the number of collected columns.
 
 The file has llama-imatrix's layout: general.type = "imatrix", imatrix.datasets,
 imatrix.chunk_count, imatrix.chunk_size, and per weight `<name>.in_sum2` (F32, ne0 x 1) and
@@ -14,9 +14,42 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
+
+from converters.child import die_with_parent, stderr_tail
+from converters.errors import StageError
+from converters.hf_to_gguf import converter_env
+from converters.vendor import VendoredLlamaCpp
+
+
+def write_imatrix_gguf(request: dict[str, Any], vendored: VendoredLlamaCpp) -> dict[str, Any]:
+    """Map names and write the imatrix GGUF in a subprocess that runs the vendored gguf-py.
+
+    `request` names the statistics (.npz keyed by HF weight names), their token counts, the F16 GGUF
+    the names are checked against, the target file and the calibration facts; the response gives the
+    entries written and the HF names skipped."""
+    with tempfile.TemporaryDirectory(prefix="edge-export-imatrix-child-") as scratch:
+        request_file, response_file = Path(scratch) / "request.json", Path(scratch) / "response.json"
+        request_file.write_text(json.dumps(request))
+        proc = subprocess.run(
+            [sys.executable, "-m", "converters.imatrix_gguf", str(request_file), str(response_file)],
+            capture_output=True,
+            text=True,
+            env=converter_env(vendored),
+            errors="replace",
+            preexec_fn=die_with_parent,
+        )
+        if proc.returncode != 0 or not response_file.is_file():
+            raise StageError(
+                f"Writing the importance matrix {request['target']} failed (exit code {proc.returncode}). "
+                f"Stderr:\n{stderr_tail(proc.stderr)}"
+            )
+        response: dict[str, Any] = json.loads(response_file.read_text())
+        return response
 
 
 def _field(reader: Any, key: str) -> Any:
@@ -24,7 +57,8 @@ def _field(reader: Any, key: str) -> Any:
     return None if field is None else field.contents()
 
 
-def write(request: dict[str, Any]) -> dict[str, Any]:
+def _write(request: dict[str, Any]) -> dict[str, Any]:
+    """The child's side: runs with the vendored gguf-py importable."""
     import gguf
     import numpy as np
 
@@ -70,7 +104,7 @@ def write(request: dict[str, Any]) -> dict[str, Any]:
 
 def main() -> None:
     request_file, response_file = Path(sys.argv[1]), Path(sys.argv[2])
-    response = write(json.loads(request_file.read_text()))
+    response = _write(json.loads(request_file.read_text()))
     response_file.write_text(json.dumps(response))
 
 

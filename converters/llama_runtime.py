@@ -169,7 +169,7 @@ def _score(request: dict[str, Any]) -> dict[str, Any]:
 
     import numpy as np
 
-    from exporter.metrics import compare_logits
+    from converters.metrics import compare_logits
 
     llm = _load(request)
     reference = np.load(request["reference"])

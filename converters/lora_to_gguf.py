@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from converters.child import die_with_parent, stderr_tail
+from converters.errors import StageError
 from converters.hf_to_gguf import converter_env
 from converters.vendor import VendoredLlamaCpp
-from exporter.errors import StageError
 
 KEY_PREFIX = "edge_export."
 BASE_KEYS = ("architecture", "uuid", "gguf_sha256", "shapes_sha256")

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from exporter.errors import EnvironmentSetupError
+from converters.errors import EnvironmentSetupError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PIN_FILE = PROJECT_ROOT / "vendor" / "llama_cpp.toml"

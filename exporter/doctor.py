@@ -39,6 +39,7 @@ def _available_ram() -> int | None:
 
 
 def run_checks(work_dir: Path) -> list[Check]:
+    """Every prerequisite of an export, in the order doctor prints them."""
     checks = [
         Check("python", sys.version_info >= (3, 11), platform.python_version(), "use Python 3.11 or newer")
     ]
@@ -47,6 +48,35 @@ def run_checks(work_dir: Path) -> list[Check]:
             checks.append(Check(package, True, version(package)))
         except PackageNotFoundError:
             checks.append(Check(package, False, "not installed", "pip install -e . (or make demo)"))
+    checks += _llama_cpp_checks()
+    try:
+        vendored = locate_vendored()
+        checks.append(
+            Check("vendored converter", True, f"llama.cpp {vendored.commit[:9]} in {vendored.root}")
+        )
+    except ExportError as exc:
+        checks.append(Check("vendored converter", False, str(exc), "make vendor"))
+    workaround = needs_extra_bufts_workaround()
+    checks.append(
+        Check(
+            "CPU extra buffer types",
+            True,
+            ("AMX CPU: llama.cpp's extra buffer types crash here; " if workaround else "")
+            + "GGUF evaluation runs with use_extra_bufts=False"
+            + (
+                " (EDGE_EXPORT_EXTRA_BUFTS=1 is set: on)"
+                if os.environ.get("EDGE_EXPORT_EXTRA_BUFTS") == "1"
+                else ""
+            ),
+        )
+    )
+    checks += _resource_checks(work_dir)
+    return checks
+
+
+def _llama_cpp_checks() -> list[Check]:
+    """llama-cpp-python: loads, is the pinned version, and what it was built with."""
+    checks = []
     pin = pinned()
     try:
         import llama_cpp
@@ -76,27 +106,12 @@ def run_checks(work_dir: Path) -> list[Check]:
                 f"pip install --force-reinstall llama-cpp-python=={pin.get('llama_cpp_python', '0.3.36')}",
             )
         )
-    try:
-        vendored = locate_vendored()
-        checks.append(
-            Check("vendored converter", True, f"llama.cpp {vendored.commit[:9]} in {vendored.root}")
-        )
-    except ExportError as exc:
-        checks.append(Check("vendored converter", False, str(exc), "make vendor"))
-    workaround = needs_extra_bufts_workaround()
-    checks.append(
-        Check(
-            "CPU extra buffer types",
-            True,
-            ("AMX CPU: llama.cpp's extra buffer types crash here; " if workaround else "")
-            + "GGUF evaluation runs with use_extra_bufts=False"
-            + (
-                " (EDGE_EXPORT_EXTRA_BUFTS=1 is set: on)"
-                if os.environ.get("EDGE_EXPORT_EXTRA_BUFTS") == "1"
-                else ""
-            ),
-        )
-    )
+    return checks
+
+
+def _resource_checks(work_dir: Path) -> list[Check]:
+    """Free disk where the export goes, available memory, and cores."""
+    checks = []
     probe = work_dir if work_dir.exists() else Path.cwd()
     free_disk = shutil.disk_usage(probe).free
     checks.append(

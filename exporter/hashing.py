@@ -11,81 +11,19 @@ every byte.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import threading
 import time
 from pathlib import Path
 
-CHUNK = 8 << 20
+from converters.hashing import AppendHasher, file_identity, sha256_file
+
 MEMO_FILE = "hashes.json"
 MEMO_LIMIT = 20000  # entries kept; the least recently used go first
 RACY_NS = 2_000_000_000  # coarser than any file system's modification-time granularity (FAT: 2 s)
 
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-class AppendHasher:
-    """sha256 of a file that another process writes from start to end, read while it grows.
-
-    The F16 GGUF of a 1B model is gigabytes; hashing it while the converter writes it uses the core
-    the converter leaves idle instead of reading it all again afterwards. The file must be new and
-    written only by appending (the vendored GGUF writer opens it once and writes header, metadata,
-    tensor infos and tensor data in order; the demo pipeline's tests check the digest against the
-    file). `digest()` returns None, and the caller hashes the file afterwards, when the file was
-    replaced, or was seen shorter than what had been read; a rewrite that restores the length
-    between two looks cannot be seen, which is why only append-only writers may be followed."""
-
-    POLL_S = 0.02
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._writer_done = threading.Event()
-        self._result: str | None = None
-        self._thread = threading.Thread(target=self._follow, name=f"hash {path.name}", daemon=True)
-        self._thread.start()
-
-    def _follow(self) -> None:
-        while not self.path.exists():
-            if self._writer_done.is_set():
-                return
-            time.sleep(self.POLL_S)
-        digest, read = hashlib.sha256(), 0
-        with self.path.open("rb") as handle:
-            while True:
-                block = handle.read(CHUNK)
-                if block:
-                    digest.update(block)
-                    read += len(block)
-                    continue
-                finished = self._writer_done.is_set()
-                size = os.fstat(handle.fileno()).st_size
-                if size < read:  # truncated and rewritten: what was read is not the file
-                    return
-                if finished and size == read:
-                    break
-                if not finished:
-                    time.sleep(self.POLL_S)
-            identity = _identity(os.fstat(handle.fileno()))
-        if _identity(self.path.stat()) == identity:  # still the file that was read
-            self._result = digest.hexdigest()
-
-    def digest(self) -> str | None:
-        """Call once the writer has exited: the file's sha256, or None if it could not be followed."""
-        self._writer_done.set()
-        self._thread.join()
-        return self._result
-
-
-def _identity(stat: os.stat_result) -> tuple[str, list[int]]:
-    return f"{stat.st_dev}:{stat.st_ino}", [stat.st_size, stat.st_mtime_ns]
+__all__ = ["MEMO_FILE", "RACY_NS", "AppendHasher", "HashMemo", "hash_files", "sha256_file"]
 
 
 class HashMemo:
@@ -109,7 +47,7 @@ class HashMemo:
                 self._entries = {k: v for k, v in loaded.items() if isinstance(v, list) and len(v) == 3}
 
     def sha256(self, path: Path) -> str:
-        key, facts = _identity(path.stat())
+        key, facts = file_identity(path.stat())
         with self._lock:
             known = self._entries.pop(key, None)
             if known is not None:
@@ -118,13 +56,13 @@ class HashMemo:
             return str(known[2])
         started = time.time_ns()
         digest = sha256_file(path)
-        if _identity(path.stat()) == (key, facts) and facts[1] < started - RACY_NS:
+        if file_identity(path.stat()) == (key, facts) and facts[1] < started - RACY_NS:
             self.record(path, digest)
         return digest
 
     def record(self, path: Path, digest: str) -> None:
         """Remember a digest computed elsewhere: a file this run wrote, hashed, and that nobody else writes."""
-        key, facts = _identity(path.stat())
+        key, facts = file_identity(path.stat())
         with self._lock:
             self._entries.pop(key, None)
             self._entries[key] = [*facts, digest]

@@ -14,21 +14,17 @@ embedding is a lookup, not a matrix product, and has no activations to collect.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from converters.child import die_with_parent, stderr_tail
-from converters.hf_to_gguf import converter_env
+from converters.gguf_header import read_gguf_metadata
+from converters.imatrix_gguf import write_imatrix_gguf
 from converters.vendor import VendoredLlamaCpp
-from exporter.artifacts import read_gguf_metadata
 from exporter.errors import InputError, StageError
 
 log = logging.getLogger(__name__)
@@ -176,7 +172,7 @@ def compute_imatrix(
             "chunks": len(sequences),
             "chunk_size": CHUNK,
         }
-        response = _write_imatrix_gguf(request, vendored)
+        response = write_imatrix_gguf(request, vendored)
     skipped = tuple(response["skipped"])
     if skipped:
         log.warning(
@@ -197,28 +193,6 @@ def compute_imatrix(
         time.perf_counter() - start,
         dtype,
     )
-
-
-def _write_imatrix_gguf(request: dict[str, Any], vendored: VendoredLlamaCpp) -> dict[str, Any]:
-    """Map names and write the imatrix GGUF in a subprocess that runs the vendored gguf-py."""
-    with tempfile.TemporaryDirectory(prefix="edge-export-imatrix-child-") as scratch:
-        request_file, response_file = Path(scratch) / "request.json", Path(scratch) / "response.json"
-        request_file.write_text(json.dumps(request))
-        proc = subprocess.run(
-            [sys.executable, "-m", "converters.imatrix_gguf", str(request_file), str(response_file)],
-            capture_output=True,
-            text=True,
-            env=converter_env(vendored),
-            errors="replace",
-            preexec_fn=die_with_parent,
-        )
-        if proc.returncode != 0 or not response_file.is_file():
-            raise StageError(
-                f"Writing the importance matrix {request['target']} failed (exit code {proc.returncode}). "
-                f"Stderr:\n{stderr_tail(proc.stderr)}"
-            )
-        response: dict[str, Any] = json.loads(response_file.read_text())
-        return response
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 
 from converters.llama_runtime import score_gguf
+from converters.metrics import compare_rows, greedy_agreement, log_softmax, reference_rows, summarize
 from exporter.adapter import LoraAdapter
 from exporter.errors import InputError
 from exporter.evaldata import EvalData
-from exporter.metrics import compare_rows, greedy_agreement, log_softmax, reference_rows, summarize
 from exporter.options import GATE_KEYS, GateOverrides, QualityOptions
 from quant_profiles import QuantProfile
 

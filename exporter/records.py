@@ -6,8 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from converters.gguf_header import GGUFHeader
 from exporter.adapter import LoraAdapter, read_adapter, resolve_base
-from exporter.artifacts import GGUFArtifact, GGUFHeader, MergeResult
+from exporter.artifacts import GGUFArtifact, MergeResult
 from exporter.hashing import HashMemo, hash_files
 from exporter.options import InputOptions
 

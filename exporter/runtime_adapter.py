@@ -15,9 +15,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from converters.gguf_header import read_gguf_metadata
 from converters.lora_to_gguf import KEY_PREFIX
 from exporter.adapter import ADAPTER_CONFIG, LoraAdapter
-from exporter.artifacts import read_gguf_metadata
 from exporter.errors import InputError
 from exporter.merge import BaseModel, LoraUpdate, plan_merge
 

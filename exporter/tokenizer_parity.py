@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from converters.chat_template import VERIFY_CONVERSATIONS
+from converters.gguf_header import GGUFHeader, read_gguf_header
 from converters.llama_runtime import tokenize_with_llama_cpp
-from exporter.artifacts import GGUFHeader, read_gguf_header
 from exporter.errors import StageError
 
 PARITY_TEXTS = [

@@ -17,7 +17,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from exporter.metrics import compare_logits
+from converters.metrics import compare_logits
 
 PROBES = ["Hello 123 world", "<|im_start|>user\nWhat is 5 plus 7?<|im_end|>\n", "  spaced\ttabs\nand ünïcode"]
 

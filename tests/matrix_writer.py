@@ -24,7 +24,7 @@ import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from exporter.metrics import compare_logits, log_softmax, reference_rows
+from converters.metrics import compare_logits, log_softmax, reference_rows
 from tests.tiny import TINY_SMOLLM
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

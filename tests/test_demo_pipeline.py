@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from converters.gguf_header import read_gguf_header
 from converters.llama_runtime import greedy_generate
-from exporter.artifacts import read_gguf_header
 from exporter.hashing import sha256_file
 from tests.conftest import DEMO_PROMPTS, DemoExport, Reference, copy_export, export_args
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from exporter.artifacts import read_gguf_header
+from converters.gguf_header import read_gguf_header
 from quant_profiles import LLAMA_FTYPES
 from tests.conftest import DEMO_EVAL, REPO, DemoInputs, run_cli
 from tests.tiny import make_adapter, make_tiny_smollm

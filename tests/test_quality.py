@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from converters.metrics import compare_rows, log_softmax, reference_rows, summarize
 from exporter.errors import InputError
 from exporter.evaldata import load_eval_data
-from exporter.metrics import compare_rows, log_softmax, reference_rows, summarize
 from exporter.options import parse_gate_overrides
 from exporter.quality import apply_gates
 from quant_profiles import builtin_profiles
@@ -157,7 +157,7 @@ def test_eval_data_errors(tmp_path: Path, demo_inputs):
 
 
 def test_kld_from_raw_logits_equals_kld_from_log_probs():
-    from exporter.metrics import compare_logits
+    from converters.metrics import compare_logits
 
     rng = np.random.default_rng(1)
     logits = (rng.normal(size=(9, 300)) * 4).astype(np.float32)

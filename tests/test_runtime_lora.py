@@ -176,7 +176,7 @@ def test_quantized_pair_is_checked_like_a_merged_gguf(runtime_export: RuntimeExp
 def test_adapter_records_its_base_and_refuses_another(
     runtime_export: RuntimeExport, demo_export: DemoExport
 ) -> None:
-    from exporter.artifacts import read_gguf_metadata
+    from converters.gguf_header import read_gguf_metadata
 
     out = runtime_export.out
     adapter = out / "pirate-rslora.lora.gguf"

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from converters.hashing import AppendHasher
 from exporter import hashing
 from exporter.faults import KILL_ENV
-from exporter.hashing import RACY_NS, AppendHasher, HashMemo, sha256_file
+from exporter.hashing import RACY_NS, HashMemo, sha256_file
 from exporter.stage_cache import StageCache, link_into, stage_key
 from tests.conftest import REPO, DemoExport, DemoInputs, copy_export, export_args, run_cli
 

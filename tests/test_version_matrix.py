@@ -49,7 +49,7 @@ def written(request: pytest.FixtureRequest, demo_inputs: DemoInputs) -> Written:
     key = _digest(
         WRITER,
         REPO / "tests" / "tiny.py",
-        REPO / "exporter" / "metrics.py",
+        REPO / "converters" / "metrics.py",
         tokenizer,
         template,
         TRAIN,
@@ -94,7 +94,7 @@ def test_the_inputs_are_in_the_dialect_of_their_writer(written: Written):
 
 def test_export_reproduces_the_model_its_writer_trained(written: Written, tmp_path: Path):
     from converters.llama_runtime import score_gguf
-    from exporter.metrics import summarize
+    from converters.metrics import summarize
     from quant_profiles import builtin_profiles
 
     out = tmp_path / "export"

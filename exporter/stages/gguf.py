@@ -8,9 +8,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from converters.gguf_header import GGUFHeader, read_gguf_header
 from converters.hf_to_gguf import convert_hf_to_gguf
 from converters.quantize import quantize_gguf
-from exporter.artifacts import GGUFArtifact, GGUFHeader, read_gguf_header
+from exporter.artifacts import GGUFArtifact
 from exporter.errors import StageError
 from exporter.imatrix import ImatrixStage
 from exporter.records import BuiltGGUF

@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
+from converters.metrics import TOP_K
 from exporter.errors import StageError
 from exporter.evaldata import load_eval_data
-from exporter.metrics import TOP_K
 from exporter.options import QualityOptions, RunOptions
 from exporter.quality import (
     ArtifactQuality,

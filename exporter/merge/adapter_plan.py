@@ -1,0 +1,363 @@
+"""One adapter's updates, checked against the base's tensor names and shapes before anything is written.
+
+LoRA and its variants (DoRA, KaSA, BD-LoRA, trained LoRA biases, Conv1D and embedding layers), IA3, and
+the full tensors an adapter trains (modules_to_save, bias="all"/"lora_only").
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from exporter.adapter import ADAPTER_CONFIG, LoraAdapter
+from exporter.dialects import classify_full_key
+from exporter.errors import InputError
+from exporter.merge.lora_layout import lora_scale, stored_transposed, unpack_block_diagonal
+from exporter.merge.updates import AddUpdate, KasaUpdate, LoraUpdate, MergePlan, Replacement, ScaleUpdate
+from exporter.safetensors_io import iter_tensors, read_header
+
+PEFT_PREFIX = "base_model.model."
+EMBEDDING_NAMES = (
+    "model.embed_tokens.weight",
+    "transformer.wte.weight",
+    "gpt_neox.embed_in.weight",
+    "model.decoder.embed_tokens.weight",
+)
+OUTPUT_NAME = "lm_head.weight"
+MERGEABLE_TYPES = ("LORA", "IA3")
+# Tensors some LoRA variants save that act only while training (PEFT merges plain B·A for them).
+TRAINING_ONLY_TENSORS = {
+    "monteclora_config": ".lora_monteclora_sampler.",  # MonteCLoRA's variational sampler
+    "velora_config": ".lora_velora_",  # VeLoRA's activation-compression projection
+}
+UNMERGEABLE_TYPES = {
+    "PREFIX_TUNING": "prefix tuning adds learned key/value prefixes at run time",
+    "PROMPT_TUNING": "prompt tuning adds learned virtual tokens at run time",
+    "P_TUNING": "p-tuning adds learned virtual tokens at run time",
+    "MULTITASK_PROMPT_TUNING": "multitask prompt tuning adds learned virtual tokens at run time",
+    "ADAPTION_PROMPT": "adaption prompts add gated attention prefixes at run time",
+}
+
+
+def load_adapter_tensors(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
+    if adapter.weights.suffix == ".safetensors":
+        entries = read_header(adapter.weights)
+        return {entry.name: tensor.clone() for entry, tensor in iter_tensors(entries)}
+    # Only reached with --allow-pickle; weights_only refuses arbitrary objects.
+    try:
+        return torch.load(adapter.weights, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(f"{adapter.weights} could not be loaded with weights_only=True ({exc}).") from exc
+
+
+def _matches_module(module: str, names: list[str] | str | None) -> bool:
+    if not names:
+        return False
+    if isinstance(names, str):
+        return re.fullmatch(names, module) is not None
+    return any(module == n or module.endswith(f".{n}") for n in names)
+
+
+def check_adapter_type(adapter: LoraAdapter) -> None:
+    where = adapter.path / ADAPTER_CONFIG
+    peft_type = adapter.peft_type
+    if peft_type in UNMERGEABLE_TYPES:
+        raise InputError(
+            f"{where} is a {peft_type} adapter, and {UNMERGEABLE_TYPES[peft_type]}: it cannot be merged into "
+            "weights, so it cannot become a standalone GGUF. Train a LoRA (or IA3) adapter to export it."
+        )
+    if peft_type not in MERGEABLE_TYPES:
+        raise InputError(
+            f"{where} is a {peft_type} adapter; edge-export merges {' and '.join(MERGEABLE_TYPES)} adapters. "
+            "Merge it with PEFT's merge_and_unload and pass the result as a base with no adapter changes, "
+            "or train a LoRA adapter."
+        )
+    if adapter.config.get("trainable_token_indices"):
+        raise InputError(
+            f"{where} trains individual token embeddings (trainable_token_indices), which this merge does not "
+            "handle. Merge with PEFT's merge_and_unload, or retrain with modules_to_save for the embeddings."
+        )
+
+
+def plan_adapter(
+    adapter: LoraAdapter, base_shapes: dict[str, tuple[int, ...]], plan: MergePlan, conv1d: bool = False
+) -> None:
+    """Add one adapter's updates to the plan, checking names, shapes and features against the base."""
+    check_adapter_type(adapter)
+    tensors = load_adapter_tensors(adapter)
+    if not tensors:
+        raise InputError(f"{adapter.weights} holds no tensors; the adapter is empty.")
+    names = {key.removeprefix(PEFT_PREFIX): tensor for key, tensor in tensors.items()}
+    if adapter.peft_type == "IA3":
+        _plan_ia3(adapter, names, base_shapes, plan)
+    else:
+        _plan_lora(adapter, names, base_shapes, plan, conv1d)
+
+
+def _shape_error(adapter: LoraAdapter, what: str, target: str, base_shape: tuple[int, ...]) -> InputError:
+    return InputError(
+        f"{adapter.weights}: {what}, which does not fit the base tensor {target} {base_shape}: the adapter was "
+        "trained for a different base (or its config's r / rank_pattern is wrong). Pass the matching --base."
+    )
+
+
+def _require_target(
+    adapter: LoraAdapter, target: str, base_shapes: dict[str, tuple[int, ...]]
+) -> tuple[int, ...]:
+    if target not in base_shapes:
+        raise InputError(
+            f"{adapter.weights} changes {target}, which the base model does not have: the adapter was trained "
+            "for a different base. Pass the matching --base."
+        )
+    return base_shapes[target]
+
+
+_LORA_PART = re.compile(
+    r"^(.*)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector|lora_diag)"
+    r"(?:\.default)?(?:\.(weight|bias))?$"
+)
+
+
+def _plan_lora(
+    adapter: LoraAdapter,
+    names: dict[str, torch.Tensor],
+    base_shapes: dict[str, tuple[int, ...]],
+    plan: MergePlan,
+    conv1d: bool,
+) -> None:
+    modules, full = _sort_lora_tensors(adapter.config, names)
+    lora_modules = set(modules)
+    # Full tensors first: a saved base-layer weight is what that module's LoRA delta is added to.
+    for name, tensor in sorted(full.items()):
+        _plan_full_tensor(adapter, name, tensor, lora_modules, base_shapes, plan)
+    for module, parts in sorted(modules.items()):
+        _plan_lora_module(adapter, module, parts, base_shapes, plan, conv1d)
+
+
+def _sort_lora_tensors(
+    config: dict[str, Any], names: dict[str, torch.Tensor]
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """The adapter's tensors as (each module's LoRA parts by part name, the full tensors it trained)."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    full: dict[str, torch.Tensor] = {}
+    trained_copies: set[str] = set()
+    for name, tensor in names.items():
+        match = _LORA_PART.match(name)
+        if match:
+            part = match.group(2) + (".bias" if match.group(3) == "bias" else "")
+            modules.setdefault(match.group(1), {})[part] = tensor
+            continue
+        if any(config.get(key) and marker in name for key, marker in TRAINING_ONLY_TENSORS.items()):
+            continue
+        key = classify_full_key(name)
+        if key.kind == "original copy":
+            continue  # the base's own weights, saved beside the trained copy by some PEFT versions
+        if key.kind == "trained copy":
+            trained_copies.add(key.name)
+        elif key.name in trained_copies:
+            continue  # a plain copy beside the trained one: the trained copy is what PEFT loads
+        full[key.name] = tensor
+    return modules, full
+
+
+def _plan_full_tensor(
+    adapter: LoraAdapter,
+    name: str,
+    tensor: torch.Tensor,
+    lora_modules: set[str],
+    base_shapes: dict[str, tuple[int, ...]],
+    plan: MergePlan,
+) -> None:
+    """A full tensor the adapter trained replaces the base's, when PEFT would load it over the base."""
+    module = name.rsplit(".", 1)[0]
+    is_saved_module = _matches_module(module, adapter.config.get("modules_to_save"))
+    is_trained_bias = name.endswith(".bias") and adapter.config.get("bias", "none") in ("all", "lora_only")
+    # With embedding layers among the targets PEFT also saves their base weights, which it loads
+    # over the base's; they are the weights the LoRA was trained on top of.
+    is_saved_base_layer = name.endswith(".weight") and module in lora_modules
+    if not (is_saved_module or is_trained_bias or is_saved_base_layer):
+        raise InputError(
+            f"{adapter.weights} holds tensor {name!r}, which is neither a LoRA matrix nor listed in "
+            "modules_to_save; edge-export does not know how to merge it."
+        )
+    if adapter.weight != 1.0:
+        raise InputError(
+            f"{adapter.path} replaces {name} outright (modules_to_save or a trained bias), so it cannot be given "
+            f"a weight ({adapter.weight}). Merge it with weight 1."
+        )
+    shape = _require_target(adapter, name, base_shapes)
+    if tuple(tensor.shape) != shape:
+        hint = (
+            " (the adapter resized the vocabulary; merging added tokens is not supported yet)"
+            if (name == OUTPUT_NAME or name in EMBEDDING_NAMES)
+            else ""
+        )
+        raise _shape_error(adapter, f"{name} is {tuple(tensor.shape)}{hint}", name, shape)
+    plan.add(name, Replacement(tensor))
+
+
+@dataclass(frozen=True)
+class _ModuleLora:
+    """One module's LoRA matrices, unpacked and checked against the base weight they update."""
+
+    module: str
+    target: str
+    shape: tuple[int, ...]
+    rank: int
+    scale: float  # PEFT's scaling, before the adapter's weight
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    embedding: bool
+    fan_in_fan_out: bool
+
+
+def _plan_lora_module(
+    adapter: LoraAdapter,
+    module: str,
+    parts: dict[str, torch.Tensor],
+    base_shapes: dict[str, tuple[int, ...]],
+    plan: MergePlan,
+    conv1d: bool,
+) -> None:
+    lora = _module_lora(adapter, module, parts, base_shapes, conv1d)
+    kasa = adapter.config.get("kasa_config") is not None
+    if "lora_diag" in parts and not kasa:
+        raise InputError(
+            f"{adapter.weights}: module {module} has a KaSA lora_diag, but {ADAPTER_CONFIG} sets no "
+            "kasa_config; the config and the weights do not belong together. Re-save the adapter with PEFT."
+        )
+    if kasa:
+        plan.add(lora.target, _kasa_update(adapter, lora, parts.get("lora_diag")))
+        return
+    magnitude = None
+    if adapter.config.get("use_dora"):
+        magnitude = _dora_magnitude(adapter, lora, parts.get("lora_magnitude_vector"))
+    scale = adapter.weight * lora.scale
+    plan.add(
+        lora.target,
+        LoraUpdate(lora.lora_a, lora.lora_b, scale, lora.fan_in_fan_out, lora.embedding, magnitude),
+    )
+    if "lora_B.bias" in parts:
+        bias_target = f"{module}.bias"
+        if bias_target not in base_shapes:
+            raise InputError(
+                f"{adapter.weights}: {module} has a trained LoRA bias (lora_bias=True) but the base layer has no "
+                "bias, so it cannot be merged (PEFT refuses this too)."
+            )
+        plan.add(bias_target, AddUpdate(parts["lora_B.bias"], scale))
+
+
+def _module_lora(
+    adapter: LoraAdapter,
+    module: str,
+    parts: dict[str, torch.Tensor],
+    base_shapes: dict[str, tuple[int, ...]],
+    conv1d: bool,
+) -> _ModuleLora:
+    """The module's A and B (BD-LoRA unpacked), oriented as the base weight is stored, shapes checked."""
+    embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
+    a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
+    if a_key not in parts or b_key not in parts:
+        raise InputError(
+            f"{adapter.weights}: module {module} lacks {a_key} or {b_key}; the adapter is incomplete."
+        )
+    target = f"{module}.weight"
+    shape = _require_target(adapter, target, base_shapes)
+    rank, scale = lora_scale(adapter.config, module)
+    lora_a, lora_b = parts[a_key], parts[b_key]
+    if adapter.config.get("use_bdlora") and not embedding:
+        lora_a, lora_b = unpack_block_diagonal(adapter.config["use_bdlora"], lora_a, lora_b, rank, shape)
+    fan_in_fan_out = not embedding and stored_transposed(shape, lora_a, lora_b, conv1d)
+    if embedding:
+        expected_a, expected_b = (rank, shape[0]), (shape[1], rank)
+    else:
+        out_dim, in_dim = shape[::-1] if fan_in_fan_out else shape
+        expected_a, expected_b = (rank, in_dim), (out_dim, rank)
+    if tuple(lora_a.shape) != expected_a or tuple(lora_b.shape) != expected_b:
+        vocab = lora_a.shape[-1] if embedding else lora_b.shape[0]
+        hint = (
+            f" (a vocabulary of {vocab} tokens, where the base has {shape[0]})"
+            if (embedding or target == OUTPUT_NAME) and vocab != shape[0]
+            else ""
+        )
+        raise _shape_error(
+            adapter,
+            f"{module} has {a_key} {tuple(lora_a.shape)} and {b_key} {tuple(lora_b.shape)} at rank {rank}{hint}",
+            target,
+            shape,
+        )
+    return _ModuleLora(module, target, shape, rank, scale, lora_a, lora_b, embedding, fan_in_fan_out)
+
+
+def _kasa_update(adapter: LoraAdapter, lora: _ModuleLora, diag: torch.Tensor | None) -> KasaUpdate:
+    rank, shape = lora.rank, lora.shape
+    if lora.embedding or lora.fan_in_fan_out or diag is None or tuple(diag.shape) != (rank,):
+        raise InputError(
+            f"{adapter.weights}: KaSA module {lora.module} "
+            + (
+                "is not a plain Linear layer; PEFT's KaSA supports only nn.Linear, so the adapter is not one "
+                "PEFT wrote."
+                if lora.embedding or lora.fan_in_fan_out
+                else f"has no lora_diag of {rank} values; the adapter is incomplete."
+            )
+        )
+    if rank >= min(shape):
+        raise _shape_error(adapter, f"KaSA module {lora.module} has rank {rank}", lora.target, shape)
+    return KasaUpdate(lora.lora_a, lora.lora_b, diag, adapter.weight * lora.scale, rank)
+
+
+def _dora_magnitude(adapter: LoraAdapter, lora: _ModuleLora, magnitude: torch.Tensor | None) -> torch.Tensor:
+    """The module's DoRA magnitude vector, one value per output row of the weight."""
+    if magnitude is None or lora.embedding:
+        raise InputError(
+            f"{adapter.weights}: DoRA module {lora.module} "
+            + (
+                "is an embedding; DoRA embeddings are not merged by edge-export."
+                if lora.embedding
+                else "has no lora_magnitude_vector; the adapter is incomplete."
+            )
+        )
+    if adapter.weight != 1.0:
+        raise InputError(
+            f"{adapter.path} is a DoRA adapter and cannot be given a weight ({adapter.weight}): its "
+            "magnitude vector sets absolute row norms. Merge it with weight 1."
+        )
+    out_rows = lora.shape[1] if lora.fan_in_fan_out else lora.shape[0]
+    if tuple(magnitude.shape) != (out_rows,):
+        raise _shape_error(
+            adapter,
+            f"{lora.module} has a magnitude vector of {tuple(magnitude.shape)}",
+            lora.target,
+            lora.shape,
+        )
+    return magnitude
+
+
+def _plan_ia3(
+    adapter: LoraAdapter,
+    names: dict[str, torch.Tensor],
+    base_shapes: dict[str, tuple[int, ...]],
+    plan: MergePlan,
+) -> None:
+    fan_in_fan_out = bool(adapter.config.get("fan_in_fan_out"))
+    if adapter.weight != 1.0:
+        raise InputError(
+            f"{adapter.path} is an IA3 adapter, which rescales weights; it cannot be given a weight."
+        )
+    for name, vector in sorted(names.items()):
+        match = re.match(r"^(.*)\.ia3_l(?:\.default)?$", name)
+        if not match:
+            raise InputError(f"{adapter.weights} holds tensor {name!r}, which is not an IA3 vector.")
+        module = match.group(1)
+        target = f"{module}.weight"
+        shape = _require_target(adapter, target, base_shapes)
+        oriented = vector.T if fan_in_fan_out else vector
+        if vector.dim() != 2 or any(v not in (1, s) for v, s in zip(oriented.shape, shape, strict=True)):
+            raise _shape_error(adapter, f"{module} has an IA3 vector of {tuple(vector.shape)}", target, shape)
+        plan.add(target, ScaleUpdate(oriented))
+        feedforward = vector.shape[0] == 1 and vector.shape[1] != 1
+        if not feedforward and f"{module}.bias" in base_shapes:
+            plan.add(f"{module}.bias", ScaleUpdate(vector.reshape(-1)))

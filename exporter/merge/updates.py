@@ -1,0 +1,115 @@
+"""What a merge does to one tensor: the update kinds, and the plan that maps output tensors to them.
+
+Each update applies in float32 to a working copy of the base tensor, in the order the adapters were given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class LoraUpdate:
+    """One adapter's low-rank update of one weight (optionally DoRA)."""
+
+    lora_a: torch.Tensor  # r × in   (for embeddings: r × num_embeddings)
+    lora_b: torch.Tensor  # out × r  (for embeddings: dim × r)
+    scale: float  # adapter weight · PEFT scaling
+    fan_in_fan_out: bool = False
+    embedding: bool = False
+    magnitude: torch.Tensor | None = None  # DoRA
+
+    def delta(self) -> torch.Tensor:
+        """ΔW in the orientation the weight is stored in."""
+        product = self.lora_b.float() @ self.lora_a.float()
+        if self.fan_in_fan_out or self.embedding:
+            product = product.T
+        return product * self.scale
+
+    def apply(self, weight: torch.Tensor) -> torch.Tensor:
+        """W + ΔW; `weight` is a float32 working copy, updated in place when there is no DoRA."""
+        if self.magnitude is None:  # one fused multiply-add: no ΔW-sized temporaries
+            a, b = self.lora_a.float(), self.lora_b.float()
+            if self.fan_in_fan_out or self.embedding:
+                return weight.addmm_(a.T, b.T, alpha=self.scale)
+            return weight.addmm_(b, a, alpha=self.scale)
+        delta = self.delta()
+        # DoRA: rescale each output row of W + ΔW to the learned magnitude (PEFT's get_weight_norm).
+        combined = weight + delta
+        rows = combined.T if self.fan_in_fan_out else combined
+        factor = self.magnitude.float() / torch.linalg.norm(rows, dim=1)
+        return combined * (factor.view(1, -1) if self.fan_in_fan_out else factor.view(-1, 1))
+
+
+@dataclass(frozen=True)
+class KasaUpdate:
+    """KaSA (PEFT 0.21 `kasa_config`): W → SVD_{k−r}(W) + s·B·diag(d)·A.
+
+    PEFT truncates the frozen base weight when the adapter is created, dropping its r smallest singular
+    components (k = min(out, in)), and trains the update with a learned diagonal between A and B
+    (peft/tuners/lora/variants.py, KasaLinearVariant). The truncation is recomputed here from the base,
+    in float32 as PEFT does.
+    """
+
+    lora_a: torch.Tensor  # r × in
+    lora_b: torch.Tensor  # out × r
+    diag: torch.Tensor  # r
+    scale: float
+    rank: int
+
+    def apply(self, weight: torch.Tensor) -> torch.Tensor:
+        keep = min(weight.shape) - self.rank
+        u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+        truncated = (u[:, :keep] * s[:keep]) @ vh[:keep]
+        b = self.lora_b.float() * self.diag.float()
+        return truncated.addmm_(b, self.lora_a.float(), alpha=self.scale)
+
+
+@dataclass(frozen=True)
+class AddUpdate:
+    """A trained LoRA bias (lora_B.bias), added with the adapter's scaling."""
+
+    vector: torch.Tensor
+    scale: float
+
+    def apply(self, bias: torch.Tensor) -> torch.Tensor:
+        return bias + self.vector.float() * self.scale
+
+
+@dataclass(frozen=True)
+class ScaleUpdate:
+    """IA3: an elementwise rescaling vector, broadcast over the stored weight (or a bias)."""
+
+    vector: torch.Tensor  # (out, 1) or (1, in) in the weight's stored orientation; 1-D for a bias
+
+    def apply(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor * self.vector.float()
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """A full tensor the adapter trained (modules_to_save, bias="all"/"lora_only")."""
+
+    tensor: torch.Tensor
+
+    def apply(self, _: torch.Tensor) -> torch.Tensor:
+        return self.tensor.float()
+
+
+Update = LoraUpdate | KasaUpdate | AddUpdate | ScaleUpdate | Replacement
+
+
+@dataclass
+class MergePlan:
+    """What happens to each output tensor, decided and checked before anything is written."""
+
+    updates: dict[str, list[Update]] = field(default_factory=dict)
+    # Output tensors that do not exist in the base, as (name, base tensor they start from).
+    extra_outputs: list[tuple[str, str]] = field(default_factory=list)
+    config_changes: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, name: str, update: Update) -> None:
+        self.updates.setdefault(name, []).append(update)
