@@ -139,8 +139,8 @@ def parse_gate_overrides(values: tuple[str, ...]) -> GateOverrides:
 
 
 @dataclass(frozen=True)
-class ExportOptions:
-    """`edge-export merge-quantize`: merge, convert, quantize, check."""
+class ExportingOptions:
+    """What every command that writes GGUFs takes: inputs, output, profiles, run, quality."""
 
     inputs: InputOptions
     output: OutputOptions
@@ -148,6 +148,12 @@ class ExportOptions:
     run: RunOptions = field(default_factory=RunOptions)
     quality: QualityOptions = field(default_factory=QualityOptions)
     check: bool = True
+
+
+@dataclass(frozen=True)
+class ExportOptions(ExportingOptions):
+    """`edge-export merge-quantize`: merge, convert, quantize, check."""
+
     dtype: str | None = None  # of the merged model; None: the base's (float16 where it fits)
     calibration: Path | None = None
     calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS
@@ -177,15 +183,9 @@ class ExportOptions:
 
 
 @dataclass(frozen=True)
-class RuntimeLoraOptions:
+class RuntimeLoraOptions(ExportingOptions):
     """`edge-export runtime-lora`: one quantized base per profile, each adapter as a GGUF LoRA on it."""
 
-    inputs: InputOptions
-    output: OutputOptions
-    profiles: ProfileOptions = field(default_factory=ProfileOptions)
-    run: RunOptions = field(default_factory=RunOptions)
-    quality: QualityOptions = field(default_factory=QualityOptions)
-    check: bool = True
     compare_merged: bool = False  # also merge-then-quantize each adapter and report both
 
 

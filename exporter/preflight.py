@@ -31,7 +31,7 @@ from exporter.safetensors_header import (
 from quant_profiles import QuantProfile
 
 if TYPE_CHECKING:
-    from exporter.options import ExportOptions, QualityOptions, RuntimeLoraOptions
+    from exporter.options import ExportingOptions, QualityOptions
 
 # For tests and for users who know better: the free bytes to assume on every file system.
 FREE_DISK_ENV = "EDGE_EXPORT_FREE_DISK_BYTES"
@@ -293,60 +293,34 @@ def fit_budget(
     return fitted
 
 
-def preflight_export(
-    options: ExportOptions,
+def preflight(
+    options: ExportingOptions,
     base_dir: Path,
     adapters: list[LoraAdapter],
     profiles: list[QuantProfile],
     vendored: VendoredLlamaCpp,
     report: Callable[[str], None],
+    dtype: str | None = None,
+    writes_merged: bool = True,
 ) -> QualityOptions:
-    """Every check of merge-quantize that needs no work; returns the quality options to use."""
+    """Every check of a command that writes GGUFs, before any work: the inputs, the disk plan (with the
+    merged model when the command writes one, in `dtype`), the memory budget; returns the quality
+    options to use (the reference may move to bfloat16 to fit --max-memory)."""
     from exporter.stage_cache import cache_root
 
     trust = options.inputs.trust_remote_code
     check_inputs(base_dir, adapters, vendored, trust, options.quality.eval_data, options.check)
-    requested = DTYPE_ALIASES.get((options.dtype or "").lower())
+    requested = DTYPE_ALIASES.get((dtype or "").lower())
     out = options.output.out
     plan = plan_disk(base_dir, profiles, out, cache_root() if options.run.use_cache else out, requested)
-    check_disk(plan)
-    f16 = next(item.bytes for item in plan.items if item.what == f"{plan.source} GGUF")
-    quality = replace(options.quality, trust_remote_code=trust)
-    return fit_budget(
-        options.run.max_memory,
-        base_dir,
-        adapters,
-        quality,
-        _merged_bytes(requested),
-        f16 if options.check else None,
-        report,
-    )
-
-
-def preflight_runtime(
-    options: RuntimeLoraOptions,
-    base_dir: Path,
-    adapters: list[LoraAdapter],
-    profiles: list[QuantProfile],
-    vendored: VendoredLlamaCpp,
-    report: Callable[[str], None],
-) -> QualityOptions:
-    """Every check of runtime-lora that needs no work: the same input checks, the disk plan of the base's
-    GGUFs (and of the merged comparison with --compare-merged), the memory budget of the check."""
-    from exporter.stage_cache import cache_root
-
-    trust = options.inputs.trust_remote_code
-    check_inputs(base_dir, adapters, vendored, trust, options.quality.eval_data, options.check)
-    out = options.output.out
-    plan = plan_disk(base_dir, profiles, out, cache_root() if options.run.use_cache else out)
-    if not options.compare_merged:  # no merged model is written
+    if not writes_merged:
         unwritten = sum(item.bytes for item in plan.items if item.what == "merged model")
         items = tuple(item for item in plan.items if item.what != "merged model")
         plan = replace(plan, items=items, needs={folder: n - unwritten for folder, n in plan.needs.items()})
     check_disk(plan)
     f16 = next(item.bytes for item in plan.items if item.what == f"{plan.source} GGUF")
     quality = replace(options.quality, trust_remote_code=trust)
-    merged = _merged_bytes(None) if options.compare_merged else None
+    merged = _merged_bytes(requested) if writes_merged else None
     return fit_budget(
         options.run.max_memory, base_dir, adapters, quality, merged, f16 if options.check else None, report
     )

@@ -23,6 +23,7 @@ from converters.vendor import VendoredLlamaCpp, locate_vendored
 from exporter import __version__
 from exporter.errors import InputError
 from exporter.faults import kill_point
+from exporter.graph import LocalExecutor, StageGraph
 from exporter.locks import hold_lock, output_lock_path
 from exporter.options import RunOptions
 from exporter.preflight import check_writable
@@ -157,8 +158,17 @@ class Run:
         kill_point(f"{name}:done")
         return entry
 
-    def lookup(self, kind: str, key: str) -> CacheEntry | None:
-        return self.cache.lookup(kind, key)
+    def execute(self, graph: StageGraph) -> dict[str, Any]:
+        """Run a command's graph on this machine, --jobs quantizations at a time; then the manifest's
+        fault point (the manifest is written from these results, once)."""
+        results = LocalExecutor(self.options.jobs).run(graph)
+        kill_point("manifest")
+        return results
+
+    def replace_finished(self, paths: list[Path]) -> None:
+        """--force: an earlier export's manifest and reports must not describe this one."""
+        for stale in paths:
+            stale.unlink(missing_ok=True)
 
     @contextmanager
     def timed(self, name: str) -> Iterator[None]:

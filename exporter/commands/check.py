@@ -99,8 +99,8 @@ def check_manifest(options: CheckOptions, report: Reporter = silent) -> CheckRes
         )
         report("memory: " + ", ".join(f"{e.stage} about {e.peak_bytes >> 20} MiB" for e in estimates))
     records = {r["profile"]: r for r in manifest.scored_records}
-    # The export's folder holds the reports; the run writes nothing else there and takes no lock on it.
-    with Run.open(root, options.run, report, lock=False) as run:
+    # The reports are written into the export's folder, which is locked meanwhile like any output.
+    with Run.open(root, options.run, report) as run:
         graph = StageGraph()
         graph.add("reference", lambda _: reference_stage(run, inputs, tokenizer_dir, quality))
 

@@ -14,12 +14,12 @@ from typing import Any
 from exporter.adapter import read_adapter, resolve_base
 from exporter.errors import InputError
 from exporter.faults import kill_point
-from exporter.graph import LocalExecutor, Results, StageGraph
+from exporter.graph import Results, StageGraph
 from exporter.imatrix import ImatrixStage
 from exporter.manifest import EXPORT_FORMAT, MANIFEST, Manifest
 from exporter.modelfile import ChatSpec
 from exporter.options import ExportOptions, QualityOptions
-from exporter.preflight import preflight_export
+from exporter.preflight import preflight
 from exporter.profiles import requested_profiles
 from exporter.records import BuiltGGUF, MergedModel, ModelInputs
 from exporter.report import REPORT_FILES
@@ -106,15 +106,12 @@ def merge_quantize(options: ExportOptions, report: Reporter = silent) -> ExportR
         check_output(out, layout.planned, options.output.force, MANIFEST)
 
     with Run.open(out, options.run, report, before=before) as run:
-        quality = preflight_export(options, base_dir, adapters, profiles, run.vendored, report)
+        quality = preflight(options, base_dir, adapters, profiles, run.vendored, report, options.dtype)
         inputs = ModelInputs.hashed(base_dir, tuple(adapters), run.cache.hashes)
-        if options.output.force:  # an earlier export's manifest and reports must not describe this one
-            for stale in (out / MANIFEST, *(out / report_file for report_file in REPORT_FILES)):
-                stale.unlink(missing_ok=True)
+        if options.output.force:
+            run.replace_finished([out / MANIFEST, *(out / report_file for report_file in REPORT_FILES)])
         export = ExportGraph(run, inputs, layout, registry, options, quality)
-        results = LocalExecutor(options.run.jobs).run(export.graph)
-        kill_point("manifest")
-        return export.finish(results)
+        return export.finish(run.execute(export.graph))
 
 
 class ExportGraph:

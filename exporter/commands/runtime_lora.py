@@ -19,11 +19,11 @@ from exporter.commands.compare_merged import MergedComparison
 from exporter.commands.merge_quantize import sanitize_name
 from exporter.errors import InputError
 from exporter.faults import kill_point
-from exporter.graph import LocalExecutor, Results, StageGraph
+from exporter.graph import Results, StageGraph
 from exporter.manifest import MANIFEST, RUNTIME_LORA_FORMAT, Manifest
 from exporter.modelfile import ChatSpec, chat_spec
 from exporter.options import QualityOptions, RuntimeLoraOptions
-from exporter.preflight import preflight_runtime
+from exporter.preflight import preflight
 from exporter.profiles import requested_profiles
 from exporter.quality import PairQuality, Reference
 from exporter.records import BuiltGGUF, ModelInputs
@@ -127,7 +127,8 @@ def runtime_lora(options: RuntimeLoraOptions, report: Reporter = silent) -> Runt
         check_output(out, layout.planned, options.output.force, MANIFEST)
 
     with Run.open(out, options.run, report, before=before) as run:
-        quality = preflight_runtime(options, base_dir, adapters, profiles, run.vendored, report)
+        writes_merged = options.compare_merged and options.check
+        quality = preflight(options, base_dir, adapters, profiles, run.vendored, report, None, writes_merged)
         corrections = [runtime_correction(adapter, base_dir) for adapter in adapters]
         # The base converts as the merge would write it: float16 when it fits float16's range, else BF16
         # (a bfloat16 base holding larger values), never a silent overflow to Inf.
@@ -138,13 +139,10 @@ def runtime_lora(options: RuntimeLoraOptions, report: Reporter = silent) -> Runt
                 "would hold Inf there. Ask for --profile BF16 instead, or a quantized profile."
             )
         inputs = ModelInputs.hashed(base_dir, tuple(adapters), run.cache.hashes)
-        if options.output.force:  # an earlier export's manifest and reports must not describe this one
-            for stale in layout.planned[: 1 + len(RUNTIME_REPORT_FILES)]:
-                stale.unlink(missing_ok=True)
+        if options.output.force:
+            run.replace_finished(layout.planned[: 1 + len(RUNTIME_REPORT_FILES)])
         graph = RuntimeGraph(run, inputs, layout, registry, options, quality, corrections, source)
-        results = LocalExecutor(options.run.jobs).run(graph.graph)
-        kill_point("manifest")
-        return graph.finish(results)
+        return graph.finish(run.execute(graph.graph))
 
 
 class RuntimeGraph:
