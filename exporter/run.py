@@ -123,6 +123,7 @@ class Run:
         report: Reporter = silent,
         lock: bool = True,
         before: Callable[[], None] | None = None,
+        vendored: VendoredLlamaCpp | None = None,
     ) -> Iterator[Run]:
         """Hold the output folder's lock (unless `lock` is False: the folder is not ours to write, as
         for `check`), call `before` (the command's checks of the folder), and remove everything this
@@ -133,8 +134,7 @@ class Run:
         with held:
             if before is not None:
                 before()
-            vendored = locate_vendored()
-            run = cls(out, options, report, vendored)
+            run = cls(out, options, report, vendored or locate_vendored())
             try:
                 yield run
             except BaseException:  # Ctrl-C included: nothing half-done may stay behind

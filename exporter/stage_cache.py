@@ -179,9 +179,13 @@ class StageCache:
                 freed += entry.size_bytes
                 shutil.rmtree(entry.path, ignore_errors=True)
                 removed += 1
-        for partial in self.root.glob("*/.*.partial-*") if self.root.is_dir() else []:
-            freed += sum(f.stat().st_size for f in partial.rglob("*") if f.is_file())
-            shutil.rmtree(partial, ignore_errors=True)
+        # Leftovers of interrupted runs, and the references of versions that kept them outside the
+        # stages (<cache>/reference/, before the reference became a stage like any other).
+        legacy = self.root.parent / "reference"
+        stale = [*self.root.glob("*/.*.partial-*"), *([legacy] if self.persistent else [])]
+        for folder in (p for p in stale if p.is_dir()):
+            freed += sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+            shutil.rmtree(folder, ignore_errors=True)
             removed += 1
         return removed, freed
 

@@ -194,7 +194,8 @@ def test_killed_run_leaves_nothing_finished_looking_and_resumes(demo_inputs: Dem
     resumed = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["cached_stages"] == ["merge"]
+    # The chat template is translated beside the conversion, so it may have finished before the kill.
+    assert set(manifest["cached_stages"]) - {"chat"} == {"merge"}
     assert not list((cache / "stages" / "convert").glob(".*.partial-*"))  # the killed run's staging folder
 
 

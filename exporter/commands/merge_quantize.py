@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from converters.vendor import locate_vendored
 from exporter.adapter import read_adapter, resolve_base
 from exporter.errors import InputError
 from exporter.faults import kill_point
@@ -87,6 +88,7 @@ class ExportResult:
 def merge_quantize(options: ExportOptions, report: Reporter = silent) -> ExportResult:
     """Merge → convert → quantize → Modelfiles → quality → manifest; on failure nothing this run wrote
     stays. The output folder is locked for the whole run: a second run on it waits or fails clearly."""
+    vendored = locate_vendored()  # a broken installation is reported before anything about the inputs
     registry, profiles = requested_profiles(options.profiles)
     for profile in profiles:
         if profile.needs_imatrix and not options.has_imatrix:
@@ -105,7 +107,7 @@ def merge_quantize(options: ExportOptions, report: Reporter = silent) -> ExportR
     def before() -> None:
         check_output(out, layout.planned, options.output.force, MANIFEST)
 
-    with Run.open(out, options.run, report, before=before) as run:
+    with Run.open(out, options.run, report, before=before, vendored=vendored) as run:
         quality = preflight(options, base_dir, adapters, profiles, run.vendored, report, options.dtype)
         inputs = ModelInputs.hashed(base_dir, tuple(adapters), run.cache.hashes)
         if options.output.force:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from converters.vendor import locate_vendored
 from exporter.adapter import read_adapter, resolve_base, tokenizer_source
 from exporter.commands.compare_merged import MergedComparison
 from exporter.commands.merge_quantize import sanitize_name
@@ -101,6 +102,7 @@ class RuntimeLayout:
 def runtime_lora(options: RuntimeLoraOptions, report: Reporter = silent) -> RuntimeLoraResult:
     """Quantize the unmerged base once per profile, convert every adapter, write Modelfiles, check each
     base + adapter pair against its unmerged reference, and write the manifest."""
+    vendored = locate_vendored()  # a broken installation is reported before anything about the inputs
     registry, profiles = requested_profiles(options.profiles)
     for profile in profiles:
         if profile.needs_imatrix:
@@ -126,7 +128,7 @@ def runtime_lora(options: RuntimeLoraOptions, report: Reporter = silent) -> Runt
     def before() -> None:
         check_output(out, layout.planned, options.output.force, MANIFEST)
 
-    with Run.open(out, options.run, report, before=before) as run:
+    with Run.open(out, options.run, report, before=before, vendored=vendored) as run:
         writes_merged = options.compare_merged and options.check
         quality = preflight(options, base_dir, adapters, profiles, run.vendored, report, None, writes_merged)
         corrections = [runtime_correction(adapter, base_dir) for adapter in adapters]
