@@ -211,3 +211,9 @@ class CheckOptions:
     junit: Path | None = None
     kld_tolerance: float = 0.10  # relative growth of mean KLD allowed against the baseline
     top1_tolerance: float = 0.005  # absolute drop of top-1 agreement allowed against the baseline
+
+    def __post_init__(self) -> None:
+        if self.baseline is not None and not self.baseline.is_file():
+            raise InputError(
+                f"The baseline {self.baseline} does not exist. Pass the report.json of an earlier export or check."
+            )
