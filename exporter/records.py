@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,12 @@ from exporter.hashing import HashMemo, hash_files
 from exporter.options import InputOptions
 
 INPUT_SUFFIXES = (".json", ".safetensors", ".bin", ".model", ".txt", ".jinja")
+
+
+def sanitize_name(raw: str) -> str:
+    """A model name that is safe in a file name: no path separators, no odd characters."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", raw).strip(".-_")
+    return cleaned[:80] or "model"
 
 
 def input_files(folder: Path) -> list[Path]:

@@ -43,3 +43,54 @@ def test_converters_have_no_relative_imports_that_could_reach_exporter():
         if isinstance(node, ast.ImportFrom) and node.level > 1
     ]
     assert relative == []
+
+
+# exporter/'s layers, lowest first: a module imports only from its own layer or the ones below it.
+LAYERS = {
+    "library": 0,  # exporter/*.py and exporter/merge/: the work itself
+    "engine": 1,  # run.py, graph.py: the run object and the executor
+    "stages": 2,  # exporter/stages/
+    "commands": 3,  # exporter/commands/
+    "cli": 4,  # cli.py, cli_options.py, cli_render.py, __main__.py
+}
+
+
+def layer(module: str) -> int:
+    parts = module.split(".")
+    if parts[:2] in (["exporter", "run"], ["exporter", "graph"]):
+        return LAYERS["engine"]
+    if parts[:2] == ["exporter", "stages"]:
+        return LAYERS["stages"]
+    if parts[:2] == ["exporter", "commands"]:
+        return LAYERS["commands"]
+    if len(parts) > 1 and (parts[1].startswith("cli") or parts[1] == "__main__"):
+        return LAYERS["cli"]
+    return LAYERS["library"]
+
+
+def test_exporter_imports_go_down_the_layers():
+    """Following the options from the command line goes down the layers and never back up to a hub."""
+    offending = []
+    for path in sorted((REPO / "exporter").rglob("*.py")):
+        module = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+        for line, imported in imported_modules(ast.parse(path.read_text(), filename=str(path))):
+            if imported.startswith("exporter.") and layer(imported) > layer(module):
+                offending.append(f"{path.relative_to(REPO)}:{line} imports {imported}")
+    assert offending == [], "a lower layer imports a higher one:\n" + "\n".join(offending)
+
+
+def test_the_layer_rule_bites():
+    assert layer("exporter.stages.merge") > layer("exporter.merge")
+    assert layer("exporter.cli") > layer("exporter.commands.check") > layer("exporter.run")
+
+
+def test_commands_are_peers():
+    """No command is stacked on another: runtime-lora's merged comparison is its own branch module."""
+    allowed = {("exporter.commands.runtime_lora", "exporter.commands.compare_merged")}
+    stacked = []
+    for path in sorted((REPO / "exporter" / "commands").glob("*.py")):
+        module = f"exporter.commands.{path.stem}"
+        for line, imported in imported_modules(ast.parse(path.read_text(), filename=str(path))):
+            if imported.startswith("exporter.commands.") and (module, imported) not in allowed:
+                stacked.append(f"{path.relative_to(REPO)}:{line} imports {imported}")
+    assert stacked == []

@@ -6,7 +6,6 @@ merge ──▶ convert ──▶ quantize:<P> … ──▶ templates ──▶
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from exporter.modelfile import ChatSpec
 from exporter.options import ExportOptions, QualityOptions
 from exporter.preflight import preflight
 from exporter.profiles import requested_profiles
-from exporter.records import BuiltGGUF, MergedModel, ModelInputs
+from exporter.records import BuiltGGUF, MergedModel, ModelInputs, sanitize_name
 from exporter.report import REPORT_FILES
 from exporter.run import Reporter, Run, check_output, silent
 from exporter.stage_keys import convert_key
@@ -36,12 +35,6 @@ from exporter.tokenizer_parity import ParityReport, check_embedded_chat_template
 from quant_profiles import ProfileRegistry, QuantProfile
 
 SOURCE_FTYPES = ("F16", "BF16")
-
-
-def sanitize_name(raw: str) -> str:
-    """A model name that is safe in a file name: no path separators, no odd characters."""
-    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", raw).strip(".-_")
-    return cleaned[:80] or "model"
 
 
 @dataclass(frozen=True)

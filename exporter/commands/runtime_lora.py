@@ -17,7 +17,6 @@ from typing import Any
 from converters.vendor import locate_vendored
 from exporter.adapter import read_adapter, resolve_base, tokenizer_source
 from exporter.commands.compare_merged import MergedComparison
-from exporter.commands.merge_quantize import sanitize_name
 from exporter.errors import InputError
 from exporter.faults import kill_point
 from exporter.graph import Results, StageGraph
@@ -27,7 +26,7 @@ from exporter.options import QualityOptions, RuntimeLoraOptions
 from exporter.preflight import preflight
 from exporter.profiles import requested_profiles
 from exporter.quality import PairQuality, Reference
-from exporter.records import BuiltGGUF, ModelInputs
+from exporter.records import BuiltGGUF, ModelInputs, sanitize_name
 from exporter.report import RUNTIME_REPORT_FILES, write_runtime_reports
 from exporter.run import Reporter, Run, check_output, silent
 from exporter.runtime_adapter import (
