@@ -12,6 +12,7 @@ from typing import Any
 
 from converters.vendor import locate_vendored
 from exporter.adapter import read_adapter, resolve_base
+from exporter.artifacts import GGUFArtifact
 from exporter.errors import InputError
 from exporter.faults import kill_point
 from exporter.graph import Results, StageGraph
@@ -69,7 +70,7 @@ class ExportLayout:
 class ExportResult:
     out: Path
     name: str
-    artifacts: list[Any]  # GGUFArtifact, one per requested profile
+    artifacts: list[GGUFArtifact]  # one per requested profile
     modelfiles: list[Path]
     manifest: Path
     stage_seconds: dict[str, float] = field(default_factory=dict)
@@ -317,7 +318,7 @@ class ExportGraph:
             imatrix,
         )
 
-    def manifest_options(self, merged: MergedModel, artifacts: list[Any]) -> dict[str, Any]:
+    def manifest_options(self, merged: MergedModel, artifacts: list[GGUFArtifact]) -> dict[str, Any]:
         options = self.options
         return {
             "profiles": [a.profile for a in artifacts],
