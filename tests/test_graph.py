@@ -1,0 +1,77 @@
+"""The stage graph and the local executor: order, how many heavy stages at once, failures."""
+
+from __future__ import annotations
+
+import pytest
+
+from exporter.graph import LocalExecutor, StageGraph
+
+
+def overlapping(log: list[tuple[str, str]], heavy: set[str]) -> int:
+    """The most heavy nodes the executor had started and not yet seen end, at any point of its log."""
+    running: set[str] = set()
+    most = 0
+    for event, name in log:
+        if name not in heavy:
+            continue
+        if event == "start":
+            running.add(name)
+            most = max(most, len(running))
+        else:
+            running.discard(name)
+    return most
+
+
+def test_each_stage_gets_what_it_needs_and_runs_after_it():
+    graph = StageGraph()
+    graph.add("merge", lambda _: 1)
+    graph.add("convert", lambda r: r["merge"] + 1, ("merge",))
+    graph.add("chat", lambda r: r["merge"] * 10, ("merge",), heavy=False)
+    graph.add("report", lambda r: (r["convert"], r["chat"]), ("convert", "chat"), heavy=False)
+    executor = LocalExecutor()
+    results = executor.run(graph)
+    assert results == {"merge": 1, "convert": 2, "chat": 10, "report": (2, 10)}
+    order = [name for event, name in executor.log if event == "start"]
+    assert order.index("merge") < order.index("convert") < order.index("report")
+
+
+def test_heavy_stages_run_alone_and_shared_ones_jobs_at_a_time():
+    graph = StageGraph()
+    graph.add("convert", lambda _: None)
+    shared = {f"quantize:{p}" for p in ("Q2_K", "Q4_K_M", "Q8_0", "Q6_K")}
+    for name in sorted(shared):
+        graph.add(name, lambda _: None, ("convert",), shared=True)
+    graph.add("reference", lambda _: None, ("convert",))
+    graph.add("side", lambda _: None, ("convert",), heavy=False)
+    for jobs in (1, 2, 3):
+        executor = LocalExecutor(jobs)
+        executor.run(graph)
+        assert overlapping(executor.log, shared | {"convert", "reference"}) <= jobs
+        # the non-shared heavy stage never runs beside another heavy stage
+        log = executor.log
+        start, end = log.index(("start", "reference")), log.index(("end", "reference"))
+        assert not any(event == "start" and name in shared for event, name in log[start:end])
+
+
+def test_a_failure_stops_new_stages_and_is_raised():
+    started: list[str] = []
+
+    def fail(_: object) -> None:
+        raise ValueError("convert failed")
+
+    graph = StageGraph()
+    graph.add("merge", lambda _: started.append("merge"))
+    graph.add("convert", fail, ("merge",))
+    graph.add("quantize", lambda _: started.append("quantize"), ("convert",))
+    with pytest.raises(ValueError, match="convert failed"):
+        LocalExecutor().run(graph)
+    assert started == ["merge"]
+
+
+def test_a_graph_refuses_unknown_needs_and_duplicates():
+    graph = StageGraph()
+    graph.add("merge", lambda _: None)
+    with pytest.raises(ValueError, match="not in the graph"):
+        graph.add("convert", lambda _: None, ("merged",))
+    with pytest.raises(ValueError, match="already has"):
+        graph.add("merge", lambda _: None)
