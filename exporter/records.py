@@ -27,6 +27,12 @@ def input_files(folder: Path) -> list[Path]:
     return [p for p in folder.iterdir() if p.is_file() and p.suffix in INPUT_SUFFIXES]
 
 
+def read_inputs(options: InputOptions) -> tuple[list[LoraAdapter], Path]:
+    """The adapters, read and validated, and the base folder they name (or --base)."""
+    adapters = [read_adapter(path, weight, options.allow_pickle) for path, weight in options.adapters]
+    return adapters, resolve_base(options.base, adapters[0])
+
+
 @dataclass(frozen=True)
 class ModelInputs:
     """The adapters and the base, read and validated, with every input file's sha256."""
@@ -35,14 +41,6 @@ class ModelInputs:
     adapters: tuple[LoraAdapter, ...]
     base_files: dict[str, str]
     adapter_files: tuple[dict[str, str], ...]
-
-    @classmethod
-    def read(cls, options: InputOptions, memo: HashMemo | None = None) -> ModelInputs:
-        adapters = tuple(
-            read_adapter(path, weight, options.allow_pickle) for path, weight in options.adapters
-        )
-        base_dir = resolve_base(options.base, adapters[0])
-        return cls.hashed(base_dir, adapters, memo)
 
     @classmethod
     def hashed(

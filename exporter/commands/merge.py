@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from exporter.adapter import read_adapter, resolve_base
 from exporter.artifacts import MergeResult
 from exporter.errors import InputError
 from exporter.locks import hold_lock, output_lock_path
@@ -10,15 +9,14 @@ from exporter.manifest import merge_provenance
 from exporter.memory import fit_merge
 from exporter.options import MergeOptions
 from exporter.preflight import check_writable
-from exporter.records import ModelInputs
+from exporter.records import ModelInputs, read_inputs
 from exporter.run import Reporter, silent, utc_now
 
 
 def merge_model(options: MergeOptions, report: Reporter = silent) -> MergeResult:
     """Merge the adapters into the base and write the folder (the merge writes to a staging folder and
     renames it into place, so --out is never half-written)."""
-    adapters = [read_adapter(p, w, options.inputs.allow_pickle) for p, w in options.inputs.adapters]
-    base_dir = resolve_base(options.inputs.base, adapters[0])
+    adapters, base_dir = read_inputs(options.inputs)
     out = options.output.out
     with hold_lock(output_lock_path(out), f"the output folder {out}", options.run.lock):
         if out.exists() and (not out.is_dir() or any(out.iterdir())) and not options.output.force:

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from converters.vendor import locate_vendored
-from exporter.adapter import read_adapter, resolve_base
 from exporter.artifacts import GGUFArtifact
 from exporter.errors import InputError
 from exporter.faults import kill_point
@@ -22,7 +21,7 @@ from exporter.modelfile import ChatSpec
 from exporter.options import ExportOptions, QualityOptions
 from exporter.preflight import preflight
 from exporter.profiles import requested_profiles
-from exporter.records import BuiltGGUF, MergedModel, ModelInputs, sanitize_name
+from exporter.records import BuiltGGUF, MergedModel, ModelInputs, read_inputs, sanitize_name
 from exporter.report import REPORT_FILES
 from exporter.run import Reporter, Run, check_output, silent
 from exporter.stage_keys import convert_key
@@ -92,8 +91,7 @@ def merge_quantize(options: ExportOptions, report: Reporter = silent) -> ExportR
                 "domain) or --imatrix FILE (a matrix computed earlier), or choose a profile that does not "
                 "need one (e.g. Q4_K_M; see `edge-export profiles`)."
             )
-    adapters = [read_adapter(p, w, options.inputs.allow_pickle) for p, w in options.inputs.adapters]
-    base_dir = resolve_base(options.inputs.base, adapters[0])
+    adapters, base_dir = read_inputs(options.inputs)
     name = sanitize_name(options.output.name or adapters[0].path.resolve().name)
     out = options.output.out
     layout = ExportLayout(out, name, tuple(profiles), options.has_imatrix)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from converters.vendor import locate_vendored
-from exporter.adapter import read_adapter, resolve_base, tokenizer_source
+from exporter.adapter import tokenizer_source
 from exporter.commands.compare_merged import MergedComparison
 from exporter.errors import InputError
 from exporter.faults import kill_point
@@ -26,7 +26,7 @@ from exporter.options import QualityOptions, RuntimeLoraOptions
 from exporter.preflight import preflight
 from exporter.profiles import requested_profiles
 from exporter.quality import PairQuality, Reference
-from exporter.records import BuiltGGUF, ModelInputs, sanitize_name
+from exporter.records import BuiltGGUF, ModelInputs, read_inputs, sanitize_name
 from exporter.report import RUNTIME_REPORT_FILES, write_runtime_reports
 from exporter.run import Reporter, Run, check_output, silent
 from exporter.runtime_adapter import (
@@ -111,8 +111,7 @@ def runtime_lora(options: RuntimeLoraOptions, report: Reporter = silent) -> Runt
                 "that does not need one (e.g. Q4_K_M; see `edge-export profiles`), or use merge-quantize "
                 "--calibration FILE."
             )
-    adapters = [read_adapter(p, w, options.inputs.allow_pickle) for p, w in options.inputs.adapters]
-    base_dir = resolve_base(options.inputs.base, adapters[0])
+    adapters, base_dir = read_inputs(options.inputs)
     names = tuple(sanitize_name(a.path.resolve().name) for a in adapters)
     if len(set(names)) != len(names):
         raise InputError(
