@@ -125,9 +125,9 @@ class Run:
         before: Callable[[], None] | None = None,
         vendored: VendoredLlamaCpp | None = None,
     ) -> Iterator[Run]:
-        """Hold the output folder's lock (unless `lock` is False: the folder is not ours to write, as
-        for `check`), call `before` (the command's checks of the folder), and remove everything this
-        run wrote if it fails or is interrupted."""
+        """Hold the output folder's lock (unless `lock` is False: a scratch folder no other run can
+        know), call `before` (the command's checks of the folder), and remove everything this run
+        wrote if it fails or is interrupted."""
         policy = replace(options.lock, report=options.lock.report or report)
         options = replace(options, lock=policy)
         held = hold_lock(output_lock_path(out), f"the output folder {out}", policy) if lock else _nothing()
@@ -169,12 +169,6 @@ class Run:
         """--force: an earlier export's manifest and reports must not describe this one."""
         for stale in paths:
             stale.unlink(missing_ok=True)
-
-    @contextmanager
-    def timed(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        yield
-        self.seconds[name] = round(time.perf_counter() - start, 3)
 
     def cached_stages(self, order: list[str]) -> list[str]:
         """The stages reused from the cache, in the order the command's graph lists them."""
