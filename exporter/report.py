@@ -243,6 +243,7 @@ def write_runtime_reports(
         "base": base_name,
         "pairs": rows,
         "base_floor": floors,
+        "passed": all(q.passed for q in pairs),
     }
     json_path, md_path = out / REPORT_JSON, out / REPORT_MD
     write_text_atomic(json_path, json.dumps(data, indent=2) + "\n")

@@ -150,6 +150,10 @@ class DemoExport:
         return self.out / f"smollm2-pirate-{profile}.gguf"
 
 
+# The stages of the demo export with --no-check, as cached_stages names them.
+EXPORT_STAGES = {"merge", "chat", "convert", "parity", "quantize:Q4_K_M", "quantize:Q8_0", "quantize:Q2_K"}
+
+
 def export_args(demo_inputs: DemoInputs, out: Path) -> list[str]:
     """The demo export every integration test shares: three profiles, checked on the adapter's data."""
     # fmt: off

@@ -18,7 +18,7 @@ import pytest
 
 from exporter.errors import BusyError
 from exporter.locks import LockPolicy, hold_lock, output_lock_path
-from tests.conftest import REPO, DemoExport, DemoInputs, export_args
+from tests.conftest import EXPORT_STAGES, REPO, DemoExport, DemoInputs, export_args
 
 WAITING = "waiting for another edge-export run"
 DEADLINE_S = 600  # a failure guard: a run that never says it waits, or never finishes
@@ -144,15 +144,7 @@ def test_runs_on_a_held_output_folder_wait_or_are_refused_then_reuse_each_others
     # One run built every stage; the other waited for it, then reused them all: the manifest is the
     # later run's, and its bytes are any run's.
     manifest = json.loads((out / "manifest.json").read_text())
-    assert set(manifest["cached_stages"]) == {
-        "merge",
-        "chat",
-        "convert",
-        "parity",
-        "quantize:Q4_K_M",
-        "quantize:Q8_0",
-        "quantize:Q2_K",
-    }
+    assert set(manifest["cached_stages"]) == EXPORT_STAGES
     expected = {a["profile"]: a["sha256"] for a in demo_export.manifest["artifacts"]}
     assert {a["profile"]: a["sha256"] for a in manifest["artifacts"]} == expected
     assert not lock.exists() and not list(cache.rglob("*.lock")) and not list(cache.rglob(".*partial*"))

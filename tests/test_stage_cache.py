@@ -17,7 +17,7 @@ from exporter import hashing
 from exporter.faults import KILL_ENV
 from exporter.hashing import RACY_NS, HashMemo, sha256_file
 from exporter.stage_cache import StageCache, link_into, stage_key
-from tests.conftest import REPO, DemoExport, DemoInputs, copy_export, export_args, run_cli
+from tests.conftest import EXPORT_STAGES, REPO, DemoExport, DemoInputs, copy_export, export_args, run_cli
 
 
 def test_entries_appear_only_when_complete_and_are_verified(tmp_path: Path):
@@ -114,15 +114,7 @@ def test_unchanged_rerun_reuses_every_stage_and_gives_the_same_bytes(
     proc = run_cli(*export_args(demo_inputs, out), "--force", "--no-check")
     assert proc.returncode == 0, proc.stderr
     again = json.loads((out / "manifest.json").read_text())
-    assert set(again["cached_stages"]) == {
-        "merge",
-        "chat",
-        "convert",
-        "parity",
-        "quantize:Q4_K_M",
-        "quantize:Q8_0",
-        "quantize:Q2_K",
-    }
+    assert set(again["cached_stages"]) == EXPORT_STAGES
     assert [a["sha256"] for a in again["artifacts"]] == [a["sha256"] for a in manifest["artifacts"]]
     assert "reused from the cache" in proc.stdout
     # Verifying is all it does: no tokenizer, no model, so neither torch nor transformers is imported.
