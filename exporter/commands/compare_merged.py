@@ -15,8 +15,7 @@ from exporter.options import QualityOptions
 from exporter.quality import ArtifactQuality
 from exporter.records import BuiltGGUF, MergedModel, ModelInputs
 from exporter.run import Run
-from exporter.stage_keys import convert_key
-from exporter.stages.gguf import convert_stage, quantize_stage
+from exporter.stages.gguf import convert_merged, quantize_from
 from exporter.stages.merge import MERGED_DIR, merge_stage
 from exporter.stages.quality import judged, score_stage
 from quant_profiles import ProfileRegistry, QuantProfile
@@ -57,22 +56,14 @@ class MergedComparison:
 
     def convert(self, name: str, merged: MergedModel) -> BuiltGGUF:
         ftype = merged.result.gguf_ftype
-        key = convert_key(merged.key, self.run.vendored.commit, ftype.lower(), name)
         target = self.folder / f"{name}-{ftype}.gguf"
-        built = convert_stage(
-            self.run, f"convert:{name}", key, merged.path, name, self.registry.get(ftype), target
-        )
-        assert isinstance(built, BuiltGGUF)
-        return built
+        return convert_merged(self.run, f"convert:{name}", merged, name, target, self.registry.get(ftype))
 
     def quantizer(self, name: str, profile: QuantProfile) -> Any:
         def quantize(r: Results) -> BuiltGGUF:
-            f16: BuiltGGUF = r[f"convert:{name}"]
-            if profile.is_source(f16.artifact.profile):
-                return f16
             target = self.folder / f"{name}-{profile.name}.gguf"
-            return quantize_stage(
-                self.run, f"quantize:{name}:{profile.name}", f16.cached, f16.key, profile, target
+            return quantize_from(
+                self.run, f"quantize:{name}:{profile.name}", r[f"convert:{name}"], profile, target
             )
 
         return quantize

@@ -24,9 +24,8 @@ from exporter.profiles import requested_profiles
 from exporter.records import BuiltGGUF, MergedModel, ModelInputs, read_inputs, sanitize_name
 from exporter.report import REPORT_FILES
 from exporter.run import Reporter, Run, check_output, silent
-from exporter.stage_keys import convert_key
 from exporter.stages.chat import chat_stage, parity_stage
-from exporter.stages.gguf import convert_stage, quantize_stage
+from exporter.stages.gguf import convert_merged, quantize_from
 from exporter.stages.imatrix import computed_imatrix_stage, given_imatrix_stage
 from exporter.stages.merge import MERGED_DIR, merge_stage
 from exporter.stages.modelfiles import write_modelfiles
@@ -167,12 +166,7 @@ class ExportGraph:
             for other in SOURCE_FTYPES:
                 if other != ftype and other not in (p.name for p in self.layout.profiles):
                     self.layout.gguf(other).unlink(missing_ok=True)
-        key = convert_key(merged.key, self.run.vendored.commit, ftype.lower(), self.layout.name)
-        built = convert_stage(
-            self.run, "convert", key, merged.path, self.layout.name, self.registry.get(ftype), target
-        )
-        assert isinstance(built, BuiltGGUF)
-        return built
+        return convert_merged(self.run, "convert", merged, self.layout.name, target, self.registry.get(ftype))
 
     def imatrix(self, r: Results) -> ImatrixStage:
         merged: MergedModel = r["merge"]
@@ -193,12 +187,9 @@ class ExportGraph:
 
     def quantizer(self, profile: QuantProfile) -> Any:
         def quantize(r: Results) -> BuiltGGUF:
-            f16: BuiltGGUF = r["convert"]
-            if profile.is_source(f16.artifact.profile):
-                return f16
             target = self.layout.gguf(profile.name)
-            return quantize_stage(
-                self.run, f"quantize:{profile.name}", f16.cached, f16.key, profile, target, r.get("imatrix")
+            return quantize_from(
+                self.run, f"quantize:{profile.name}", r["convert"], profile, target, r.get("imatrix")
             )
 
         return quantize

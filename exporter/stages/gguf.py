@@ -14,10 +14,10 @@ from converters.quantize import quantize_gguf
 from exporter.artifacts import GGUFArtifact
 from exporter.errors import StageError
 from exporter.imatrix import ImatrixStage
-from exporter.records import BuiltGGUF
+from exporter.records import BuiltGGUF, MergedModel
 from exporter.run import Run
 from exporter.stage_cache import CacheEntry, link_into
-from exporter.stage_keys import quantize_key
+from exporter.stage_keys import convert_key, quantize_key
 from quant_profiles import QuantProfile
 
 GGUF_FILE = "model.gguf"
@@ -135,3 +135,27 @@ def publish_gguf(run: Run, entry: CacheEntry, target: Path, profile: QuantProfil
     """Link an already built 16-bit GGUF into the output as the file of its own profile (F16, BF16)."""
     link_into(entry.path / GGUF_FILE, run.guard.claim(target))
     return gguf_record(entry, target, profile)
+
+
+def convert_merged(
+    run: Run, name: str, merged: MergedModel, model_name: str, target: Path, profile: QuantProfile
+) -> BuiltGGUF:
+    """A merged folder's 16-bit GGUF (`profile`: its F16 or BF16, as the merge decided), linked at `target`."""
+    key = convert_key(merged.key, run.vendored.commit, profile.ftype.lower(), model_name)
+    built = convert_stage(run, name, key, merged.path, model_name, profile, target)
+    assert isinstance(built, BuiltGGUF)
+    return built
+
+
+def quantize_from(
+    run: Run,
+    name: str,
+    source: BuiltGGUF,
+    profile: QuantProfile,
+    target: Path,
+    imatrix: ImatrixStage | None = None,
+) -> BuiltGGUF:
+    """`source` quantized to `profile`; a profile that is the source's own type is the source itself."""
+    if profile.is_source(source.artifact.profile):
+        return source
+    return quantize_stage(run, name, source.cached, source.key, profile, target, imatrix)
