@@ -95,13 +95,30 @@ def tokenize_with_llama_cpp(gguf: Path, texts: Sequence[str], add_special: bool)
     return [list(map(int, ids)) for ids in response["ids"]]
 
 
+def detokenize_with_llama_cpp(gguf: Path, sequences: Sequence[Sequence[int]]) -> list[str | None]:
+    """llama.cpp's text for each id sequence (special tokens rendered), from the GGUF's vocabulary alone;
+    None for a sequence with an id the vocabulary does not have."""
+    request = {"op": "tokenize", "gguf": str(gguf), "texts": [], "add_special": False}
+    request["sequences"] = [list(map(int, s)) for s in sequences]
+    response = run_child("converters.llama_runtime", request, f"Detokenizing with {gguf.name}'s vocabulary")
+    return [None if text is None else str(text) for text in response["texts"]]
+
+
 def _tokenize(request: dict[str, Any]) -> dict[str, Any]:
     import llama_cpp
 
     llm = llama_cpp.Llama(model_path=request["gguf"], vocab_only=True, verbose=False)
     add_special = bool(request["add_special"])
+    n_vocab = llm.n_vocab()
     return {
-        "ids": [llm.tokenize(t.encode("utf-8"), add_bos=add_special, special=True) for t in request["texts"]]
+        "ids": [llm.tokenize(t.encode("utf-8"), add_bos=add_special, special=True) for t in request["texts"]],
+        # An id past the vocabulary crashes llama.cpp's detokenizer: it is reported, not looked up.
+        "texts": [
+            llm.detokenize(ids, special=True).decode("utf-8", errors="replace")
+            if all(0 <= i < n_vocab for i in ids)
+            else None
+            for ids in request.get("sequences", [])
+        ],
     }
 
 

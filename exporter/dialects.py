@@ -188,7 +188,7 @@ class FullTensorKey:
 
 def classify_full_key(key: str) -> FullTensorKey:
     """Name the base tensor a full (non-LoRA) adapter tensor stands for, in every PEFT layout."""
-    key = key.replace(".base_layer.", ".")
+    key = key.replace(".base_layer.", ".").replace(".token_adapter.", ".")
     match = _SAVED_COPY.match(key)
     if match:
         return FullTensorKey(f"{match.group('module')}.{match.group('param')}", "trained copy")

@@ -18,9 +18,10 @@ import numpy as np
 
 from converters.llama_runtime import score_gguf
 from converters.metrics import compare_rows, greedy_agreement, log_softmax, reference_rows, summarize
-from exporter.adapter import LoraAdapter
+from exporter.adapter import LoraAdapter, tokenizer_source
 from exporter.errors import InputError
 from exporter.evaldata import EvalData
+from exporter.merge.vocab import saved_vocab_rows, special_token_ids
 from exporter.options import GATE_KEYS, GateOverrides, QualityOptions
 from quant_profiles import QuantProfile
 
@@ -98,6 +99,7 @@ def _reference_model(base_dir: Path, adapters: list[LoraAdapter], options: Quali
     model = AutoModelForCausalLM.from_pretrained(
         str(base_dir), dtype=dtypes[options.reference_dtype], trust_remote_code=options.trust_remote_code
     )
+    _as_trained_vocabulary(model, adapters, base_dir)
     peft_model = PeftModel.from_pretrained(model, str(adapters[0].path), adapter_name="a0")
     for index, adapter in enumerate(adapters[1:], start=1):
         peft_model.load_adapter(str(adapter.path), adapter_name=f"a{index}")
@@ -114,6 +116,19 @@ def _reference_model(base_dir: Path, adapters: list[LoraAdapter], options: Quali
         )
         peft_model.set_adapter("combined")
     return peft_model.to(options.device).eval()
+
+
+def _as_trained_vocabulary(model: Any, adapters: list[LoraAdapter], base_dir: Path) -> None:
+    """The base as its trainer had it: embeddings resized to the rows the adapter saved (the adapter then
+    loads its own rows over them), stopping where the adapter's tokenizer ends a turn."""
+    rows = saved_vocab_rows(adapters[0])
+    if rows is not None and rows != model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(rows, mean_resizing=False)
+    eos = special_token_ids(tokenizer_source(adapters, base_dir)).get("eos")
+    stops = model.generation_config.eos_token_id
+    stops = [] if stops is None else (list(stops) if isinstance(stops, list) else [stops])
+    if eos is not None and eos not in stops:
+        model.generation_config.eos_token_id = [*stops, eos]
 
 
 def compute_reference(
@@ -158,13 +173,17 @@ def _greedy(model: Any, prompt: tuple[int, ...], options: QualityOptions) -> lis
         attention_mask=torch.ones_like(ids),
         max_new_tokens=options.max_new_tokens,
         do_sample=False,
-        pad_token_id=model.config.eos_token_id,
+        pad_token_id=_first(model.generation_config.eos_token_id),
     )
     generated = out[0, len(prompt) :].tolist()
     stops = model.generation_config.eos_token_id
     stops = set(stops if isinstance(stops, list) else [stops])
     cut = next((i for i, token in enumerate(generated) if token in stops), len(generated))
     return generated[:cut]
+
+
+def _first(ids: int | list[int] | None) -> int | None:
+    return ids[0] if isinstance(ids, list) else ids
 
 
 def evaluate_gguf(

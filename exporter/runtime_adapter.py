@@ -20,6 +20,7 @@ from converters.lora_to_gguf import KEY_PREFIX
 from exporter.adapter import ADAPTER_CONFIG, LoraAdapter
 from exporter.errors import InputError
 from exporter.merge import BaseModel, LoraUpdate, plan_merge
+from exporter.merge.vocab import saved_vocab_rows, tokenizer_size
 
 MERGED_PATH_HINT = (
     "Use `edge-export merge-quantize` for this adapter instead: it merges the adapter into the base."
@@ -55,6 +56,11 @@ def runtime_correction(adapter: LoraAdapter, base_dir: Path) -> ScaleCorrection:
 
     if adapter.peft_type != "LORA":
         raise refuse(f"the adapter is a {adapter.peft_type} adapter; runtime adapters must be LoRA")
+    changed = vocabulary_change(adapter, base_dir)
+    if changed:
+        raise refuse(
+            f"the adapter changes the vocabulary ({changed}): a runtime adapter cannot add tokens or rows"
+        )
     if config.get("use_dora"):
         raise refuse("the adapter uses DoRA (use_dora), whose magnitude vector rescales whole weight rows")
     if config.get("modules_to_save"):
@@ -88,6 +94,18 @@ def runtime_correction(adapter: LoraAdapter, base_dir: Path) -> ScaleCorrection:
             factors[target.removesuffix(".weight")] = update.scale / (global_alpha / rank)
     reasons = tuple(key for key in ("use_rslora", "alpha_pattern") if config.get(key))
     return ScaleCorrection(factors, reasons)
+
+
+def vocabulary_change(adapter: LoraAdapter, base_dir: Path) -> str | None:
+    """How the adapter's vocabulary differs from the base's (resized matrices, added tokens), or None."""
+    base_rows = json.loads((base_dir / "config.json").read_text()).get("vocab_size")
+    rows = saved_vocab_rows(adapter)
+    if rows is not None and base_rows is not None and rows != base_rows:
+        return f"{rows} embedding rows where the base has {base_rows}"
+    tokens, base_tokens = tokenizer_size(adapter.path), tokenizer_size(base_dir)
+    if tokens is not None and base_tokens is not None and tokens > base_tokens:
+        return f"its tokenizer has {tokens - base_tokens} tokens more than the base's"
+    return None
 
 
 def base_uuid(base_files: dict[str, str]) -> str:

@@ -93,8 +93,9 @@ def chat_key(merge: str, edge_export: str) -> str:
     return stage_key({"stage": "chat", "merge": merge, "edge-export": edge_export})
 
 
-def parity_key(convert: str, edge_export: str) -> str:
-    return stage_key({"stage": "parity", "convert": convert, "edge-export": edge_export})
+def parity_key(convert: str, edge_export: str, checks: int) -> str:
+    """`checks`: the version of what the parity check covers (2: every added token, both directions)."""
+    return stage_key({"stage": "parity", "convert": convert, "edge-export": edge_export, "checks": checks})
 
 
 def lora_key(

@@ -14,7 +14,7 @@ from typing import Any
 
 from converters.chat_template import VERIFY_CONVERSATIONS
 from converters.gguf_header import GGUFHeader, read_gguf_header
-from converters.llama_runtime import tokenize_with_llama_cpp
+from converters.llama_runtime import detokenize_with_llama_cpp, tokenize_with_llama_cpp
 from exporter.errors import StageError
 
 PARITY_TEXTS = [
@@ -26,6 +26,10 @@ PARITY_TEXTS = [
     "Unicode: café, naïve, 日本語, emoji 🎉",
     "code: def f(x):\n    return x ** 2  # square",
 ]
+# What the check covers; part of its cache key (2: every added token alone and inside text, both ways).
+PARITY_CHECKS = 2
+# Added tokens checked (the highest ids: tokens a fine-tune added come last); Gemma has thousands.
+MAX_ADDED_TOKENS = 2000
 
 
 @dataclass
@@ -36,10 +40,12 @@ class ParityReport:
     mismatches: list[dict[str, Any]] = field(default_factory=list)
     double_bos: bool = False
     adds_bos: bool = False
+    added_tokens: int = 0
+    added_mismatches: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
-        return not self.mismatches and not self.double_bos
+        return not self.mismatches and not self.double_bos and not self.added_mismatches
 
     def summary(self) -> str:
         if self.passed:
@@ -52,7 +58,20 @@ class ParityReport:
                 "double BOS: the chat template writes BOS and the tokenizer adds one too (the Modelfile's TEMPLATE "
                 "leaves BOS to the tokenizer; other front ends rendering the GGUF's template get two)"
             )
+        if self.added_mismatches:
+            parts.append(f"{len(self.added_mismatches)} of {self.added_tokens} added tokens differ")
         return "tokenizer parity: " + "; ".join(parts)
+
+    def added_token_error(self) -> str | None:
+        """Why the GGUF's vocabulary cannot stand for the model's tokenizer, or None."""
+        if not self.added_mismatches:
+            return None
+        shown = "; ".join(f"{m['token']!r} (id {m['id']}): {m['what']}" for m in self.added_mismatches[:5])
+        return (
+            f"The GGUF's vocabulary loses added tokens: {shown}. llama.cpp would split or misread them, so the "
+            "model could not see or write them. Check that the tokenizer saved with the adapter lists them in "
+            "tokenizer.json's added_tokens, and report this with the tokenizer files if it does."
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "passed": self.passed}
@@ -85,12 +104,42 @@ def check_tokenizer_parity(model_dir: Path, gguf: Path) -> ParityReport:
                     "llama.cpp": got[at : at + 8],
                 }
             )
+    report.added_tokens, report.added_mismatches = _added_token_parity(tokenizer, gguf)
     bos = tokenizer.bos_token_id
     plain, chat = tokenize_with_llama_cpp(gguf, [texts[0], texts[-1]], add_special=True)
     report.adds_bos = bos is not None and len(plain) > len(ours[0]) and plain[0] == bos
     # The chat text is the template's rendering: a BOS it writes plus the one llama.cpp adds makes two.
     report.double_bos = report.adds_bos and bool(tokenizer.chat_template) and chat[:2] == [bos, bos]
     return report
+
+
+def _added_token_parity(tokenizer: Any, gguf: Path) -> tuple[int, list[dict[str, Any]]]:
+    """Each added token alone and inside text: llama.cpp must give it the tokenizer's id, and turn that id
+    (and the text's ids) back into the same text."""
+    added = sorted(
+        ((i, t.content) for i, t in tokenizer.added_tokens_decoder.items() if t.content), reverse=True
+    )[:MAX_ADDED_TOKENS]
+    texts = [text for _, text in added] + [f"ahoy {text} there{text}." for _, text in added]
+    hf = [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    ours = tokenize_with_llama_cpp(gguf, texts, add_special=False)
+    decoded = detokenize_with_llama_cpp(gguf, [[i] for i, _ in added] + hf[len(added) :])
+    mismatches: list[dict[str, Any]] = []
+    for index, (token_id, text) in enumerate(added):
+        inside = len(added) + index
+        what = None
+        if ours[index] != [token_id] or hf[index] != [token_id]:
+            what = f"encodes to {ours[index][:6]} in llama.cpp, {hf[index][:6]} in the tokenizer"
+        elif ours[inside] != hf[inside]:
+            what = f"inside text, llama.cpp gives {ours[inside][:12]} where the tokenizer gives {hf[inside][:12]}"
+        elif decoded[index] is None:
+            what = "its id is past the GGUF's vocabulary"
+        elif decoded[index] != text:
+            what = f"llama.cpp decodes it as {decoded[index]!r}"
+        elif decoded[inside] != tokenizer.decode(hf[inside], skip_special_tokens=False):
+            what = f"inside text, llama.cpp decodes {texts[inside]!r} as {decoded[inside]!r}"
+        if what:
+            mismatches.append({"token": text, "id": token_id, "what": what})
+    return len(added), mismatches
 
 
 def check_embedded_chat_template(

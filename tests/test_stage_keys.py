@@ -1,8 +1,9 @@
 """Cache keys are pinned: a key that changes invalidates every user's cache, so it changes only on purpose.
 
 The expected digests were computed by the key payloads as they were before the stage layer existed
-(one payload per stage, written inline in the old pipeline); the runtime quality key is the one
-deliberate change: it now names the llama-cpp-python version that scores the pair."""
+(one payload per stage, written inline in the old pipeline). Deliberate changes since: the runtime
+quality key names the llama-cpp-python version that scores the pair, and the parity key names the
+version of what the parity check covers (added tokens, both directions)."""
 
 from __future__ import annotations
 
@@ -25,11 +26,12 @@ INPUTS = {
     "adapters": [{"files": {"adapter_config.json": "c" * 64}, "weight": 1.0}],
 }
 OVERRIDES = {"tensor_types": {"output.weight": "Q6_K"}}
+OLD_PARITY = "eeb8d41ba9cad4516df6e56dbaa773f3f2ce84b6d52c0a6a3b6103029309db1b"
 PINNED = {
     "merge": "45bdc435479f07f9885f35b8879e60c5bf0e8f91bcf18d26ed63675a5308719d",
     "convert": "49e8fce4629486877ddfeaa5d839819a66a44128ae965074e5625253b279edc9",
     "chat": "93899fc497ce7dfd118098a3dc51e178cee3f0690a8de31b5c83ac0da48f5b23",
-    "parity": "eeb8d41ba9cad4516df6e56dbaa773f3f2ce84b6d52c0a6a3b6103029309db1b",
+    "parity": "256401610633e26edf81545544aa8f1754693f75508d05d23c18939c98101b78",
     "quantize": "5bd278b66afb01114d909919c6e8031656c70e3ecdaf0c2e43e398203a25e48b",
     "quantize-imatrix": "3d726c1545b2e7400b214cf3cbb1e9eb48f4338f4112fd125192186cb6693b58",
     "imatrix": "450922762048a393440837a7bcf8a7dbfb998b43af2913bde92709325e19fad9",
@@ -52,7 +54,7 @@ def computed() -> dict[str, str]:
         "merge": merge,
         "convert": convert,
         "chat": keys.chat_key(merge, "0.1.0"),
-        "parity": keys.parity_key(convert, "0.1.0"),
+        "parity": keys.parity_key(convert, "0.1.0", 2),
         "quantize": keys.quantize_key(convert, "0.3.36", "Q4_K_M", OVERRIDES, None),
         "quantize-imatrix": keys.quantize_key(convert, "0.3.36", "Q4_K_M", OVERRIDES, "d" * 64),
         "imatrix": keys.imatrix_key(convert, "e" * 64, 65536, "float32", VERSIONS),
@@ -83,6 +85,12 @@ def test_the_runtime_quality_key_names_the_runtime_on_purpose():
         "device": "cpu",
     }
     assert stage_key(old_payload) == OLD_RUNTIME_QUALITY
+
+
+def test_the_parity_key_names_what_the_check_covers_on_purpose():
+    convert = computed()["convert"]
+    assert keys.parity_key(convert, "0.1.0", 2) != OLD_PARITY
+    assert stage_key({"stage": "parity", "convert": convert, "edge-export": "0.1.0"}) == OLD_PARITY
 
 
 def test_keys_depend_on_what_they_name():

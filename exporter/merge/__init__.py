@@ -8,7 +8,8 @@ were given, and the result is cast to the output dtype:
 - DoRA: m / ‖W + ΔW‖_row · (W + ΔW), the norm taken per output row as PEFT computes it;
 - trained LoRA biases (lora_bias): b + w·s·b_B;
 - IA3: W ⊙ l (and the bias of non-feedforward layers);
-- modules_to_save and trained biases (bias="all"/"lora_only"): the adapter's full tensor.
+- modules_to_save and trained biases (bias="all"/"lora_only"): the adapter's full tensor;
+- a changed vocabulary (added tokens, resized embeddings, trainable_token_indices): see merge.vocab.
 
 Tensors are read with plain file reads and written into shards whose headers are planned up
 front (exporter.safetensors_io), so the working set is a few copies of the largest tensor,
@@ -21,12 +22,13 @@ The package, in the order a merge runs:
 - lora_layout: PEFT's scaling, Conv1D orientation and BD-LoRA packing of a LoRA's matrices;
 - adapter_plan: one adapter's updates, checked against the base's tensor names and shapes;
 - plan: the base (BaseModel) and plan_merge over every adapter, with tied embeddings;
+- vocab: resized vocabularies and trained token rows;
 - write: merge_adapters, which streams the base through the plan into the merged folder.
 """
 
 from __future__ import annotations
 
-from exporter.merge.adapter_plan import EMBEDDING_NAMES, OUTPUT_NAME, PEFT_PREFIX, plan_adapter
+from exporter.merge.adapter_plan import PEFT_PREFIX, plan_adapter
 from exporter.merge.lora_layout import lora_scale
 from exporter.merge.plan import BaseModel, plan_merge
 from exporter.merge.updates import (
@@ -36,8 +38,10 @@ from exporter.merge.updates import (
     MergePlan,
     Replacement,
     ScaleUpdate,
+    TokenRows,
     Update,
 )
+from exporter.merge.vocab import EMBEDDING_NAMES, OUTPUT_NAME
 from exporter.merge.write import DTYPES, PROVENANCE_FILE, TOKENIZER_FILES, merge_adapters
 
 __all__ = [
@@ -54,6 +58,7 @@ __all__ = [
     "MergePlan",
     "Replacement",
     "ScaleUpdate",
+    "TokenRows",
     "Update",
     "lora_scale",
     "merge_adapters",

@@ -17,16 +17,10 @@ from exporter.dialects import classify_full_key
 from exporter.errors import InputError
 from exporter.merge.lora_layout import lora_scale, stored_transposed, unpack_block_diagonal
 from exporter.merge.updates import AddUpdate, KasaUpdate, LoraUpdate, MergePlan, Replacement, ScaleUpdate
+from exporter.merge.vocab import OUTPUT_NAME, TOKEN_ROWS, resize_vocab, token_rows_update
 from exporter.safetensors_io import iter_tensors, read_header
 
 PEFT_PREFIX = "base_model.model."
-EMBEDDING_NAMES = (
-    "model.embed_tokens.weight",
-    "transformer.wte.weight",
-    "gpt_neox.embed_in.weight",
-    "model.decoder.embed_tokens.weight",
-)
-OUTPUT_NAME = "lm_head.weight"
 MERGEABLE_TYPES = ("LORA", "IA3")
 # Tensors some LoRA variants save that act only while training (PEFT merges plain B·A for them).
 TRAINING_ONLY_TENSORS = {
@@ -74,11 +68,6 @@ def check_adapter_type(adapter: LoraAdapter) -> None:
             f"{where} is a {peft_type} adapter; edge-export merges {' and '.join(MERGEABLE_TYPES)} adapters. "
             "Merge it with PEFT's merge_and_unload and pass the result as a base with no adapter changes, "
             "or train a LoRA adapter."
-        )
-    if adapter.config.get("trainable_token_indices"):
-        raise InputError(
-            f"{where} trains individual token embeddings (trainable_token_indices), which this merge does not "
-            "handle. Merge with PEFT's merge_and_unload, or retrain with modules_to_save for the embeddings."
         )
 
 
@@ -128,11 +117,20 @@ def _plan_lora(
     plan: MergePlan,
     conv1d: bool,
 ) -> None:
+    token_rows = {}
+    for name in [n for n in names if TOKEN_ROWS.match(n)]:
+        token_rows[TOKEN_ROWS.match(name).group("module")] = names.pop(name)  # type: ignore[union-attr]
     modules, full = _sort_lora_tensors(adapter.config, names)
-    lora_modules = set(modules)
-    # Full tensors first: a saved base-layer weight is what that module's LoRA delta is added to.
+    layer_modules = set(modules) | set(token_rows)
+    # Full tensors first: a saved base-layer weight is what that module's LoRA delta is added to (and it
+    # may resize the vocabulary, which the LoRA matrices and trained rows are then checked against).
     for name, tensor in sorted(full.items()):
-        _plan_full_tensor(adapter, name, tensor, lora_modules, base_shapes, plan)
+        _plan_full_tensor(adapter, name, tensor, layer_modules, base_shapes, plan)
+    for module, rows in sorted(token_rows.items()):
+        target = f"{module}.weight"
+        plan.add(
+            target, token_rows_update(adapter, module, rows, _require_target(adapter, target, base_shapes))
+        )
     for module, parts in sorted(modules.items()):
         _plan_lora_module(adapter, module, parts, base_shapes, plan, conv1d)
 
@@ -167,7 +165,7 @@ def _plan_full_tensor(
     adapter: LoraAdapter,
     name: str,
     tensor: torch.Tensor,
-    lora_modules: set[str],
+    layer_modules: set[str],
     base_shapes: dict[str, tuple[int, ...]],
     plan: MergePlan,
 ) -> None:
@@ -177,7 +175,7 @@ def _plan_full_tensor(
     is_trained_bias = name.endswith(".bias") and adapter.config.get("bias", "none") in ("all", "lora_only")
     # With embedding layers among the targets PEFT also saves their base weights, which it loads
     # over the base's; they are the weights the LoRA was trained on top of.
-    is_saved_base_layer = name.endswith(".weight") and module in lora_modules
+    is_saved_base_layer = name.endswith(".weight") and module in layer_modules
     if not (is_saved_module or is_trained_bias or is_saved_base_layer):
         raise InputError(
             f"{adapter.weights} holds tensor {name!r}, which is neither a LoRA matrix nor listed in "
@@ -189,14 +187,11 @@ def _plan_full_tensor(
             f"a weight ({adapter.weight}). Merge it with weight 1."
         )
     shape = _require_target(adapter, name, base_shapes)
-    if tuple(tensor.shape) != shape:
-        hint = (
-            " (the adapter resized the vocabulary; merging added tokens is not supported yet)"
-            if (name == OUTPUT_NAME or name in EMBEDDING_NAMES)
-            else ""
-        )
-        raise _shape_error(adapter, f"{name} is {tuple(tensor.shape)}{hint}", name, shape)
-    plan.add(name, Replacement(tensor))
+    if tuple(tensor.shape) != shape and not resize_vocab(
+        adapter, name, tuple(tensor.shape), base_shapes, plan
+    ):
+        raise _shape_error(adapter, f"{name} is {tuple(tensor.shape)}", name, shape)
+    plan.add(name, Replacement(tensor, base_layer=is_saved_base_layer and not is_saved_module))
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,10 @@ from typing import Any
 
 from exporter.adapter import ADAPTER_CONFIG, LoraAdapter
 from exporter.errors import InputError
-from exporter.merge.adapter_plan import EMBEDDING_NAMES, OUTPUT_NAME, plan_adapter
+from exporter.merge.adapter_plan import plan_adapter
 from exporter.merge.lora_layout import CONV1D_MODEL_TYPES
-from exporter.merge.updates import MergePlan
+from exporter.merge.updates import MergePlan, Replacement
+from exporter.merge.vocab import EMBEDDING_NAMES, OUTPUT_NAME, check_vocab_complete, same_updates
 from exporter.safetensors_header import base_shard_files
 from exporter.safetensors_io import TensorEntry, read_header
 
@@ -101,6 +102,7 @@ def plan_merge(
         check_configs(adapter, base_config, base.base_dir)
         plan_adapter(adapter, shapes, plan, conv1d=base_config.get("model_type") in CONV1D_MODEL_TYPES)
     untied = untie_if_one_side_changes(plan, embedding) if embedding else False
+    check_vocab_complete(plan, adapters, base.shapes)
     return plan, untied
 
 
@@ -113,15 +115,31 @@ def tied_embedding(base_shapes: dict[str, tuple[int, ...]], base_config: dict[st
 
 
 def untie_if_one_side_changes(plan: MergePlan, embedding: str) -> bool:
-    """Untie a tied embedding when the adapter changes it (as the unmerged model behaves).
+    """Untie a tied embedding when the adapter changes one side only (as the unmerged model behaves).
 
     With tied weights the base stores only the embedding, and lm_head reads the same matrix. A LoRA or
     modules_to_save copy on either side changes that side alone in the unmerged PEFT model, so the
-    merged model gets its own lm_head.weight (starting from the original embedding) and
-    tie_word_embeddings=False.
+    merged model gets its own lm_head.weight (starting from the original embedding, or from the resized
+    embedding PEFT saved beside a LoRA on it) and tie_word_embeddings=False. When both sides get the
+    same trained matrix (trained token rows on a tied embedding) they stay tied.
     """
-    if OUTPUT_NAME not in plan.updates and embedding not in plan.updates:
+    embedding_updates, output_updates = plan.updates.get(embedding), plan.updates.get(OUTPUT_NAME)
+    if not output_updates and not embedding_updates:
         return False
+    if same_updates(embedding_updates, output_updates):
+        del plan.updates[OUTPUT_NAME]
+        plan.shapes.pop(OUTPUT_NAME, None)
+        return False
+    first = next(iter(embedding_updates or []), None)
+    if isinstance(first, Replacement) and first.base_layer and not _replaced(output_updates):
+        # lm_head is the very parameter PEFT saved as the embedding's base layer.
+        plan.updates[OUTPUT_NAME] = [first, *(output_updates or [])]
+        if embedding in plan.shapes:
+            plan.shapes[OUTPUT_NAME] = plan.shapes[embedding]
     plan.extra_outputs.append((OUTPUT_NAME, embedding))
     plan.config_changes["tie_word_embeddings"] = False
     return True
+
+
+def _replaced(updates: list[Any] | None) -> bool:
+    return bool(updates) and isinstance(updates[0], Replacement)  # type: ignore[index]

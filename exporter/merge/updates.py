@@ -91,15 +91,29 @@ class ScaleUpdate:
 
 @dataclass(frozen=True)
 class Replacement:
-    """A full tensor the adapter trained (modules_to_save, bias="all"/"lora_only")."""
+    """A full tensor the adapter trained (modules_to_save, bias="all"/"lora_only"), or the layer PEFT saved
+    beside a LoRA or trained rows on it (base_layer: a resized embedding the adapter was trained on)."""
 
     tensor: torch.Tensor
+    base_layer: bool = False
 
     def apply(self, _: torch.Tensor) -> torch.Tensor:
-        return self.tensor.float()
+        # A copy: later updates of the same tensor apply in place, and the tensor may serve twice (tied).
+        return self.tensor.to(torch.float32, copy=True)
 
 
-Update = LoraUpdate | KasaUpdate | AddUpdate | ScaleUpdate | Replacement
+@dataclass(frozen=True)
+class TokenRows:
+    """trainable_token_indices: these rows of the layer take these values (PEFT's index_copy)."""
+
+    indices: torch.Tensor  # int64, one per row
+    rows: torch.Tensor  # len(indices) × dim
+
+    def apply(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.index_copy_(0, self.indices, self.rows.float())
+
+
+Update = LoraUpdate | KasaUpdate | AddUpdate | ScaleUpdate | Replacement | TokenRows
 
 
 @dataclass
@@ -110,6 +124,10 @@ class MergePlan:
     # Output tensors that do not exist in the base, as (name, base tensor they start from).
     extra_outputs: list[tuple[str, str]] = field(default_factory=list)
     config_changes: dict[str, Any] = field(default_factory=dict)
+    # Output tensors whose shape differs from the base's (a resized vocabulary), and the new row count.
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    vocab_rows: int | None = None
+    vocab_owner: Any = None  # the LoraAdapter that resized the vocabulary
 
     def add(self, name: str, update: Update) -> None:
         self.updates.setdefault(name, []).append(update)

@@ -27,6 +27,7 @@ from exporter.dialects import (
 from exporter.errors import InputError
 from exporter.merge.plan import BaseModel, plan_merge
 from exporter.merge.updates import MergePlan
+from exporter.merge.vocab import EMBEDDING_NAMES, check_tokenizer_fits, special_token_changes
 from exporter.safetensors_header import DEFAULT_SHARD_BYTES, DTYPE_ALIASES, DtypeChoice, choose_merge_dtype
 from exporter.safetensors_io import DTYPES as SAFETENSORS_DTYPES
 from exporter.safetensors_io import PlannedTensor, StreamingShardWriter, iter_tensors
@@ -67,6 +68,11 @@ def merge_adapters(
     base_config = json.loads((base_dir / "config.json").read_text())
     base = BaseModel(base_dir)
     plan, untied = plan_merge(base, adapters, base_config)
+    tokenizer_dir = tokenizer_source(adapters, base_dir)
+    rows = plan.vocab_rows or next((base.shapes[n][0] for n in EMBEDDING_NAMES if n in base.shapes), None)
+    if rows is not None:
+        check_tokenizer_fits(plan, tokenizer_dir, base_dir, rows)
+    plan.config_changes.update(special_token_changes(tokenizer_dir, base_dir, base_config))
     choice = choose_merge_dtype(base_dir, dtype)
     if not dtype and base.float_dtypes() == {"F32"}:
         log.warning("%s is stored in float32; writing the merged model as float16", base_dir)
@@ -104,9 +110,10 @@ def _write_merge(
     layout: list[PlannedTensor] = []
     for entry in base.entries:
         tensor_dtype = out_dtype if entry.dtype in ("F16", "BF16", "F32") else SAFETENSORS_DTYPES[entry.dtype]
-        layout.append(PlannedTensor(entry.name, tensor_dtype, entry.shape))
+        layout.append(PlannedTensor(entry.name, tensor_dtype, plan.shapes.get(entry.name, entry.shape)))
         if entry.name in extra_after:
-            layout.append(PlannedTensor(extra_after[entry.name], tensor_dtype, entry.shape))
+            extra = extra_after[entry.name]
+            layout.append(PlannedTensor(extra, tensor_dtype, plan.shapes.get(extra, entry.shape)))
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
@@ -259,9 +266,27 @@ def _write_side_files(
     for name in PASSTHROUGH_FILES:
         if (base_dir / name).is_file():
             shutil.copyfile(base_dir / name, staging / name)
+    _follow_special_tokens(staging / "generation_config.json", config_changes)
     for entry in base_dir.iterdir():
         if entry.is_file() and LICENSE_PATTERN.match(entry.name):
             shutil.copyfile(entry, staging / entry.name)
+
+
+def _follow_special_tokens(path: Path, config_changes: dict[str, Any]) -> None:
+    """generation_config.json stops where the adapter's tokenizer does (its eos leads a list of them)."""
+    changes = {
+        k: v for k, v in config_changes.items() if k in ("eos_token_id", "bos_token_id", "pad_token_id")
+    }
+    if not changes or not path.is_file():
+        return
+    settings = json.loads(path.read_text())
+    for key, token_id in changes.items():
+        current = settings.get(key)
+        if isinstance(current, list):
+            settings[key] = [token_id, *(i for i in current if i != token_id)]
+        else:
+            settings[key] = token_id
+    path.write_text(json.dumps(settings, indent=2) + "\n")
 
 
 def _make_tokenizer_portable(folder: Path) -> None:

@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from exporter import __version__
+from exporter.errors import StageError
 from exporter.modelfile import ChatSpec, chat_spec
 from exporter.run import Run
 from exporter.stage_keys import chat_key, parity_key
-from exporter.tokenizer_parity import ParityReport, check_tokenizer_parity
+from exporter.tokenizer_parity import PARITY_CHECKS, ParityReport, check_tokenizer_parity
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,10 @@ def parity_stage(
     def produce(staging: Path, meta: dict[str, Any]) -> None:
         meta.update(parity=check_tokenizer_parity(model_dir, gguf).to_json(), what="tokenizer parity")
 
-    entry = run.stage(name, "parity", parity_key(convert_key, __version__), produce)
+    entry = run.stage(name, "parity", parity_key(convert_key, __version__, PARITY_CHECKS), produce)
     recorded = {k: v for k, v in entry.meta["parity"].items() if k != "passed"}
-    return ParityReport(**recorded)
+    report = ParityReport(**recorded)
+    error = report.added_token_error()
+    if error:
+        raise StageError(f"{gguf.name}: {error}")
+    return report
