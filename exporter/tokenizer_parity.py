@@ -49,7 +49,12 @@ class ParityReport:
 
     def summary(self) -> str:
         if self.passed:
-            return f"tokenizer parity: HF and llama.cpp agree on all {self.texts} texts"
+            added = (
+                f" and all {self.added_tokens} added tokens (alone, in text, both ways)"
+                if self.added_tokens
+                else ""
+            )
+            return f"tokenizer parity: HF and llama.cpp agree on all {self.texts} texts{added}"
         parts = (
             [f"{len(self.mismatches)} of {self.texts} texts tokenize differently"] if self.mismatches else []
         )
