@@ -195,3 +195,30 @@ def test_parity_fails_a_gguf_that_lost_the_added_tokens(vocab_inputs: Path, demo
     lost = {m["token"] for m in report.added_mismatches}
     assert {*TOOL_TOKENS, PLAIN_TOKEN} <= lost
     assert not report.passed and "loses added tokens" in (report.added_token_error() or "")
+
+
+def test_a_vocabulary_change_is_merged_only_on_its_own(vocab_inputs: Path, tmp_path: Path):
+    from exporter.adapter import read_adapter
+    from exporter.errors import InputError
+    from exporter.merge import merge_adapters
+
+    adapter = read_adapter(vocab_inputs / "untied")
+    with pytest.raises(InputError, match="must be merged on its own"):
+        merge_adapters(vocab_inputs / "base-untied", [adapter, adapter], tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_a_tokenizer_with_more_tokens_than_rows_is_refused(vocab_inputs: Path, tmp_path: Path):
+    from transformers import AutoTokenizer
+
+    from exporter.adapter import read_adapter
+    from exporter.errors import InputError
+    from exporter.merge import merge_adapters
+
+    adapter_dir = Path(shutil.copytree(vocab_inputs / "padded", tmp_path / "adapter"))
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    tokenizer.add_tokens([f"extra_token_{i}" for i in range(100)])  # past the 49216 padded rows
+    tokenizer.save_pretrained(adapter_dir)
+    with pytest.raises(InputError, match="has 49255 tokens, but the merged model has only 49216"):
+        merge_adapters(vocab_inputs / "base-padded", [read_adapter(adapter_dir)], tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
