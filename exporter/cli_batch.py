@@ -118,12 +118,13 @@ def batch_command(
     force: Annotated[
         bool, typer.Option("--force", help="Replace earlier exports in the plan's out.")
     ] = False,
+    out: Annotated[Path | None, typer.Option("--out", help="Write here instead of the plan's out.")] = None,
 ) -> None:
     """Run every export of a plan as one stage graph, on this machine or a Ray cluster."""
     from exporter.commands.batch import batch
     from exporter.options import BatchOptions
 
-    options = BatchOptions(plan, run, executor, ray_address, cores, force)
+    options = BatchOptions(plan, run, executor, ray_address, cores, force, out)
     with batch_progress() as (report, on_event):
         result = batch(options, report, on_event)
     print_batch(result)

@@ -232,6 +232,7 @@ class BatchOptions:
     ray_address: str = "auto"  # "auto": the cluster `ray start` began on this machine
     cores: int | None = None  # heavy stages at once on the local executor; None: every core
     force: bool = False
+    out: Path | None = None  # instead of the plan's out
 
     def __post_init__(self) -> None:
         if self.executor not in EXECUTORS:

@@ -181,7 +181,9 @@ def _resolve(plan: _PlanFile, path: Path, text: str) -> Plan:
     for i, group in enumerate(plan.runtime_lora):
         base = checker.base(group.base, bases, ("runtime_lora", i, "base"))
         folders = [
-            f for pattern in group.adapters for f in checker.matches(root, pattern, ("runtime_lora", i))
+            f
+            for pattern in group.adapters
+            for f in checker.matches(root, pattern, ("runtime_lora", i, "adapters"))
         ]
         if group.dtype is not None:
             raise checker.error(("runtime_lora", i, "dtype"), "a runtime-LoRA base is not merged; drop dtype")
@@ -244,7 +246,7 @@ class _Checker:
 
     def error(self, loc: tuple[Any, ...], what: str) -> InputError:
         where = ".".join(str(part) for part in loc)
-        return InputError(f"{self.path}:{locate(self.text, loc)}: {where}: {what}.")
+        return InputError(f"{self.path}:{locate(self.text, loc)}: {where}: {what.rstrip('.')}.")
 
     def folder(self, folder: Path, loc: tuple[Any, ...], what: str) -> Path:
         if not folder.is_dir():

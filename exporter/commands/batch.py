@@ -17,7 +17,7 @@ import os
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from exporter.atomic import write_text_atomic
@@ -81,6 +81,8 @@ def batch(
     """Run every export of the plan; see the module's docstring."""
     start = time.perf_counter()
     plan = load_plan(options.plan)
+    if options.out is not None:
+        plan = replace(plan, out=options.out.resolve())
     # A batch run again on its own out resumes: its finished exports are replaced (from the cache).
     force = options.force or _own_out(plan.out, plan.source)
     specs = [JobSpec(job, job_options(plan, job, options.run, force)) for job in plan.jobs]
@@ -116,7 +118,7 @@ def batch(
         report(f"{len(specs)} exports, {len(graph.graph.nodes)} stages, executor {options.executor}")
         if on_event is not None:
             on_event({"event": "planned", "stages": len(graph.graph.nodes)})
-        outcome = _execute(options, graph, runs, report, on_event)
+        outcome = _execute(options, plan.out, graph, runs, report, on_event)
         kill_point("manifest")
         exports = [_finish(graph, runs, spec, outcome) for spec in resolved]
     rows = [row for export in exports for row in _rows(export, plan.out, resolved)]
@@ -147,13 +149,13 @@ def _refuse_output_in_inputs(out: Path, specs: list[JobSpec]) -> None:
 
 def _execute(
     options: BatchOptions,
+    out: Path,
     graph: BatchGraph,
     runs: dict[str, Run],
     report: Reporter,
     on_event: Callable[[Event], None] | None,
 ) -> Outcome:
     """Run the graph with the chosen executor; its scheduling log goes to <out>/batch-schedule.jsonl."""
-    out = next(iter(runs.values())).out.parent
     log = (out / BATCH_SCHEDULE).open("w", encoding="utf-8")
 
     def record(event: Event) -> None:
