@@ -18,7 +18,7 @@ import pytest
 
 from exporter.errors import InputError
 from exporter.plan import load_plan
-from tests.conftest import DEMO_EVAL, REPO, DemoExport, DemoInputs, RuntimeExport, run_cli
+from tests.conftest import DEMO_EVAL, REPO, DemoInputs, _variant, run_cli
 
 CLUSTER = REPO / "bench" / "local_ray_cluster.sh"
 PROFILES = ("Q4_K_M", "Q8_0")
@@ -38,27 +38,40 @@ class Sequential:
 
 
 @pytest.fixture(scope="session")
-def sequential(
-    demo_inputs: DemoInputs,
-    demo_export: DemoExport,
-    runtime_export: RuntimeExport,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Sequential:
-    adapters = {"smollm2-pirate": demo_inputs.adapter, **runtime_export.adapters}
-    hashes = {f"smollm2-pirate/smollm2-pirate-{p}.gguf": sha256(demo_export.gguf(p)) for p in PROFILES}
+def sequential(demo_inputs: DemoInputs, tmp_path_factory: pytest.TempPathFactory) -> Sequential:
+    """merge-quantize for each adapter and runtime-lora for the group, --no-check (in the whole suite these
+    stages come from the cache that the demo and runtime-lora exports filled: the same inputs and names)."""
     root = tmp_path_factory.mktemp("sequential")
-    for name in runtime_export.adapters:
-        # fmt: off
-        proc = run_cli("merge-quantize", "--adapter", str(adapters[name]), "--base", str(demo_inputs.base),
-                       "--name", name, "--profile", PROFILES[0], "--profile", PROFILES[1], "--no-check",
-                       "--out", str(root / name))
-        # fmt: on
+    adapters = {
+        "smollm2-pirate": demo_inputs.adapter,
+        "pirate-rslora": _variant(demo_inputs.adapter, root / "adapters" / "pirate-rslora", use_rslora=True),
+        "pirate-alpha": _variant(
+            demo_inputs.adapter,
+            root / "adapters" / "pirate-alpha",
+            alpha_pattern={"q_proj": 32, "down_proj": 4},
+        ),
+    }
+    base = str(demo_inputs.base)
+    profiles = [arg for p in PROFILES for arg in ("--profile", p)]
+    hashes = {}
+    for name, adapter in adapters.items():
+        out = root / name
+        args = ["--adapter", str(adapter), "--base", base, "--name", name, "--no-check", "--out", str(out)]
+        proc = run_cli("merge-quantize", *args, *profiles)
         assert proc.returncode == 0, proc.stderr + proc.stdout
-        hashes.update({f"{name}/{name}-{p}.gguf": sha256(root / name / f"{name}-{p}.gguf") for p in PROFILES})
-    runtime_files = [f"smollm2-{p}.gguf" for p in RUNTIME_PROFILES] + [
-        f"{n}.lora.gguf" for n in runtime_export.adapters
+        hashes.update({f"{name}/{name}-{p}.gguf": sha256(out / f"{name}-{p}.gguf") for p in PROFILES})
+    group = [arg for name in ("pirate-rslora", "pirate-alpha") for arg in ("--adapter", str(adapters[name]))]
+    runtime = [arg for p in RUNTIME_PROFILES for arg in ("--profile", p)]
+    out = root / "smollm2"
+    proc = run_cli(
+        "runtime-lora", *group, "--base", base, "--name", "smollm2", "--no-check", "--out", str(out), *runtime
+    )
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    files = [f"smollm2-{p}.gguf" for p in RUNTIME_PROFILES] + [
+        "pirate-rslora.lora.gguf",
+        "pirate-alpha.lora.gguf",
     ]
-    hashes.update({f"smollm2/{f}": sha256(runtime_export.out / f) for f in runtime_files})
+    hashes.update({f"smollm2/{f}": sha256(out / f) for f in files})
     return Sequential(adapters, hashes)
 
 

@@ -95,8 +95,9 @@ def batch(
             ready, name = prepared[spec.job.name], spec.job.name
             check = functools.partial(ready.check_output, force)
             out = spec.options.output.out
+            says = functools.partial(_prefixed, report, name)  # which export a stage's message is about
             runs[name] = run = stack.enter_context(
-                Run.open(out, spec.options.run, report, before=check, vendored=ready.vendored)
+                Run.open(out, spec.options.run, says, before=check, vendored=ready.vendored)
             )
             merged = isinstance(spec.options, ExportOptions)
             dtype = spec.options.dtype if isinstance(spec.options, ExportOptions) else None
@@ -127,6 +128,10 @@ def batch(
     reused = sum(len(run.reused) for run in runs.values())
     schedule = plan.out / BATCH_SCHEDULE
     return BatchResult(plan.out, exports, rows, reports, schedule, seconds, len(graph.graph.nodes), reused)
+
+
+def _prefixed(report: Reporter, export: str, message: str) -> None:
+    report(f"{export}: {message}")
 
 
 def _own_out(out: Path, plan: Path) -> bool:

@@ -14,7 +14,7 @@ same specs: the worker runs one node of it and reports back what the driver's ru
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,10 @@ class JobSpec:
 
 
 def job_options(plan: Plan, job: PlanJob, run: RunOptions, force: bool) -> ExportOptions | RuntimeLoraOptions:
-    """The options merge-quantize or runtime-lora would get for this export of the plan."""
+    """The options merge-quantize or runtime-lora would get for this export of the plan. Each stage gets one
+    thread unless --threads says otherwise: the executors run stages side by side, a core each, and
+    llama.cpp's threads spin at every barrier, so two evaluations sharing cores run many times slower."""
+    run = replace(run, threads=run.threads or 1)
     inputs = InputOptions(adapters=job.adapters, base=str(job.base))
     output = OutputOptions(plan.out / job.name, job.name, force)
     profiles = ProfileOptions(job.profiles, plan.profile_files)
