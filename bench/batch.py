@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-DEMO = REPO / ".cache" / "demo"
+DEMO = Path(os.environ.get("EDGE_EXPORT_DEMO_DIR", REPO / ".cache" / "demo"))  # as the tests read it
 CLUSTER = REPO / "bench" / "local_ray_cluster.sh"
 EVAL = REPO / "exporter" / "data" / "demo_eval.jsonl"
 PROFILES = ("Q4_K_M", "Q8_0")
