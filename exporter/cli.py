@@ -18,6 +18,7 @@ import typer
 from rich.logging import RichHandler
 from rich.table import Table
 
+from exporter.cli_batch import batch_command
 from exporter.cli_options import (
     CHECK_FLAG,
     DTYPE_FLAG,
@@ -257,6 +258,8 @@ def modelfile_command(
         raise typer.Exit(1)
     console.print(f"OK   {check}: {len(instructions)} instructions, valid for Ollama", highlight=False)
 
+
+app.command("batch")(batch_command)
 
 cache_app = typer.Typer(help="The stage cache: merged models, GGUFs, references and quality results.")
 app.add_typer(cache_app, name="cache")

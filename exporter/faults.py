@@ -15,6 +15,10 @@ and with --compare-merged merge:<ADAPTER>, convert:<ADAPTER>, quantize:<ADAPTER>
 merged:<ADAPTER>:<PROFILE>. Both commands also have three run-level points, each reached before
 that step: modelfiles, check, manifest.
 
+A batch reaches every export's points under the same names (each export's quantize:Q8_0 is the same
+point), in the Ray workers too (the driver passes EDGE_EXPORT_KILL_AT on to them), where a kill is a
+lost worker; and the run-level point manifest once, before the exports' manifests are written.
+
 A point is reached only where the run does that work: a stage reused from the cache reaches
 <stage> and <stage>:done but not <stage>:built. Points are killed at when reached, never after a
 delay: the former POINT+SECONDS form raced the stage it meant to interrupt, and is refused (an

@@ -11,10 +11,18 @@ heavy nodes at most `jobs` at a time, any other heavy node alone, so two heavy s
 for memory unless asked to.
 Every node starts only when what it needs has finished; a failure stops new nodes from starting,
 waits for those running, and is raised.
+
+A batch of exports is one large graph, run by `BudgetedExecutor` on this machine (or by
+exporter.graph_ray's executor on a Ray cluster): every heavy node carries an estimate of its peak
+memory, and a node starts only when a core is free and its estimate fits beside those of the nodes
+running (the `Scheduler`, whose log records every start, end, and node held back for memory). A
+failed node fails the nodes that need it, not the others: the run keeps going and its `Outcome`
+says which failed and which were skipped because of them.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -30,6 +38,8 @@ class Node:
     needs: tuple[str, ...] = ()
     heavy: bool = True
     shared: bool = False  # a heavy node that may run beside others of its kind (--jobs)
+    memory: int = 0  # estimated peak resident bytes, for the budgeted executors
+    cpus: int = 1
 
 
 @dataclass
@@ -43,6 +53,7 @@ class StageGraph:
         needs: tuple[str, ...] = (),
         heavy: bool = True,
         shared: bool = False,
+        memory: int = 0,
     ) -> str:
         """Add a node; what it needs must be in the graph already (so a graph is acyclic by construction)."""
         if name in self.nodes:
@@ -50,8 +61,22 @@ class StageGraph:
         missing = [need for need in needs if need not in self.nodes]
         if missing:
             raise ValueError(f"stage {name!r} needs {missing}, which are not in the graph")
-        self.nodes[name] = Node(name, run, tuple(needs), heavy, shared)
+        self.nodes[name] = Node(name, run, tuple(needs), heavy, shared, memory if heavy else 0)
         return name
+
+    def include(self, prefix: str, graph: StageGraph, memory: Callable[[str], int]) -> None:
+        """Add every node of `graph` as `<prefix>/<name>` (a batch's graph is made of its exports' graphs);
+        each node still receives its inputs under the names its own graph gave them, and `memory(name)`
+        estimates its peak."""
+        for node in graph.nodes.values():
+            self.add(
+                f"{prefix}/{node.name}",
+                _unprefixed(node.run, prefix),
+                tuple(f"{prefix}/{need}" for need in node.needs),
+                node.heavy,
+                node.shared,
+                memory(node.name),
+            )
 
     @property
     def order(self) -> list[str]:
@@ -121,3 +146,154 @@ class LocalExecutor:
             self.log.append(("start", name))
             inputs = {need: results[need] for need in node.needs}
             running[pool.submit(node.run, inputs)] = node
+
+
+def _unprefixed(run: Callable[[Results], Any], prefix: str) -> Callable[[Results], Any]:
+    def call(results: Results) -> Any:
+        return run({name.removeprefix(f"{prefix}/"): value for name, value in results.items()})
+
+    return call
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What a budgeted executor may use at once: heavy stages (one core each) and their memory estimates."""
+
+    cpus: int
+    memory: int  # bytes
+
+
+@dataclass
+class Outcome:
+    """What a run that keeps going past failures finished, what failed (with the error) and what it skipped."""
+
+    results: dict[str, Any] = field(default_factory=dict)
+    failed: dict[str, BaseException] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # node -> the failed node it needed
+
+
+Event = dict[str, Any]
+
+
+class Scheduler:
+    """Decides which nodes start, within a budget (None: every ready node at once, a cluster's own
+    scheduler places them), and keeps going past a failure: the nodes that need a failed one are skipped.
+
+    Every decision is an event in `log` (and passed to `on_event`): start, end, failed, skipped, and
+    held (a ready node kept waiting because its memory estimate does not fit beside the running ones)."""
+
+    def __init__(
+        self, graph: StageGraph, budget: Budget | None, on_event: Callable[[Event], None] | None = None
+    ):
+        self.graph, self.budget, self.on_event = graph, budget, on_event
+        self.waiting = dict(graph.nodes)
+        self.running: dict[str, Node] = {}
+        self.outcome = Outcome()
+        self.log: list[Event] = []
+        self._held: set[str] = set()
+        self._start = time.monotonic()
+        if budget is not None:
+            for node in graph.nodes.values():
+                if node.memory > budget.memory:
+                    raise ValueError(
+                        f"stage {node.name!r} needs about {node.memory} bytes, more than the budget {budget.memory}"
+                    )
+
+    @property
+    def done(self) -> bool:
+        return not self.waiting and not self.running
+
+    def _usage(self) -> tuple[int, int]:
+        heavy = [n for n in self.running.values() if n.heavy]
+        return sum(n.cpus for n in heavy), sum(n.memory for n in heavy)
+
+    def _event(self, event: str, node: Node, **more: Any) -> None:
+        cpus, memory = self._usage()
+        record = {
+            "t": round(time.monotonic() - self._start, 3),
+            "event": event,
+            "stage": node.name,
+            "memory": node.memory,
+            "memory_in_use": memory,
+            "cpus_in_use": cpus,
+            **({"memory_budget": self.budget.memory, "cpus": self.budget.cpus} if self.budget else {}),
+            **more,
+        }
+        self.log.append(record)
+        if self.on_event is not None:
+            self.on_event(record)
+
+    def _fits(self, node: Node) -> bool:
+        if self.budget is None or not node.heavy:
+            return True
+        cpus, memory = self._usage()
+        if cpus + node.cpus > self.budget.cpus:
+            return False
+        if memory + node.memory > self.budget.memory:
+            if node.name not in self._held:
+                self._held.add(node.name)
+                self._event("held", node, reason="memory")
+            return False
+        return True
+
+    def start_ready(self) -> list[tuple[Node, dict[str, Any]]]:
+        """The nodes to start now, each with its inputs; they count as running from here."""
+        results = self.outcome.results
+        started = []
+        for name, node in list(self.waiting.items()):
+            if not all(need in results for need in node.needs) or not self._fits(node):
+                continue
+            del self.waiting[name]
+            self.running[name] = node
+            self._event("start", node)
+            started.append((node, {need: results[need] for need in node.needs}))
+        return started
+
+    def finish(self, name: str, result: Any = None, error: BaseException | None = None) -> None:
+        """Record a node's result, or its failure and the nodes that can now never run."""
+        node = self.running.pop(name)
+        if error is None:
+            self.outcome.results[name] = result
+            self._event("end", node)
+            return
+        self.outcome.failed[name] = error
+        self._event("failed", node, error=f"{type(error).__name__}: {error}"[:500])
+        lost = {name}
+        for other, waiting in list(self.waiting.items()):  # graph order: what a node needs comes first
+            cause = next((need for need in waiting.needs if need in lost), None)
+            if cause is not None:
+                lost.add(other)
+                del self.waiting[other]
+                self.outcome.skipped[other] = self.outcome.skipped.get(cause, cause)
+                self._event("skipped", waiting, cause=self.outcome.skipped[other])
+
+
+class BudgetedExecutor:
+    """Runs a graph on this machine within a `Budget`, keeping going past failures (see `Scheduler`)."""
+
+    def __init__(self, budget: Budget, on_event: Callable[[Event], None] | None = None):
+        self.budget, self.on_event = budget, on_event
+        self.log: list[Event] = []
+
+    def run(self, graph: StageGraph) -> Outcome:
+        scheduler = Scheduler(graph, self.budget, self.on_event)
+        self.log = scheduler.log
+        light = sum(1 for node in graph.nodes.values() if not node.heavy)
+        pool = ThreadPoolExecutor(max_workers=max(1, self.budget.cpus + light), thread_name_prefix="stage")
+        running: dict[Future[Any], Node] = {}
+        try:
+            while not scheduler.done:
+                for node, inputs in scheduler.start_ready():
+                    running[pool.submit(node.run, inputs)] = node
+                if not running:
+                    raise RuntimeError(f"stages {sorted(scheduler.waiting)} can never start")
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    node = running.pop(future)
+                    error = future.exception()
+                    scheduler.finish(node.name, None if error else future.result(), error)
+        except BaseException:  # Ctrl-C: start nothing more, let the running stages end (or die with it)
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
+        return scheduler.outcome

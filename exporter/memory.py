@@ -163,3 +163,47 @@ def fit_check(
 
 def _mib(n: int) -> str:
     return f"{n / MiB:,.0f} MiB"
+
+
+# Estimates of the stages a batch schedules side by side (the converter and the quantizer hold about one
+# tensor at a time in float32, in and out, beside their process).
+CONVERT_PROCESS = 400 * MiB  # python + torch + llama.cpp's converter
+CONVERT_COPIES = 3  # the tensor read, its float32 copy, the one written
+QUANTIZE_COPIES = 3  # the float32 tensor, its quantized output, imatrix/working rows
+
+
+def estimate_stage(
+    stage: str, base_dir: Path, adapters: list[LoraAdapter], reference_dtype: str = "float32"
+) -> int:
+    """Peak resident bytes of one stage of an export graph, by the stage's name (exporter/faults.py lists them)."""
+    kind = stage.split(":")[0]
+    entries = _entries(base_dir)
+    largest = max((math.prod(e.shape) for e in entries), default=0)
+    sixteen_bit = sum(math.prod(e.shape) for e in entries) * 2
+    if kind == "merge":
+        return estimate_merge(base_dir, adapters).peak_bytes
+    if kind in ("convert", "convert-base"):
+        return CONVERT_PROCESS + largest * 4 * CONVERT_COPIES
+    if kind == "quantize":
+        return LLAMA_CHILD + largest * 4 * QUANTIZE_COPIES
+    if kind == "lora":
+        return PYTORCH_PROCESS + 3 * sum(a.weights.stat().st_size for a in adapters)
+    if kind == "reference":
+        return estimate_reference(base_dir, adapters, reference_dtype).peak_bytes
+    if kind in ("quality", "merged", "imatrix"):
+        return estimate_gguf_eval(base_dir, sixteen_bit).peak_bytes
+    return PYTORCH_PROCESS  # a stage this table does not know: at least a process
+
+
+def available_memory() -> int:
+    """Memory this machine can give now (MemAvailable), or its total where that is not known."""
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -217,3 +217,30 @@ class CheckOptions:
             raise InputError(
                 f"The baseline {self.baseline} does not exist. Pass the report.json of an earlier export or check."
             )
+
+
+EXECUTORS = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    """`edge-export batch`: every export of a plan file, as one stage graph run by an executor."""
+
+    plan: Path
+    run: RunOptions = field(default_factory=RunOptions)
+    executor: str = "local"
+    ray_address: str = "auto"  # "auto": the cluster `ray start` began on this machine
+    cores: int | None = None  # heavy stages at once on the local executor; None: every core
+    force: bool = False
+    out: Path | None = None  # instead of the plan's out
+
+    def __post_init__(self) -> None:
+        if self.executor not in EXECUTORS:
+            raise InputError(f"--executor {self.executor!r} is not known; use local or ray.")
+        if self.cores is not None and self.cores < 1:
+            raise InputError(f"--cores {self.cores}: pass 1 or more, or leave it out for every core.")
+        if self.executor == "ray" and not self.run.use_cache:
+            raise InputError(
+                "--no-cache cannot be used with --executor ray: the stage cache, on storage every node sees, is "
+                "how stages on different nodes hand each other their files. Drop --no-cache."
+            )

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
-from exporter.graph import LocalExecutor, StageGraph
+from exporter.graph import Budget, BudgetedExecutor, LocalExecutor, StageGraph
 
 
 def overlapping(log: list[tuple[str, str]], heavy: set[str]) -> int:
@@ -75,3 +77,36 @@ def test_a_graph_refuses_unknown_needs_and_duplicates():
         graph.add("convert", lambda _: None, ("merged",))
     with pytest.raises(ValueError, match="already has"):
         graph.add("merge", lambda _: None)
+
+
+def test_the_budgeted_executor_holds_a_stage_whose_memory_does_not_fit_and_logs_why():
+    gib = 1 << 30
+    release = threading.Event()
+    graph = StageGraph()
+    graph.add("a/convert", lambda _: release.wait(10), memory=gib)
+    graph.add("b/convert", lambda _: "b", memory=gib)  # does not fit beside a/convert
+    graph.add("c/quantize", lambda _: release.set(), memory=gib // 2)  # fits, and lets a/convert end
+    executor = BudgetedExecutor(Budget(cpus=2, memory=gib + gib // 2))
+    outcome = executor.run(graph)
+    assert set(outcome.results) == {"a/convert", "b/convert", "c/quantize"} and not outcome.failed
+    events = [(e["event"], e["stage"]) for e in executor.log]
+    assert events.index(("held", "b/convert")) < events.index(("start", "c/quantize"))
+    assert events.index(("end", "a/convert")) < events.index(("start", "b/convert"))
+    assert max(e["memory_in_use"] for e in executor.log) <= gib + gib // 2
+
+
+def test_a_failed_stage_fails_its_branch_and_the_rest_of_the_graph_finishes():
+    def broken(_: object) -> None:
+        raise RuntimeError("quantizer crashed")
+
+    graph = StageGraph()
+    graph.add("a/merge", lambda _: 1)
+    graph.add("a/quantize", broken, ("a/merge",))
+    graph.add("a/report", lambda _: None, ("a/quantize",), heavy=False)
+    graph.add("a/modelfiles", lambda _: None, ("a/report",), heavy=False)
+    graph.add("b/merge", lambda _: 2)
+    graph.add("b/quantize", lambda r: r["b/merge"] + 1, ("b/merge",))
+    outcome = BudgetedExecutor(Budget(cpus=1, memory=1 << 30)).run(graph)
+    assert outcome.results == {"a/merge": 1, "b/merge": 2, "b/quantize": 3}
+    assert list(outcome.failed) == ["a/quantize"] and "crashed" in str(outcome.failed["a/quantize"])
+    assert outcome.skipped == {"a/report": "a/quantize", "a/modelfiles": "a/quantize"}

@@ -48,7 +48,7 @@ def test_converters_have_no_relative_imports_that_could_reach_exporter():
 # exporter/'s layers, lowest first: a module imports only from its own layer or the ones below it.
 LAYERS = {
     "library": 0,  # exporter/*.py and exporter/merge/: the work itself
-    "engine": 1,  # run.py, graph.py: the run object and the executor
+    "engine": 1,  # run.py, graph.py, graph_ray.py: the run object and the executors
     "stages": 2,  # exporter/stages/
     "commands": 3,  # exporter/commands/
     "cli": 4,  # cli.py, cli_options.py, cli_render.py, __main__.py
@@ -57,7 +57,7 @@ LAYERS = {
 
 def layer(module: str) -> int:
     parts = module.split(".")
-    if parts[:2] in (["exporter", "run"], ["exporter", "graph"]):
+    if parts[:2] in (["exporter", "run"], ["exporter", "graph"], ["exporter", "graph_ray"]):
         return LAYERS["engine"]
     if parts[:2] == ["exporter", "stages"]:
         return LAYERS["stages"]
@@ -85,8 +85,16 @@ def test_the_layer_rule_bites():
 
 
 def test_commands_are_peers():
-    """No command is stacked on another: runtime-lora's merged comparison is its own branch module."""
-    allowed = {("exporter.commands.runtime_lora", "exporter.commands.compare_merged")}
+    """No command is stacked on another: runtime-lora's merged comparison is its own branch module, and a
+    batch builds the graphs of merge-quantize and runtime-lora (their graph builders, not the commands)."""
+    allowed = {
+        ("exporter.commands.runtime_lora", "exporter.commands.compare_merged"),
+        ("exporter.commands.batch", "exporter.commands.batch_graph"),
+        ("exporter.commands.batch", "exporter.commands.merge_quantize"),
+        ("exporter.commands.batch", "exporter.commands.runtime_lora"),
+        ("exporter.commands.batch_graph", "exporter.commands.merge_quantize"),
+        ("exporter.commands.batch_graph", "exporter.commands.runtime_lora"),
+    }
     stacked = []
     for path in sorted((REPO / "exporter" / "commands").glob("*.py")):
         module = f"exporter.commands.{path.stem}"

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from converters.vendor import locate_vendored
+from converters.vendor import VendoredLlamaCpp, locate_vendored
+from exporter.adapter import LoraAdapter
 from exporter.artifacts import GGUFArtifact
 from exporter.errors import InputError
 from exporter.faults import kill_point
@@ -77,9 +78,28 @@ class ExportResult:
     imatrix: ImatrixStage | None = None
 
 
-def merge_quantize(options: ExportOptions, report: Reporter = silent) -> ExportResult:
-    """Merge → convert → quantize → Modelfiles → quality → manifest; on failure nothing this run wrote
-    stays. The output folder is locked for the whole run: a second run on it waits or fails clearly."""
+@dataclass(frozen=True)
+class PreparedExport:
+    """What an export is, read and checked before its run opens: profiles, inputs, output layout."""
+
+    vendored: VendoredLlamaCpp
+    registry: ProfileRegistry
+    profiles: list[QuantProfile]
+    adapters: list[LoraAdapter]
+    base_dir: Path
+    layout: ExportLayout
+
+    def check_output(self, force: bool) -> None:
+        check_output(self.layout.out, self.layout.planned, force, MANIFEST)
+
+    @property
+    def finished_files(self) -> list[Path]:
+        """What a finished export's run replaces with --force: the manifest and the reports."""
+        return [self.layout.out / MANIFEST, *(self.layout.out / name for name in REPORT_FILES)]
+
+
+def prepare_export(options: ExportOptions) -> PreparedExport:
+    """The checks of an export that need no run: the installation, the profiles, the inputs."""
     vendored = locate_vendored()  # a broken installation is reported before anything about the inputs
     registry, profiles = requested_profiles(options.profiles)
     for profile in profiles:
@@ -92,18 +112,40 @@ def merge_quantize(options: ExportOptions, report: Reporter = silent) -> ExportR
             )
     adapters, base_dir = read_inputs(options.inputs)
     name = sanitize_name(options.output.name or adapters[0].path.resolve().name)
+    layout = ExportLayout(options.output.out, name, tuple(profiles), options.has_imatrix)
+    return PreparedExport(vendored, registry, profiles, adapters, base_dir, layout)
+
+
+def export_graph(
+    run: Run, prepared: PreparedExport, options: ExportOptions, quality: QualityOptions
+) -> ExportGraph:
+    """The graph of one prepared export in an open run, checked with `quality` (what preflight returned)."""
+    inputs = ModelInputs.hashed(prepared.base_dir, tuple(prepared.adapters), run.cache.hashes)
+    return ExportGraph(run, inputs, prepared.layout, prepared.registry, options, quality)
+
+
+def merge_quantize(options: ExportOptions, report: Reporter = silent) -> ExportResult:
+    """Merge → convert → quantize → Modelfiles → quality → manifest; on failure nothing this run wrote
+    stays. The output folder is locked for the whole run: a second run on it waits or fails clearly."""
+    prepared = prepare_export(options)
     out = options.output.out
-    layout = ExportLayout(out, name, tuple(profiles), options.has_imatrix)
+    force = options.output.force
 
-    def before() -> None:
-        check_output(out, layout.planned, options.output.force, MANIFEST)
-
-    with Run.open(out, options.run, report, before=before, vendored=vendored) as run:
-        quality = preflight(options, base_dir, adapters, profiles, run.vendored, report, options.dtype)
-        inputs = ModelInputs.hashed(base_dir, tuple(adapters), run.cache.hashes)
-        if options.output.force:
-            run.replace_finished([out / MANIFEST, *(out / report_file for report_file in REPORT_FILES)])
-        export = ExportGraph(run, inputs, layout, registry, options, quality)
+    with Run.open(
+        out, options.run, report, before=lambda: prepared.check_output(force), vendored=prepared.vendored
+    ) as run:
+        quality = preflight(
+            options,
+            prepared.base_dir,
+            prepared.adapters,
+            prepared.profiles,
+            run.vendored,
+            report,
+            options.dtype,
+        )
+        if force:
+            run.replace_finished(prepared.finished_files)
+        export = export_graph(run, prepared, options, quality)
         return export.finish(run.execute(export.graph))
 
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from converters.vendor import locate_vendored
-from exporter.adapter import tokenizer_source
+from converters.vendor import VendoredLlamaCpp, locate_vendored
+from exporter.adapter import LoraAdapter, tokenizer_source
 from exporter.commands.compare_merged import MergedComparison
 from exporter.errors import InputError
 from exporter.faults import kill_point
@@ -98,9 +98,29 @@ class RuntimeLayout:
         ]
 
 
-def runtime_lora(options: RuntimeLoraOptions, report: Reporter = silent) -> RuntimeLoraResult:
-    """Quantize the unmerged base once per profile, convert every adapter, write Modelfiles, check each
-    base + adapter pair against its unmerged reference, and write the manifest."""
+@dataclass(frozen=True)
+class PreparedRuntime:
+    """What a runtime-LoRA export is, read and checked before its run opens."""
+
+    vendored: VendoredLlamaCpp
+    registry: ProfileRegistry
+    profiles: list[QuantProfile]
+    adapters: list[LoraAdapter]
+    base_dir: Path
+    layout: RuntimeLayout
+    corrections: list[ScaleCorrection]
+    source: str  # the base GGUF's type: F16, or BF16 for a bfloat16 base beyond float16's range
+
+    def check_output(self, force: bool) -> None:
+        check_output(self.layout.out, self.layout.planned, force, MANIFEST)
+
+    @property
+    def finished_files(self) -> list[Path]:
+        return self.layout.planned[: 1 + len(RUNTIME_REPORT_FILES)]
+
+
+def prepare_runtime(options: RuntimeLoraOptions) -> PreparedRuntime:
+    """The checks of a runtime-LoRA export that need no run: the installation, the profiles, the inputs."""
     vendored = locate_vendored()  # a broken installation is reported before anything about the inputs
     registry, profiles = requested_profiles(options.profiles)
     for profile in profiles:
@@ -118,30 +138,45 @@ def runtime_lora(options: RuntimeLoraOptions, report: Reporter = silent) -> Runt
             f"Two --adapter folders have the same name ({', '.join(names)}); the adapter files are named after "
             "their folders. Rename or copy one of them."
         )
-    out = options.output.out
     layout = RuntimeLayout(
-        out, sanitize_name(options.output.name or base_dir.resolve().name), names, tuple(profiles)
+        options.output.out,
+        sanitize_name(options.output.name or base_dir.resolve().name),
+        names,
+        tuple(profiles),
     )
+    corrections = [runtime_correction(adapter, base_dir) for adapter in adapters]
+    # The base converts as the merge would write it: float16 when it fits float16's range, else BF16
+    # (a bfloat16 base holding larger values), never a silent overflow to Inf.
+    source = gguf_source_ftype(choose_merge_dtype(base_dir, None).dtype)
+    if source == "BF16" and any(p.ftype == "F16" for p in profiles):
+        raise InputError(
+            f"The bfloat16 base {base_dir} holds values beyond float16's range (±65504), so an F16 base "
+            "would hold Inf there. Ask for --profile BF16 instead, or a quantized profile."
+        )
+    return PreparedRuntime(vendored, registry, profiles, adapters, base_dir, layout, corrections, source)
 
-    def before() -> None:
-        check_output(out, layout.planned, options.output.force, MANIFEST)
 
-    with Run.open(out, options.run, report, before=before, vendored=vendored) as run:
-        writes_merged = options.compare_merged and options.check
-        quality = preflight(options, base_dir, adapters, profiles, run.vendored, report, None, writes_merged)
-        corrections = [runtime_correction(adapter, base_dir) for adapter in adapters]
-        # The base converts as the merge would write it: float16 when it fits float16's range, else BF16
-        # (a bfloat16 base holding larger values), never a silent overflow to Inf.
-        source = gguf_source_ftype(choose_merge_dtype(base_dir, None).dtype)
-        if source == "BF16" and any(p.ftype == "F16" for p in profiles):
-            raise InputError(
-                f"The bfloat16 base {base_dir} holds values beyond float16's range (±65504), so an F16 base "
-                "would hold Inf there. Ask for --profile BF16 instead, or a quantized profile."
-            )
-        inputs = ModelInputs.hashed(base_dir, tuple(adapters), run.cache.hashes)
-        if options.output.force:
-            run.replace_finished(layout.planned[: 1 + len(RUNTIME_REPORT_FILES)])
-        graph = RuntimeGraph(run, inputs, layout, registry, options, quality, corrections, source)
+def runtime_graph(
+    run: Run, prepared: PreparedRuntime, options: RuntimeLoraOptions, quality: QualityOptions
+) -> RuntimeGraph:
+    """The graph of one prepared runtime-LoRA export in an open run."""
+    p = prepared
+    inputs = ModelInputs.hashed(p.base_dir, tuple(p.adapters), run.cache.hashes)
+    return RuntimeGraph(run, inputs, p.layout, p.registry, options, quality, p.corrections, p.source)
+
+
+def runtime_lora(options: RuntimeLoraOptions, report: Reporter = silent) -> RuntimeLoraResult:
+    """Quantize the unmerged base once per profile, convert every adapter, write Modelfiles, check each
+    base + adapter pair against its unmerged reference, and write the manifest."""
+    p = prepared = prepare_runtime(options)
+    force = options.output.force
+    before = lambda: prepared.check_output(force)  # noqa: E731
+    with Run.open(options.output.out, options.run, report, before=before, vendored=p.vendored) as run:
+        merged = options.compare_merged and options.check
+        quality = preflight(options, p.base_dir, p.adapters, p.profiles, run.vendored, report, None, merged)
+        if force:
+            run.replace_finished(prepared.finished_files)
+        graph = runtime_graph(run, prepared, options, quality)
         return graph.finish(run.execute(graph.graph))
 
 
