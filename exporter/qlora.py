@@ -61,26 +61,6 @@ class TrainedOn:
                 "(a power of two); its default is 64."
             )
 
-    def bnb_config(self) -> Any:
-        """The transformers BitsAndBytesConfig that loads a 16-bit base as it was in training."""
-        import torch
-        from transformers import BitsAndBytesConfig
-
-        config = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=self.quant_type,
-            bnb_4bit_use_double_quant=self.double_quant,
-            bnb_4bit_compute_dtype=getattr(torch, self.compute_dtype),
-            llm_int8_skip_modules=list(self.skip_modules) or None,
-        )
-        if self.block_size != BNB_DEFAULTS["block_size"]:
-            # transformers' config has no block size: bitsandbytes' layers read it from the quant state.
-            raise InputError(
-                f"--quant-block-size {self.block_size}: transformers loads 4-bit bases in blocks of 64 only, so "
-                "the model as trained cannot be rebuilt with another block size. Leave --quant-block-size out."
-            )
-        return config
-
     def describe(self) -> str:
         return (
             f"{self.quant_type.upper()}{' + double quant' if self.double_quant else ''}, blocks of "

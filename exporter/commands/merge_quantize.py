@@ -21,6 +21,7 @@ from exporter.modelfile import ChatSpec
 from exporter.options import ExportOptions, QualityOptions
 from exporter.preflight import preflight
 from exporter.profiles import requested_profiles
+from exporter.qlora import TrainedOn, resolve_trained_on
 from exporter.records import BuiltGGUF, MergedModel, ModelInputs, read_inputs, sanitize_name
 from exporter.report import REPORT_FILES
 from exporter.run import Reporter, Run, check_output, silent
@@ -29,6 +30,7 @@ from exporter.stages.gguf import convert_merged, quantize_from
 from exporter.stages.imatrix import computed_imatrix_stage, given_imatrix_stage
 from exporter.stages.merge import MERGED_DIR, merge_stage
 from exporter.stages.modelfiles import write_modelfiles
+from exporter.stages.qlora import QloraChoice, qlora_choice
 from exporter.stages.quality import QualitySummary, judged, reference_stage, score_stage, write_quality_report
 from exporter.tokenizer_parity import ParityReport, check_embedded_chat_template
 from quant_profiles import ProfileRegistry, QuantProfile
@@ -75,6 +77,7 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)
     quality: QualitySummary | None = None
     imatrix: ImatrixStage | None = None
+    merge_base: dict[str, Any] | None = None  # a QLoRA adapter's merge-base choice (both candidates)
 
 
 def merge_quantize(options: ExportOptions, report: Reporter = silent) -> ExportResult:
@@ -91,6 +94,9 @@ def merge_quantize(options: ExportOptions, report: Reporter = silent) -> ExportR
                 "need one (e.g. Q4_K_M; see `edge-export profiles`)."
             )
     adapters, base_dir = read_inputs(options.inputs)
+    trained_on = resolve_trained_on(options.qlora, base_dir, [a.path for a in adapters])
+    if trained_on is not None:
+        check_qlora_options(options, trained_on)
     name = sanitize_name(options.output.name or adapters[0].path.resolve().name)
     out = options.output.out
     layout = ExportLayout(out, name, tuple(profiles), options.has_imatrix)
@@ -103,7 +109,12 @@ def merge_quantize(options: ExportOptions, report: Reporter = silent) -> ExportR
         inputs = ModelInputs.hashed(base_dir, tuple(adapters), run.cache.hashes)
         if options.output.force:
             run.replace_finished([out / MANIFEST, *(out / report_file for report_file in REPORT_FILES)])
-        export = ExportGraph(run, inputs, layout, registry, options, quality)
+        choice = None
+        if trained_on is not None:
+            plan = {"name": name, "dtype": options.dtype, "profiles": layout.profiles, "registry": registry}
+            mode = options.qlora.merge_base or "auto"
+            choice = qlora_choice(run, inputs, trained_on, mode, options.check, {**plan, "quality": quality})
+        export = ExportGraph(run, inputs, layout, registry, options, quality, choice)
         return export.finish(run.execute(export.graph))
 
 
@@ -118,9 +129,12 @@ class ExportGraph:
         registry: ProfileRegistry,
         options: ExportOptions,
         quality: QualityOptions,
+        qlora: QloraChoice | None = None,
     ):
+        """`qlora`: a QLoRA adapter's chosen merge base (the merge reads its inputs; the references and
+        the manifest keep `inputs`)."""
         self.run, self.inputs, self.layout, self.registry = run, inputs, layout, registry
-        self.options, self.quality = options, quality
+        self.options, self.quality, self.qlora = options, quality, qlora
         self.graph = StageGraph()
         g = self.graph
         g.add("merge", self.merge)
@@ -148,8 +162,9 @@ class ExportGraph:
     # --------------------------------------------------------------------------- the stages
 
     def merge(self, _: Results) -> MergedModel:
+        inputs = self.qlora.kept_inputs if self.qlora else self.inputs
         merged = merge_stage(
-            self.run, self.inputs, self.options.dtype, self.layout.name, self.layout.out / MERGED_DIR
+            self.run, inputs, self.options.dtype, self.layout.name, self.layout.out / MERGED_DIR
         )
         check_float16_range(merged, self.layout.profiles, self.inputs.base_dir)
         return merged
@@ -242,8 +257,9 @@ class ExportGraph:
     def report(self, r: Results) -> QualitySummary:
         items = [q for name, q in r.items() if name.startswith("quality:") and q is not None]
         items.sort(key=lambda item: -item.size_bytes)  # largest (closest to the fine-tune) first
+        extra = {"merge_base": self.qlora.section(self.run.seconds)} if self.qlora else None
         return write_quality_report(
-            self.run, self.layout.name, self.inputs, r["reference"], self.quality, items
+            self.run, self.layout.name, self.inputs, r["reference"], self.quality, items, extra
         )
 
     # --------------------------------------------------------------------------- the manifest
@@ -276,6 +292,8 @@ class ExportGraph:
         }
         if imatrix is not None:
             sections["imatrix"] = imatrix.to_json(out)
+        if self.qlora is not None:
+            sections["merge_base"] = self.qlora.section(self.run.seconds)
         notes = [n for n in (chat.spec.note, None if parity.passed else parity.summary()) if n]
         self.run.report(parity.summary())
         cached = self.run.cached_stages(self.graph.order)
@@ -305,6 +323,7 @@ class ExportGraph:
             notes,
             summary,
             imatrix,
+            None if self.qlora is None else sections["merge_base"],
         )
 
     def manifest_options(self, merged: MergedModel, artifacts: list[GGUFArtifact]) -> dict[str, Any]:
@@ -318,7 +337,25 @@ class ExportGraph:
             "allow_pickle": options.inputs.allow_pickle,
             "trust_remote_code": options.inputs.trust_remote_code,
             "reference_dtype": self.quality.reference_dtype,
+            "merge_base": None if self.qlora is None else self.qlora.decision.mode,
         }
+
+
+def check_qlora_options(options: ExportOptions, trained_on: TrainedOn) -> None:
+    """What the merge-base choice cannot be combined with (yet), refused before any work."""
+    mode = options.qlora.merge_base or "auto"
+    if mode == "auto" and not options.check:
+        raise InputError(
+            f"The adapter was trained on a 4-bit base ({trained_on.describe()}), and --merge-base auto chooses "
+            "between merging onto the 16-bit and onto the dequantized 4-bit base by their loss on the evaluation "
+            "data, which --no-check skips. Drop --no-check, or pass --merge-base w16 (or dequant)."
+        )
+    if options.has_imatrix:
+        raise InputError(
+            f"The adapter was trained on a 4-bit base ({trained_on.describe()}); comparing merge bases with an "
+            "importance matrix (--calibration/--imatrix) is not supported yet. Leave those out, or export a "
+            "forced merge base without them first."
+        )
 
 
 def check_float16_range(merged: MergedModel, profiles: tuple[QuantProfile, ...], base_dir: Path) -> None:
