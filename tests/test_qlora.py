@@ -31,9 +31,12 @@ class QloraExport:
         return json.loads((self.out / "manifest.json").read_text())
 
     def args(self, out: Path, *extra: str) -> list[str]:
+        # One thread: on 2 cores shared with other work, llama.cpp's and torch's thread pools wait on each
+        # other (an evaluation took 7 min with 2 threads under load, 1 min with one).
         # fmt: off
         return ["merge-quantize", "--adapter", str(self.inputs / "adapter"), "--base", str(self.base),
-                "--name", NAME, "--profile", "Q8_0", "--out", str(out), "--eval-data", str(self.eval_data), *extra]
+                "--name", NAME, "--profile", "Q8_0", "--out", str(out), "--eval-data", str(self.eval_data),
+                "--threads", "1", *extra]
         # fmt: on
 
 
@@ -181,6 +184,6 @@ def _recomputed_losses(
     reference = stages / "reference" / section["references"]["as_trained"]["cache_key"] / "reference.npz"
     eval_data = load_eval_data(export.eval_data, load_tokenizer(export.base))
     output = scratch / f"{sha256[:12]}.npz"
-    score_gguf(gguf, eval_data.sequences, reference, output)
+    score_gguf(gguf, eval_data.sequences, reference, output, threads=1)
     with np.load(output) as scores:
         return scores["nll"].astype(np.float64)

@@ -352,9 +352,9 @@ def check_qlora_options(options: ExportOptions, trained_on: TrainedOn) -> None:
         )
     if options.has_imatrix:
         raise InputError(
-            f"The adapter was trained on a 4-bit base ({trained_on.describe()}); comparing merge bases with an "
-            "importance matrix (--calibration/--imatrix) is not supported yet. Leave those out, or export a "
-            "forced merge base without them first."
+            f"The adapter was trained on a 4-bit base ({trained_on.describe()}); its merge candidates are not yet "
+            "quantized with an importance matrix, so --calibration and --imatrix are refused for a QLoRA adapter. "
+            "Leave them out (and choose a profile that needs no importance matrix)."
         )
 
 
