@@ -20,7 +20,7 @@ import numpy as np
 from exporter.errors import StageError
 from exporter.options import QualityOptions
 from exporter.qlora import MergeBaseDecision, TrainedOn, decide_merge_base, write_dequantized_base
-from exporter.qlora_report import merge_base_section
+from exporter.qlora_report import CANDIDATE_TITLES, merge_base_section
 from exporter.quality import Reference, evaluate_gguf
 from exporter.records import BuiltGGUF, MergedModel, ModelInputs
 from exporter.run import Run
@@ -33,7 +33,6 @@ from quant_profiles import ProfileRegistry, QuantProfile
 DEQUANTIZED_DIR = "base"
 LOSSES_FILE = "losses.npy"
 CANDIDATES = ("w16", "dequant")
-TITLES = {"w16": "W16 + ΔW", "dequant": "dequant(Q4(W16)) + ΔW"}
 
 
 def dequantized_inputs(run: Run, inputs: ModelInputs, trained_on: TrainedOn) -> ModelInputs:
@@ -137,7 +136,7 @@ def build_candidate(run: Run, label: str, inputs: ModelInputs, plan: CandidatePl
         for scored in (trained, sixteen):
             if "error" in scored:
                 raise StageError(
-                    f"Scoring the {TITLES[label]} candidate's {a.profile} GGUF failed: {scored['error']}"
+                    f"Scoring the {CANDIDATE_TITLES[label]} candidate's {a.profile} GGUF failed: {scored['error']}"
                 )
         candidate.rows.append(
             {
@@ -225,5 +224,5 @@ def qlora_choice(
         run, inputs, trained_on, mode, CandidatePlan(**plan, as_trained=as_trained, w16=w16)
     )
     chosen = next(c for c in candidates if c.label == decision.chosen)
-    run.report(f"merge base: {TITLES[decision.chosen]} ({decision.reason})")
+    run.report(f"merge base: {CANDIDATE_TITLES[decision.chosen]} ({decision.reason})")
     return QloraChoice(decision, chosen.inputs, candidates, as_trained, w16)
