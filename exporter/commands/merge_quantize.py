@@ -236,6 +236,12 @@ class ExportGraph:
         kill_point("check")
         merged: MergedModel = r["merge"]
         self.run.report("checking quality against the unmerged reference")
+        # A dequant merge base is the model as trained, so it is judged against that model's reference.
+        kept = self.qlora.decision if self.qlora else None
+        if kept is not None and kept.chosen == "dequant":
+            return reference_stage(
+                self.run, self.inputs, merged.path, self.quality, "reference:as-trained", kept.trained_on
+            )
         return reference_stage(self.run, self.inputs, merged.path, self.quality)
 
     def scorer(self, profile: QuantProfile | None) -> Any:
