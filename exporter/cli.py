@@ -25,6 +25,7 @@ from exporter.cli_options import (
     INPUTS,
     OUTPUT,
     PROFILES,
+    QLORA,
     QUALITY,
     RUN,
     parse_size,
@@ -41,7 +42,14 @@ from exporter.errors import (
 from exporter.options import DEFAULT_CALIBRATION_TOKENS
 
 if TYPE_CHECKING:
-    from exporter.options import InputOptions, OutputOptions, ProfileOptions, QualityOptions, RunOptions
+    from exporter.options import (
+        InputOptions,
+        OutputOptions,
+        ProfileOptions,
+        QloraOptions,
+        QualityOptions,
+        RunOptions,
+    )
 
 app = typer.Typer(
     add_completion=False,
@@ -77,13 +85,14 @@ def _progress(first: str) -> Iterator[Callable[[str], None]]:
 
 
 @app.command("merge-quantize")
-@with_options(INPUTS, OUTPUT, PROFILES, RUN, QUALITY)
+@with_options(INPUTS, OUTPUT, PROFILES, RUN, QUALITY, QLORA)
 def merge_quantize_command(
     inputs: InputOptions,
     output: OutputOptions,
     profiles: ProfileOptions,
     run: RunOptions,
     quality: QualityOptions,
+    qlora: QloraOptions,
     check: CHECK_FLAG = True,
     dtype: DTYPE_FLAG = None,
     calibration: Annotated[
@@ -111,7 +120,7 @@ def merge_quantize_command(
     from exporter.options import ExportOptions
 
     options = ExportOptions(
-        inputs, output, profiles, run, quality, check, dtype, calibration, calibration_tokens, imatrix
+        inputs, output, profiles, run, quality, check, dtype, calibration, calibration_tokens, imatrix, qlora
     )
     with _progress("starting") as report:
         result = merge_quantize(options, report=report)

@@ -24,6 +24,7 @@ from exporter.options import (
     InputOptions,
     OutputOptions,
     ProfileOptions,
+    QloraOptions,
     QualityOptions,
     RunOptions,
 )
@@ -316,6 +317,62 @@ QUALITY = OptionGroup(
         threads=v.get("threads"),
         gguf_device=v["device"],
         reference_dtype_fixed=v["reference_dtype"] is not None,
+    ),
+)
+
+QLORA = OptionGroup(
+    "qlora",
+    (
+        Flag(
+            "trained_on",
+            _opt(
+                str | None,
+                "--trained-on",
+                help="The adapter is a QLoRA adapter trained on a bitsandbytes 4-bit base: nf4 or fp4 "
+                "(detected from a base's quantization_config or the adapter's model card when they say it).",
+            ),
+            None,
+        ),
+        Flag(
+            "double_quant",
+            _opt(
+                bool | None,
+                "--double-quant/--no-double-quant",
+                help="With --trained-on: the 4-bit base used double quantization (bitsandbytes' default: no).",
+            ),
+            None,
+        ),
+        Flag(
+            "quant_block_size",
+            _opt(int | None, "--quant-block-size", help="With --trained-on: 4-bit block size (default 64)."),
+            None,
+        ),
+        Flag(
+            "quant_compute_dtype",
+            _opt(
+                str | None,
+                "--quant-compute-dtype",
+                help="With --trained-on: the 4-bit layers' compute dtype (float32, float16, bfloat16; default float32).",
+            ),
+            None,
+        ),
+        Flag(
+            "merge_base",
+            _opt(
+                str | None,
+                "--merge-base",
+                help="QLoRA: merge onto w16 (the 16-bit base), dequant (the base rounded to 4 bits and back, as "
+                "trained), or auto (default: both, keep the one with the lower loss on the evaluation data).",
+            ),
+            None,
+        ),
+    ),
+    lambda v: QloraOptions(
+        trained_on=v["trained_on"],
+        double_quant=v["double_quant"],
+        block_size=v["quant_block_size"],
+        compute_dtype=v["quant_compute_dtype"],
+        merge_base=v["merge_base"],
     ),
 )
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
+from exporter.qlora_report import CANDIDATE_TITLES
 from exporter.quality import gate_diagnosis
 
 if TYPE_CHECKING:
@@ -132,6 +133,43 @@ def print_export(result: ExportResult) -> None:
     console.print(f"manifest: {result.manifest}")
     if result.quality:
         print_quality(result.quality)
+    if result.merge_base:
+        print_merge_base(result.merge_base)
+
+
+def print_merge_base(section: dict[str, Any]) -> None:
+    """A QLoRA export's merge-base candidates side by side, the choice, and what the second one cost."""
+    table = Table(
+        title="QLoRA merge base: each candidate against the model as trained and the 16-bit reference"
+    )
+    for column in (
+        "candidate",
+        "profile",
+        "KLD vs as trained",
+        "top-1 vs as trained",
+        "KLD vs 16-bit",
+        "eval loss",
+        "kept",
+    ):
+        table.add_column(column, justify="left" if column in ("candidate", "profile", "kept") else "right")
+    for row in section["candidates"]:
+        table.add_row(
+            CANDIDATE_TITLES[row["candidate"]],
+            row["profile"],
+            f"{row['kld_as_trained']:.5f}",
+            f"{row['top1_as_trained']:.1%}",
+            f"{row['kld_16bit']:.5f}",
+            f"{row['eval_loss']:.4f}",
+            "[green]kept[/]" if row["kept"] else "",
+        )
+    if section["candidates"]:
+        console.print(table)
+    console.print(f"merge base: {CANDIDATE_TITLES[section['chosen']]} — {section['reason']}")
+    extra = section.get("second_candidate_seconds") or {}
+    if extra:
+        total = extra.get("total", sum(extra.values()))
+        stages = ", ".join(f"{stage} {secs:.1f}s" for stage, secs in extra.items() if stage != "total")
+        console.print(f"second candidate (dequant): {stages}; {total:.1f}s in all")
 
 
 def print_runtime(result: RuntimeLoraResult) -> None:

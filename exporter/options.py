@@ -27,6 +27,8 @@ GATE_KEYS = {
     "min_adapter_effect_kept": "adapter_effect_kept",
 }
 GateOverrides = dict[tuple[str | None, str], float]
+QUANT_TYPES = ("nf4", "fp4")  # bitsandbytes' 4-bit types (QLoRA)
+MERGE_BASES = ("w16", "dequant", "auto")
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,23 @@ class ExportingOptions:
 
 
 @dataclass(frozen=True)
+class QloraOptions:
+    """What a QLoRA adapter was trained on (when the inputs do not say it) and which merge base to keep."""
+
+    trained_on: str | None = None  # nf4 | fp4; None: detected from the inputs, or not a QLoRA adapter
+    double_quant: bool | None = None  # None: as detected, else bitsandbytes' default
+    block_size: int | None = None
+    compute_dtype: str | None = None
+    merge_base: str | None = None  # w16 | dequant | auto; None: auto for a QLoRA adapter
+
+    def __post_init__(self) -> None:
+        if self.trained_on is not None and self.trained_on not in QUANT_TYPES:
+            raise InputError(f"--trained-on {self.trained_on!r}: use nf4 or fp4 (bitsandbytes' 4-bit types).")
+        if self.merge_base is not None and self.merge_base not in MERGE_BASES:
+            raise InputError(f"--merge-base {self.merge_base!r}: use w16, dequant or auto.")
+
+
+@dataclass(frozen=True)
 class ExportOptions(ExportingOptions):
     """`edge-export merge-quantize`: merge, convert, quantize, check."""
 
@@ -158,6 +177,7 @@ class ExportOptions(ExportingOptions):
     calibration: Path | None = None
     calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS
     imatrix: Path | None = None  # an importance-matrix GGUF to use instead of computing one
+    qlora: QloraOptions = field(default_factory=QloraOptions)
 
     def __post_init__(self) -> None:
         if self.calibration is not None and self.imatrix is not None:

@@ -83,7 +83,9 @@ def load_tokenizer(folder: Path) -> Any:
     return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
-def _reference_model(base_dir: Path, adapters: list[LoraAdapter], options: QualityOptions) -> Any:
+def _reference_model(
+    base_dir: Path, adapters: list[LoraAdapter], options: QualityOptions, trained_on: Any = None
+) -> Any:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -100,6 +102,10 @@ def _reference_model(base_dir: Path, adapters: list[LoraAdapter], options: Quali
         str(base_dir), dtype=dtypes[options.reference_dtype], trust_remote_code=options.trust_remote_code
     )
     _as_trained_vocabulary(model, adapters, base_dir)
+    if trained_on is not None:  # exporter.qlora.TrainedOn: the base as the adapter was trained on it
+        from exporter.qlora import round_to_training_base
+
+        round_to_training_base(model, base_dir, trained_on)
     peft_model = PeftModel.from_pretrained(model, str(adapters[0].path), adapter_name="a0")
     for index, adapter in enumerate(adapters[1:], start=1):
         peft_model.load_adapter(str(adapter.path), adapter_name=f"a{index}")
@@ -132,13 +138,17 @@ def _as_trained_vocabulary(model: Any, adapters: list[LoraAdapter], base_dir: Pa
 
 
 def compute_reference(
-    base_dir: Path, adapters: list[LoraAdapter], eval_data: EvalData, options: QualityOptions
+    base_dir: Path,
+    adapters: list[LoraAdapter],
+    eval_data: EvalData,
+    options: QualityOptions,
+    trained_on: Any = None,
 ) -> tuple[dict[str, np.ndarray], list[list[int]], dict[str, Any]]:
     import torch
 
     if options.threads:
         torch.set_num_threads(options.threads)
-    model = _reference_model(base_dir, adapters, options)
+    model = _reference_model(base_dir, adapters, options, trained_on)
     device = options.device
     parts: dict[str, list[np.ndarray]] = {"idx": [], "lp": [], "nll": []}
     base_parts: dict[str, list[np.ndarray]] = {"kld": [], "same_top": [], "nll": []}
@@ -187,9 +197,14 @@ def _first(ids: int | list[int] | None) -> int | None:
 
 
 def evaluate_gguf(
-    gguf: Path, reference: Reference, options: QualityOptions, lora: Path | None = None
+    gguf: Path,
+    reference: Reference,
+    options: QualityOptions,
+    lora: Path | None = None,
+    losses: Path | None = None,
 ) -> dict[str, Any]:
-    """Metrics of one GGUF (with `lora`: base GGUF + runtime GGUF LoRA) against the reference.
+    """Metrics of one GGUF (with `lora`: base GGUF + runtime GGUF LoRA) against the reference; with
+    `losses`, its per-token loss is saved there too (.npy).
 
     The GGUF runs in a llama.cpp child process.
     """
@@ -208,6 +223,8 @@ def evaluate_gguf(
         )
         scores = np.load(output)
         metrics = summarize(scores["kld"], scores["same_top"], scores["nll"], reference.nll)
+        if losses is not None:
+            np.save(losses, scores["nll"])
     metrics.update(greedy_agreement(reference.greedy, result["greedy"]))
     floor = reference.base_metrics["mean_kld"]
     metrics["adapter_effect_kept"] = 1.0 - metrics["mean_kld"] / floor if floor > 0 else None

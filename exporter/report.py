@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from exporter.atomic import atomic_target, write_text_atomic
+from exporter.qlora_report import merge_base_markdown
 from exporter.quality import ArtifactQuality, PairQuality, QualityOptions, Reference
 
 REPORT_JSON = "report.json"
@@ -155,6 +156,8 @@ def render_markdown(data: dict[str, Any], plot: str | None) -> str:
         lines.append(f"- {row['label']} could not be evaluated: {row['metrics']['error']}")
     if plot:
         lines += ["", f"![size against mean KL divergence]({plot})", ""]
+    if "merge_base" in data:
+        lines += merge_base_markdown(data["merge_base"])
     lines += [
         "## What the numbers mean",
         "",

@@ -31,7 +31,7 @@ from exporter.stage_cache import CacheEntry, StageCache, cache_root, link_into
 
 Reporter = Callable[[str], None]
 Produce = Callable[[Path, dict[str, Any]], None]
-VERSIONED = ("llama-cpp-python", "torch", "transformers", "peft", "safetensors", "gguf")
+VERSIONED = ("llama-cpp-python", "torch", "transformers", "peft", "safetensors", "gguf", "bitsandbytes")
 
 
 def silent(_: str) -> None:
@@ -112,6 +112,7 @@ class Run:
             self.guard.claim(self.cache.root)
         self.seconds: dict[str, float] = {}
         self.reused: set[str] = set()
+        self.built: set[str] = set()  # keys of the stages this run built (reusing one is no cache hit)
         self.started_utc = utc_now()
 
     @classmethod
@@ -152,9 +153,14 @@ class Run:
         entry, reused = self.cache.get_or_build(kind, key, produce, label=name)
         for relative, target in outputs.items():
             link_into(entry.path / relative, self.guard.claim(target))
-        self.seconds[name] = round(time.perf_counter() - start, 3)
-        if reused:
+        # A stage built earlier in this run under another name (a QLoRA merge candidate, then the kept
+        # export) keeps the time it took to build and is not listed as reused from the cache.
+        if not (reused and key in self.built and name in self.seconds):
+            self.seconds[name] = round(time.perf_counter() - start, 3)
+        if reused and key not in self.built:
             self.reused.add(name)
+        elif not reused:
+            self.built.add(key)
         kill_point(f"{name}:done")
         return entry
 

@@ -114,8 +114,9 @@ def lora_key(
 
 
 def reference_key(inputs: dict[str, Any], eval_fingerprint: Any, top_k: int, dtype: str, max_new_tokens: int,
-                  versions: dict[str, str]) -> str:  # fmt: skip
-    payload = {
+                  versions: dict[str, str], trained_on: dict[str, Any] | None = None) -> str:  # fmt: skip
+    """The unmerged model's reference; `trained_on`: its base rounded to 4 bits as in QLoRA training."""
+    payload: dict[str, Any] = {
         "format": REFERENCE_FORMAT,
         "inputs": inputs,
         "eval": eval_fingerprint,
@@ -124,6 +125,9 @@ def reference_key(inputs: dict[str, Any], eval_fingerprint: Any, top_k: int, dty
         "max_new_tokens": max_new_tokens,
         "versions": {p: versions[p] for p in ("torch", "transformers", "peft")},
     }
+    if trained_on is not None:
+        payload["trained_on"] = trained_on
+        payload["versions"]["bitsandbytes"] = versions["bitsandbytes"]
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -136,3 +140,20 @@ def quality_key(
         payload["lora"] = lora
     payload.update({"reference": reference, "device": device, "llama-cpp-python": llama_cpp_python})
     return stage_key(payload)
+
+
+def dequantize_key(base_files: dict[str, str], trained_on: dict[str, Any], versions: dict[str, str]) -> str:
+    """The 16-bit base with its 4-bit-trained weights replaced by dequant(Q4(W)) (QLoRA's merge candidate)."""
+    return stage_key(
+        {
+            "stage": "dequantize",
+            "base": base_files,
+            "trained_on": trained_on,
+            "versions": {k: versions[k] for k in ("edge-export", "torch", "transformers", "bitsandbytes")},
+        }
+    )
+
+
+def losses_key(quality: str) -> str:
+    """A GGUF's scoring that also keeps its per-token losses (the merge-base decision compares them)."""
+    return stage_key({"stage": "losses", "quality": quality})

@@ -20,6 +20,14 @@ VERSIONS = {
     "transformers": "5.23.0",
     "peft": "0.21.2",
     "llama-cpp-python": "0.3.36",
+    "bitsandbytes": "0.50.2",
+}
+TRAINED_ON = {
+    "quant_type": "nf4",
+    "double_quant": True,
+    "block_size": 64,
+    "compute_dtype": "float32",
+    "skip_modules": [],
 }
 INPUTS = {
     "base": {"config.json": "a" * 64, "model.safetensors": "b" * 64},
@@ -41,6 +49,9 @@ PINNED = {
     "quantize-base": "c70a084e1a2842486b7cf97405c26f69eb693c7b51b5f5858c2866e408df641f",
     "lora": "2a243fb9cb08cffa6d7ed1e5c6af4a87b95984867656bb5bdd7cd821c262049d",
     "reference": "44ede0ba022913895d0cb2d92dcde103167e36e5d8767f0df1eda5ce39956f07",
+    "reference-as-trained": "b5ec7573cd2015a46307be3d19db1175d80242e41b81dc9ad673165245a018cc",
+    "dequantize": "05f1ce3453982ffbb5b2351e267ce31e1305a936878643460977fb4ba2a56007",
+    "losses": "4e9450b33d8062fc8f7073e5073e8a6fa476fe1c11953edcb5c4694afceda752",
 }
 # The runtime quality key before it named llama-cpp-python (results went stale after an upgrade).
 OLD_RUNTIME_QUALITY = "50319c9b8890627b76a59831812581210ad16c3a994029a147c8974617d7a6df"
@@ -66,6 +77,11 @@ def computed() -> dict[str, str]:
             {"adapter_config.json": "c" * 64}, base, "0c1e57098", {"model.layers.0.self_attn.q_proj": 2.0}
         ),
         "reference": keys.reference_key(INPUTS, {"sha256": "9" * 64, "n": 3}, 32, "float32", 24, VERSIONS),
+        "reference-as-trained": keys.reference_key(
+            INPUTS, {"sha256": "9" * 64, "n": 3}, 32, "float32", 24, VERSIONS, TRAINED_ON
+        ),
+        "dequantize": keys.dequantize_key(INPUTS["base"], TRAINED_ON, VERSIONS),
+        "losses": keys.losses_key(keys.quality_key("1" * 64, "2" * 64, "cpu", "0.3.36")),
     }
 
 

@@ -22,6 +22,7 @@ from exporter.modelfile import ChatSpec
 from exporter.options import ExportOptions, QualityOptions
 from exporter.preflight import preflight
 from exporter.profiles import requested_profiles
+from exporter.qlora import TrainedOn, resolve_trained_on
 from exporter.records import BuiltGGUF, MergedModel, ModelInputs, read_inputs, sanitize_name
 from exporter.report import REPORT_FILES
 from exporter.run import Reporter, Run, check_output, silent
@@ -30,6 +31,7 @@ from exporter.stages.gguf import convert_merged, quantize_from
 from exporter.stages.imatrix import computed_imatrix_stage, given_imatrix_stage
 from exporter.stages.merge import MERGED_DIR, merge_stage
 from exporter.stages.modelfiles import write_modelfiles
+from exporter.stages.qlora import QloraChoice, qlora_choice
 from exporter.stages.quality import QualitySummary, judged, reference_stage, score_stage, write_quality_report
 from exporter.tokenizer_parity import ParityReport, check_embedded_chat_template
 from quant_profiles import ProfileRegistry, QuantProfile
@@ -76,6 +78,7 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)
     quality: QualitySummary | None = None
     imatrix: ImatrixStage | None = None
+    merge_base: dict[str, Any] | None = None  # a QLoRA adapter's merge-base choice (both candidates)
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,7 @@ class PreparedExport:
     adapters: list[LoraAdapter]
     base_dir: Path
     layout: ExportLayout
+    trained_on: Any = None  # exporter.qlora.TrainedOn: the adapter is a QLoRA adapter
 
     def check_output(self, force: bool) -> None:
         check_output(self.layout.out, self.layout.planned, force, MANIFEST)
@@ -111,9 +115,12 @@ def prepare_export(options: ExportOptions) -> PreparedExport:
                 "need one (e.g. Q4_K_M; see `edge-export profiles`)."
             )
     adapters, base_dir = read_inputs(options.inputs)
+    trained_on = resolve_trained_on(options.qlora, base_dir, [a.path for a in adapters])
+    if trained_on is not None:
+        check_qlora_options(options, trained_on)
     name = sanitize_name(options.output.name or adapters[0].path.resolve().name)
     layout = ExportLayout(options.output.out, name, tuple(profiles), options.has_imatrix)
-    return PreparedExport(vendored, registry, profiles, adapters, base_dir, layout)
+    return PreparedExport(vendored, registry, profiles, adapters, base_dir, layout, trained_on)
 
 
 def export_graph(
@@ -121,7 +128,14 @@ def export_graph(
 ) -> ExportGraph:
     """The graph of one prepared export in an open run, checked with `quality` (what preflight returned)."""
     inputs = ModelInputs.hashed(prepared.base_dir, tuple(prepared.adapters), run.cache.hashes)
-    return ExportGraph(run, inputs, prepared.layout, prepared.registry, options, quality)
+    choice = None
+    if prepared.trained_on is not None:  # both merge candidates are built and judged before the graph
+        layout = prepared.layout
+        plan: dict[str, Any] = {"name": layout.name, "dtype": options.dtype, "profiles": layout.profiles}
+        plan.update(registry=prepared.registry, quality=quality)
+        mode = options.qlora.merge_base or "auto"
+        choice = qlora_choice(run, inputs, prepared.trained_on, mode, options.check, plan)
+    return ExportGraph(run, inputs, prepared.layout, prepared.registry, options, quality, choice)
 
 
 def merge_quantize(options: ExportOptions, report: Reporter = silent) -> ExportResult:
@@ -160,9 +174,12 @@ class ExportGraph:
         registry: ProfileRegistry,
         options: ExportOptions,
         quality: QualityOptions,
+        qlora: QloraChoice | None = None,
     ):
+        """`qlora`: a QLoRA adapter's chosen merge base (the merge reads its inputs; the references and
+        the manifest keep `inputs`)."""
         self.run, self.inputs, self.layout, self.registry = run, inputs, layout, registry
-        self.options, self.quality = options, quality
+        self.options, self.quality, self.qlora = options, quality, qlora
         self.graph = StageGraph()
         g = self.graph
         g.add("merge", self.merge)
@@ -190,8 +207,9 @@ class ExportGraph:
     # --------------------------------------------------------------------------- the stages
 
     def merge(self, _: Results) -> MergedModel:
+        inputs = self.qlora.kept_inputs if self.qlora else self.inputs
         merged = merge_stage(
-            self.run, self.inputs, self.options.dtype, self.layout.name, self.layout.out / MERGED_DIR
+            self.run, inputs, self.options.dtype, self.layout.name, self.layout.out / MERGED_DIR
         )
         check_float16_range(merged, self.layout.profiles, self.inputs.base_dir)
         return merged
@@ -263,6 +281,12 @@ class ExportGraph:
         kill_point("check")
         merged: MergedModel = r["merge"]
         self.run.report("checking quality against the unmerged reference")
+        # A dequant merge base is the model as trained, so it is judged against that model's reference.
+        kept = self.qlora.decision if self.qlora else None
+        if kept is not None and kept.chosen == "dequant":
+            return reference_stage(
+                self.run, self.inputs, merged.path, self.quality, "reference:as-trained", kept.trained_on
+            )
         return reference_stage(self.run, self.inputs, merged.path, self.quality)
 
     def scorer(self, profile: QuantProfile | None) -> Any:
@@ -284,8 +308,9 @@ class ExportGraph:
     def report(self, r: Results) -> QualitySummary:
         items = [q for name, q in r.items() if name.startswith("quality:") and q is not None]
         items.sort(key=lambda item: -item.size_bytes)  # largest (closest to the fine-tune) first
+        extra = {"merge_base": self.qlora.section(self.run.seconds)} if self.qlora else None
         return write_quality_report(
-            self.run, self.layout.name, self.inputs, r["reference"], self.quality, items
+            self.run, self.layout.name, self.inputs, r["reference"], self.quality, items, extra
         )
 
     # --------------------------------------------------------------------------- the manifest
@@ -318,6 +343,8 @@ class ExportGraph:
         }
         if imatrix is not None:
             sections["imatrix"] = imatrix.to_json(out)
+        if self.qlora is not None:
+            sections["merge_base"] = self.qlora.section(self.run.seconds)
         notes = [n for n in (chat.spec.note, None if parity.passed else parity.summary()) if n]
         self.run.report(parity.summary())
         cached = self.run.cached_stages(self.graph.order)
@@ -347,6 +374,7 @@ class ExportGraph:
             notes,
             summary,
             imatrix,
+            None if self.qlora is None else sections["merge_base"],
         )
 
     def manifest_options(self, merged: MergedModel, artifacts: list[GGUFArtifact]) -> dict[str, Any]:
@@ -360,7 +388,25 @@ class ExportGraph:
             "allow_pickle": options.inputs.allow_pickle,
             "trust_remote_code": options.inputs.trust_remote_code,
             "reference_dtype": self.quality.reference_dtype,
+            "merge_base": None if self.qlora is None else self.qlora.decision.mode,
         }
+
+
+def check_qlora_options(options: ExportOptions, trained_on: TrainedOn) -> None:
+    """What the merge-base choice cannot be combined with (yet), refused before any work."""
+    mode = options.qlora.merge_base or "auto"
+    if mode == "auto" and not options.check:
+        raise InputError(
+            f"The adapter was trained on a 4-bit base ({trained_on.describe()}), and --merge-base auto chooses "
+            "between merging onto the 16-bit and onto the dequantized 4-bit base by their loss on the evaluation "
+            "data, which --no-check skips. Drop --no-check, or pass --merge-base w16 (or dequant)."
+        )
+    if options.has_imatrix:
+        raise InputError(
+            f"The adapter was trained on a 4-bit base ({trained_on.describe()}); its merge candidates are not yet "
+            "quantized with an importance matrix, so --calibration and --imatrix are refused for a QLoRA adapter. "
+            "Leave them out (and choose a profile that needs no importance matrix)."
+        )
 
 
 def check_float16_range(merged: MergedModel, profiles: tuple[QuantProfile, ...], base_dir: Path) -> None:

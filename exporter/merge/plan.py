@@ -42,9 +42,9 @@ def check_configs(adapter: LoraAdapter, base_config: dict[str, Any], base_dir: P
     hint = adapter.base_model_name_or_path
     if hint and QUANTIZED_BASE_HINT.search(hint):
         log.warning(
-            "%s says the adapter was trained on %s, a quantized base (QLoRA). Merging onto the 16-bit base %s is "
-            "right: the quantized weights approximate it, and re-quantizing a merge of dequantized weights would "
-            "stack two rounding errors.",
+            "%s says the adapter was trained on %s, a quantized base (QLoRA), and it is merged onto the 16-bit "
+            "base %s. merge-quantize checks it against the model as trained and compares both merge bases when "
+            "it knows the 4-bit format (that base's config.json, or --trained-on nf4|fp4).",
             where,
             hint,
             base_dir,

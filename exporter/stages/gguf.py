@@ -30,9 +30,10 @@ def entry_header(entry: CacheEntry) -> GGUFHeader:
     return GGUFHeader(**known) if isinstance(known, dict) else read_gguf_header(entry.path / GGUF_FILE)
 
 
-def gguf_record(entry: CacheEntry, target: Path, profile: QuantProfile) -> BuiltGGUF:
-    """The record of a GGUF linked at `target` from a verified cache entry; its header must say what
-    the profile asked for."""
+def gguf_record(entry: CacheEntry, target: Path | None, profile: QuantProfile) -> BuiltGGUF:
+    """The record of a GGUF linked at `target` from a verified cache entry (None: the cached file
+    itself); its header must say what the profile asked for."""
+    target = target or entry.path / GGUF_FILE
     header = entry_header(entry)
     if header.file_type != profile.ftype_id:
         raise StageError(
@@ -91,11 +92,13 @@ def quantize_stage(
     source: Path,
     source_key: str,
     profile: QuantProfile,
-    target: Path,
+    target: Path | None,
     imatrix: ImatrixStage | None = None,
     runtime_base: bool = False,
+    label: str | None = None,
 ) -> BuiltGGUF:
-    """`source` (a cached 16-bit GGUF) quantized to `profile`, linked at `target`."""
+    """`source` (a cached 16-bit GGUF) quantized to `profile`, linked at `target` (None: left in the
+    cache, called `label`)."""
     key = quantize_key(
         source_key,
         run.versions["llama-cpp-python"],
@@ -109,9 +112,10 @@ def quantize_stage(
     # Q4_K_M + Q8_0 at once: 74 s with a thread each, 47 s with two each, 48 s one after the
     # other). llama.cpp's output does not depend on the thread count.
     threads = run.options.threads or os.cpu_count() or 1
+    stem = target.stem if target else (label or profile.name)
 
     def produce(staging: Path, meta: dict[str, Any]) -> None:
-        run.report(f"quantizing {target.stem} to {profile.name}")
+        run.report(f"quantizing {stem} to {profile.name}")
         start = time.perf_counter()
         quantize_gguf(
             source,
@@ -123,11 +127,11 @@ def quantize_stage(
         )
         meta.update(
             seconds=round(time.perf_counter() - start, 3),
-            what=f"{target.stem} GGUF",
+            what=f"{stem} GGUF",
             header=asdict(read_gguf_header(staging / GGUF_FILE)),
         )
 
-    entry = run.stage(name, "quantize", key, produce, {GGUF_FILE: target})
+    entry = run.stage(name, "quantize", key, produce, {GGUF_FILE: target} if target else {})
     return gguf_record(entry, target, profile)
 
 

@@ -15,9 +15,10 @@ MERGED_DIR = "merged"
 
 
 def merge_stage(
-    run: Run, inputs: ModelInputs, dtype: str | None, what: str, target: Path, name: str = "merge"
+    run: Run, inputs: ModelInputs, dtype: str | None, what: str, target: Path | None, name: str = "merge"
 ) -> MergedModel:
-    """The merged folder for these inputs, built once and linked at `target`."""
+    """The merged folder for these inputs, built once and linked at `target` (None: left in the cache,
+    as a candidate that may not be kept)."""
     key = merge_key(inputs.content(), dtype, run.versions)
 
     def produce(staging: Path, meta: dict[str, Any]) -> None:
@@ -43,12 +44,12 @@ def merge_stage(
             dtype_reason=built.dtype_reason,
         )
 
-    entry = run.stage(name, "merge", key, produce, {MERGED_DIR: target})
+    entry = run.stage(name, "merge", key, produce, {MERGED_DIR: target} if target else {})
     if name in run.reused:
         run.report(f"{name}: reusing the cached merged model")
     meta = entry.meta
     result = MergeResult(
-        target,
+        target or entry.path / MERGED_DIR,
         meta["merged_tensors"],
         meta["total_tensors"],
         meta["dtype"],

@@ -34,9 +34,15 @@ REFERENCE_FILE = "reference.npz"
 
 
 def reference_stage(
-    run: Run, inputs: ModelInputs, tokenizer_dir: Path, options: QualityOptions, name: str = "reference"
+    run: Run,
+    inputs: ModelInputs,
+    tokenizer_dir: Path,
+    options: QualityOptions,
+    name: str = "reference",
+    trained_on: Any = None,
 ) -> Reference:
-    """The reference for these inputs and this evaluation data, computed once and cached."""
+    """The reference for these inputs and this evaluation data, computed once and cached; with
+    `trained_on` (exporter.qlora.TrainedOn), the model as trained: its base rounded to 4 bits."""
     eval_data = load_eval_data(options.eval_data, load_tokenizer(tokenizer_dir), n_prompts=options.n_prompts)
     key = reference_key(
         inputs.content(),
@@ -45,13 +51,15 @@ def reference_stage(
         options.reference_dtype,
         options.max_new_tokens,
         run.versions,
+        None if trained_on is None else trained_on.content(),
     )
 
     def produce(staging: Path, meta: dict[str, Any]) -> None:
-        run.report(f"computing the unmerged reference on {eval_data.n_scored} tokens of {eval_data.source}")
+        model = "unmerged reference" if trained_on is None else "reference as trained (4-bit base)"
+        run.report(f"computing the {model} on {eval_data.n_scored} tokens of {eval_data.source}")
         start = time.perf_counter()
         arrays, greedy, base_metrics = compute_reference(
-            inputs.base_dir, list(inputs.adapters), eval_data, options
+            inputs.base_dir, list(inputs.adapters), eval_data, options, trained_on
         )
         np.savez(staging / REFERENCE_FILE, idx=arrays["idx"], lp=arrays["lp"], nll=arrays["nll"])
         meta.update(
@@ -162,8 +170,10 @@ def write_quality_report(
     reference: Reference,
     options: QualityOptions,
     items: list[ArtifactQuality],
+    extra: dict[str, Any] | None = None,
 ) -> QualitySummary:
-    """report.json, report.md and quality.png for artifacts judged against one reference."""
+    """report.json, report.md and quality.png for artifacts judged against one reference (`extra`:
+    further report sections, such as a QLoRA export's merge base)."""
     floor = ArtifactQuality("base (no adapter)", None, 0, None, reference.base_metrics)
     sources = {
         "tools": run.versions,
@@ -171,6 +181,7 @@ def write_quality_report(
         "adapters": [{"path": str(a.path.resolve()), "weight": a.weight} for a in inputs.adapters],
     }
     data = report_data(name, run.out, reference, options, items, floor, sources)
+    data.update(extra or {})
     for report_file in REPORT_FILES:
         run.guard.claim(run.out / report_file)
     reports = write_reports(run.out, data)

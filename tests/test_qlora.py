@@ -1,0 +1,189 @@
+"""QLoRA adapters: the reference as trained (4-bit base + adapter), both merge candidates, and the merge
+base chosen by a paired loss comparison, on a real QLoRA adapter trained with bitsandbytes NF4 on CPU."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.conftest import DEMO_EVAL, DemoExport, DemoInputs, copy_export, run_cli, session_output
+from tests.qlora_fixture import qlora_fixture
+
+NAME = "pirate-qlora"
+
+
+@dataclass(frozen=True)
+class QloraExport:
+    inputs: Path  # the fixture folder: adapter/ and base-4bit/
+    base: Path
+    eval_data: Path
+    out: Path
+    stdout: str
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return json.loads((self.out / "manifest.json").read_text())
+
+    def args(self, out: Path, *extra: str) -> list[str]:
+        # One thread: on 2 cores shared with other work, llama.cpp's and torch's thread pools wait on each
+        # other (an evaluation took 7 min with 2 threads under load, 1 min with one).
+        # fmt: off
+        return ["merge-quantize", "--adapter", str(self.inputs / "adapter"), "--base", str(self.base),
+                "--name", NAME, "--profile", "Q8_0", "--out", str(out), "--eval-data", str(self.eval_data),
+                "--threads", "1", *extra]
+        # fmt: on
+
+
+@pytest.fixture(scope="session")
+def qlora_inputs(demo_inputs: DemoInputs) -> Path:
+    return qlora_fixture(demo_inputs.base)
+
+
+@pytest.fixture(scope="session")
+def qlora_export(
+    demo_inputs: DemoInputs, qlora_inputs: Path, tmp_path_factory: pytest.TempPathFactory
+) -> QloraExport:
+    """merge-quantize on the QLoRA adapter with the 16-bit demo base: NF4 detected from the 4-bit base the
+    adapter recorded, --merge-base auto, F16 and Q8_0, on four held-out chats."""
+    root = tmp_path_factory.mktemp("qlora")
+    eval_data = root / "eval.jsonl"
+    eval_data.write_text("".join(DEMO_EVAL.read_text().splitlines(keepends=True)[:4]))
+    export = QloraExport(qlora_inputs, demo_inputs.base, eval_data, root / "out", "")
+    proc = run_cli(*export.args(export.out))
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    return QloraExport(qlora_inputs, demo_inputs.base, eval_data, session_output(export.out), proc.stdout)
+
+
+def rows(section: dict[str, Any], candidate: str) -> dict[str, dict[str, Any]]:
+    return {r["profile"]: r for r in section["candidates"] if r["candidate"] == candidate}
+
+
+def test_the_model_as_trained_differs_measurably_from_the_16_bit_reference(qlora_export: QloraExport):
+    section = qlora_export.manifest["merge_base"]
+    trained = section["trained_on"]
+    assert (trained["quant_type"], trained["double_quant"], trained["block_size"]) == ("nf4", True, 64)
+    assert trained["source"].endswith("base-4bit/config.json")  # detected from the recorded 4-bit base
+    w16 = rows(section, "w16")["F16"]
+    # W16 + ΔW in F16 is the 16-bit reference, but far from the model that was trained
+    assert w16["kld_16bit"] < 1e-3
+    assert w16["kld_as_trained"] > 0.02 and w16["kld_as_trained"] > 20 * w16["kld_16bit"]
+    dequant = rows(section, "dequant")["F16"]
+    assert dequant["kld_as_trained"] < w16["kld_as_trained"] / 4  # the weights the adapter was trained on
+
+
+def test_auto_builds_both_candidates_and_keeps_the_lower_loss(qlora_export: QloraExport, tmp_path: Path):
+    manifest = qlora_export.manifest
+    section = manifest["merge_base"]
+    assert section["mode"] == "auto"
+    assert {(r["candidate"], r["profile"]) for r in section["candidates"]} == {
+        (c, p) for c in ("w16", "dequant") for p in ("F16", "Q8_0")
+    }
+    losses = {
+        c: _recomputed_losses(qlora_export, rows(section, c)["F16"]["sha256"], section, tmp_path)
+        for c in ("w16", "dequant")
+    }
+    diff = losses["dequant"].astype(np.float64) - losses["w16"]
+    mean, se = diff.mean(), diff.std(ddof=1) / math.sqrt(len(diff))
+    assert section["difference"] == pytest.approx(mean, abs=1e-5)
+    assert section["difference_se"] == pytest.approx(se, abs=1e-5)
+    for candidate, values in losses.items():
+        assert section["loss"][candidate] == pytest.approx(values.mean(), abs=1e-5)
+        assert rows(section, candidate)["F16"]["eval_loss"] == pytest.approx(values.mean(), abs=1e-4)
+    assert section["chosen"] == ("dequant" if mean < -2 * se else "w16")
+    kept = rows(section, section["chosen"])
+    lost = rows(section, "w16" if section["chosen"] == "dequant" else "dequant")
+    out = qlora_export.out
+    # the kept candidate's files are the export's; the other candidate's are nowhere in the output
+    for profile in ("F16", "Q8_0"):
+        artifact = next(
+            a for a in [*manifest["artifacts"], *manifest["intermediates"]] if a["profile"] == profile
+        )
+        assert artifact["sha256"] == kept[profile]["sha256"] != lost[profile]["sha256"]
+    assert sorted(p.name for p in out.glob("*.gguf")) == [f"{NAME}-F16.gguf", f"{NAME}-Q8_0.gguf"]
+    assert manifest["options"]["merge_base"] == "auto"
+
+
+def test_the_report_shows_both_candidates_and_the_choice(qlora_export: QloraExport):
+    report = json.loads((qlora_export.out / "report.json").read_text())
+    assert report["merge_base"]["chosen"] == qlora_export.manifest["merge_base"]["chosen"]
+    markdown = (qlora_export.out / "report.md").read_text()
+    assert "## QLoRA: the merge base" in markdown
+    assert markdown.count("| W16 + ΔW |") == 2 and markdown.count("| dequant(Q4(W16)) + ΔW |") == 2
+    stdout = qlora_export.stdout
+    assert "QLoRA merge base" in stdout and "merge base: " in stdout
+    assert "second candidate (dequant): dequantize" in stdout and "s in all" in stdout
+
+
+@pytest.mark.parametrize("forced", ["w16", "dequant"])
+def test_merge_base_forced(qlora_export: QloraExport, forced: str, tmp_path: Path):
+    out = copy_export(qlora_export.out, tmp_path / "out")
+    proc = run_cli(*qlora_export.args(out, "--merge-base", forced, "--force"))
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    section = manifest["merge_base"]
+    assert (section["mode"], section["chosen"]) == (forced, forced)
+    assert {r["candidate"] for r in section["candidates"]} == {forced}
+    auto = rows(qlora_export.manifest["merge_base"], forced)
+    assert manifest["intermediates"][0]["sha256"] == auto["F16"]["sha256"]
+    assert manifest["artifacts"][0]["sha256"] == auto["Q8_0"]["sha256"]
+    assert "second candidate" not in proc.stdout
+
+
+def test_a_plain_lora_is_untouched(demo_export: DemoExport):
+    manifest = demo_export.manifest
+    assert "merge_base" not in manifest and manifest["options"]["merge_base"] is None
+    assert "merge_base" not in demo_export.report
+    assert not any(
+        stage.startswith(("w16:", "dequant:", "reference:as-trained")) for stage in manifest["stage_seconds"]
+    )
+    assert "QLoRA" not in demo_export.stdout
+
+
+def test_a_4_bit_only_base_is_refused(qlora_export: QloraExport, tmp_path: Path):
+    """The adapter's recorded base is the 4-bit one: without --base there are no 16-bit weights."""
+    args = qlora_export.args(tmp_path / "out")
+    without_base = args[: args.index("--base")] + args[args.index("--base") + 2 :]
+    proc = run_cli(*without_base)
+    assert proc.returncode == 2, proc.stderr + proc.stdout
+    message = " ".join(proc.stderr.split())
+    assert "base-4bit/config.json describes a quantized model" in message
+    assert "--base" in message and "NF4 + double quant" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_quantization_flags_without_a_qlora_adapter_are_refused(demo_inputs: DemoInputs, tmp_path: Path):
+    proc = run_cli("merge-quantize", "--adapter", str(demo_inputs.adapter), "--base", str(demo_inputs.base),
+                   "--out", str(tmp_path / "out"), "--merge-base", "dequant")  # fmt: skip
+    assert proc.returncode == 2, proc.stderr + proc.stdout
+    assert "pass --trained-on nf4" in " ".join(proc.stderr.split())
+
+
+def _recomputed_losses(
+    export: QloraExport, sha256: str, section: dict[str, Any], scratch: Path
+) -> np.ndarray:
+    """A candidate's F16 GGUF (found in the stage cache by its sha256) evaluated again by llama.cpp on the
+    evaluation tokens: its per-token losses."""
+    import os
+
+    from converters.llama_runtime import score_gguf
+    from exporter.evaldata import load_eval_data
+    from exporter.quality import load_tokenizer
+
+    stages = Path(os.environ["EDGE_EXPORT_CACHE_DIR"]) / "stages"
+    gguf = next(
+        done.parent / "model.gguf"
+        for done in stages.glob("convert/*/done.json")
+        if json.loads(done.read_text())["files"].get("model.gguf") == sha256
+    )
+    reference = stages / "reference" / section["references"]["as_trained"]["cache_key"] / "reference.npz"
+    eval_data = load_eval_data(export.eval_data, load_tokenizer(export.base))
+    output = scratch / f"{sha256[:12]}.npz"
+    score_gguf(gguf, eval_data.sequences, reference, output, threads=1)
+    with np.load(output) as scores:
+        return scores["nll"].astype(np.float64)
