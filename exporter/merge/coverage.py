@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from exporter.adapter import LoraAdapter
-from exporter.errors import ExportError, InputError
+from exporter.errors import InputError
 from exporter.merge.experts import describe_layouts, is_fused_module, unwrapped
 from exporter.merge.updates import (
     AddUpdate,
@@ -51,7 +51,7 @@ class AdapterCoverage:
     def check_complete(self) -> None:
         """Every tensor in the file is either merged or skipped for a stated reason."""
         if self.placed_tensors + len(self.skipped) != self.tensors:
-            raise ExportError(
+            raise RuntimeError(
                 f"{self.weights}: {self.tensors} tensors, of which {self.placed_tensors} were merged and "
                 f"{len(self.skipped)} skipped; the rest were lost. This is a bug in edge-export's merge."
             )
@@ -83,7 +83,7 @@ def update_changes(update: Update, base: torch.Tensor) -> bool:
 
 def unchanged_target_error(
     name: str, updates: list[Update], base: torch.Tensor, dtype: torch.dtype
-) -> ExportError:
+) -> Exception:
     """The error for a targeted tensor written equal to the base although an update to it is non-zero."""
     merged = base.clone()
     for update in updates:
@@ -96,7 +96,7 @@ def unchanged_target_error(
             "base's and that part of the fine-tune is lost. Pass --dtype float32 to keep it, or check the adapter's "
             "scaling (lora_alpha, r). Nothing was written."
         )
-    return ExportError(
+    return RuntimeError(  # not an ExportError: the CLI reports it as an internal error (exit 4)
         f"The merge left {name} equal to the base although the adapter's update to it is non-zero. This is a "
         "bug in edge-export's merge; nothing was written."
     )
@@ -171,7 +171,7 @@ class CoverageCheck:
         """The ledger the manifest keeps; raises if a planned target or an adapter tensor went missing."""
         missing = sorted(set(self.updates) - self.written)
         if missing:
-            raise ExportError(
+            raise RuntimeError(
                 f"The merge planned updates to {', '.join(missing[:5])} but never wrote them. This is a bug in "
                 "edge-export's merge; nothing was written."
             )
