@@ -113,10 +113,8 @@ def _per_expert(
                     f"the adapter trains the fused experts {unwrapped(source)}, which this base stores as one 3-D "
                     f"tensor ({target}); llama.cpp's LoRA converter reads expert LoRA only per expert"
                 )
-            expanded[target.removesuffix(".weight")] = (
-                update.lora_a.contiguous(),
-                update.lora_b.contiguous(),
-            )
+            # Copies: gate and up share expert e's A, and safetensors refuses tensors that share memory.
+            expanded[target.removesuffix(".weight")] = (update.lora_a.clone(), update.lora_b.clone())
     return expanded, tuple(sorted(fused))
 
 

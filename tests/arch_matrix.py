@@ -68,9 +68,10 @@ class Architecture:
     tokenizer_class: str | None = None  # tokenizer_config.json's class, where the converter needs a given one
     sentencepiece: bool = False  # the converter reads only a SentencePiece tokenizer.model (Gemma-2)
     moe: bool = False
-    # The F16 GGUF's largest mean KLD from the unmerged model. 1e-4 everywhere but gpt-oss: there
-    # llama.cpp's runtime itself differs from transformers (its merged folder matches the unmerged model
-    # to 2e-6 in transformers; the F16 GGUF of it is 1.6e-4 away, flipping 2 of 175 top-1 tokens).
+    # The F16 GGUF's largest mean KLD from the unmerged model. 1e-4 everywhere but gpt-oss, where
+    # llama.cpp's runtime itself differs from transformers: the merged folder matches the unmerged model to
+    # 2e-6 in transformers, its F16 GGUF measured 7e-5 and 1.6e-4 on two trained adapters, and near-tied
+    # routers flip top-1 tokens (95-99 % agree), so its top-1 gates are lowered.
     f16_max_kld: float = 1e-4
     gates: tuple[str, ...] = ()  # --gate overrides merge-quantize is run with
 
@@ -156,7 +157,7 @@ ARCHITECTURES = [
         [*FUSED_EXPERTS, "mlp.router.weight"],
         moe=True,
         f16_max_kld=1e-3,
-        gates=("F16:min_top1=0.98",),
+        gates=("F16:min_top1=0.9", "Q8_0:min_top1=0.85"),
     ),
 ]
 
