@@ -53,7 +53,7 @@ GEMMA_TEMPLATE = (
 )
 
 
-CHECK_ONLY = ("f16_max_kld", "gates")  # Architecture fields that do not change what is built
+CHECK_ONLY = ("f16_max_kld", "gates", "slow")  # Architecture fields that do not change what is built
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,8 @@ class Architecture:
     # routers flip top-1 tokens (95-99 % agree), so its top-1 gates are lowered.
     f16_max_kld: float = 1e-4
     gates: tuple[str, ...] = ()  # --gate overrides merge-quantize is run with
+    # Why the row runs only in make test-all, if it does.
+    slow: str = ""
 
     @property
     def slug(self) -> str:
@@ -104,6 +106,7 @@ ARCHITECTURES = [
         {"max_position_embeddings": 4096},  # llama.cpp reads a shorter context than the original as none
         ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
         tokenizer_class="GPT2Tokenizer",
+        slow="llama.cpp intermittently fails to load this Phi-3 GGUF's vocabulary (2 of 5 fresh exports)",
     ),
     Architecture(
         "Gemma-2",
