@@ -23,8 +23,8 @@ from tests.conftest import DEMO_EVAL, REPO, DemoInputs, run_cli
 
 TRAIN = REPO / "exporter" / "data" / "demo_train.jsonl"
 EVAL_CHATS = 3
-# Runtime LoRA runs in make test for the MoE rows (per-expert LoRA made from fused-expert adapters, and the
-# refusal); the dense rows, which exercise the same path as the demo's runtime-LoRA tests, in make test-all.
+# Runtime LoRA runs in make test for Qwen3-MoE (per-expert LoRA made from a fused-expert adapter) and gpt-oss
+# (the refusal); the other rows, whose path the demo's runtime-LoRA tests exercise, in make test-all.
 RUNTIME_FAST = {"Qwen3-MoE", "gpt-oss"}
 
 

@@ -8,7 +8,6 @@ merged folder, loaded by transformers, must give the unmerged PEFT model's logit
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -196,4 +195,3 @@ def test_a_fused_expert_adapter_on_a_base_that_stores_experts_fused_is_refused_a
     adapter = _make_moe_adapter(base, tmp_path / "adapter", lora)
     with pytest.raises(InputError, match="fused experts .* merge-quantize"):
         runtime_correction(read_adapter(adapter), base)
-    shutil.rmtree(tmp_path / "adapter")

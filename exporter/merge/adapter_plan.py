@@ -183,6 +183,8 @@ def _sort_lora_tensors(
         elif key.name in trained_copies:
             skipped[name] = plain_copy
             continue
+        elif key.name in sources:  # saved under two names (e.g. with and without base_layer): the later wins
+            skipped[sources[key.name]] = f"saved again as {name}, which is used"
         full[key.name] = tensor
         sources[key.name] = name
     return modules, full, skipped
