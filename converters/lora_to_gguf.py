@@ -24,7 +24,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +39,20 @@ SCALE_NOTE_KEY = "edge_export.adapter.scale_correction"
 
 
 def write_corrected_adapter(
-    adapter_dir: Path, config: dict[str, Any], weights: Path, factors: Mapping[str, float], target: Path
+    adapter_dir: Path,
+    config: dict[str, Any],
+    weights: Path,
+    factors: Mapping[str, float],
+    target: Path,
+    expanded: Mapping[str, tuple[Any, Any]] | None = None,
+    dropped: Collection[str] = (),
 ) -> None:
     """A copy of the adapter at `target` whose lora_B of each module in `factors` is multiplied by it.
 
     `factors` maps module names (without PEFT's `base_model.model.` prefix) to the correction; the
     copied config drops use_rslora and alpha_pattern, which the corrected tensors now carry.
+    `expanded` adds modules as (lora_A, lora_B) under their stored names, in place of the modules in
+    `dropped` (fused mixture-of-experts LoRA, written per expert as the converter reads it).
     """
     import torch
     from safetensors.torch import load_file, save_file
@@ -55,8 +63,13 @@ def write_corrected_adapter(
         else torch.load(weights, weights_only=True)
     )
     corrected = {}
+    for module_name, (lora_a, lora_b) in (expanded or {}).items():
+        tensors[f"base_model.model.{module_name}.lora_A.weight"] = lora_a
+        tensors[f"base_model.model.{module_name}.lora_B.weight"] = lora_b
     for name, tensor in tensors.items():
         module = name.removeprefix("base_model.model.")
+        if module.split(".lora_", 1)[0] in dropped:
+            continue
         for marker in (".lora_B.", ".lora_embedding_B"):
             if marker in module:
                 factor = factors.get(module.split(marker, 1)[0], 1.0)
@@ -65,7 +78,7 @@ def write_corrected_adapter(
         corrected[name] = tensor.contiguous()
     target.mkdir(parents=True, exist_ok=True)
     save_file(corrected, str(target / "adapter_model.safetensors"))
-    clean = {k: v for k, v in config.items() if k not in ("use_rslora", "alpha_pattern")}
+    clean = {k: v for k, v in config.items() if k not in ("use_rslora", "alpha_pattern", "target_parameters")}
     (target / "adapter_config.json").write_text(json.dumps(clean, indent=2))
     if (adapter_dir / "README.md").is_file():  # the converter reads the model card for metadata
         (target / "README.md").write_bytes((adapter_dir / "README.md").read_bytes())
@@ -81,6 +94,8 @@ def convert_lora_to_gguf(
     factors: Mapping[str, float],
     metadata: Mapping[str, str],
     outtype: str = "f16",
+    expanded: Mapping[str, tuple[Any, Any]] | None = None,
+    dropped: Collection[str] = (),
 ) -> None:
     """Write `target`, the GGUF LoRA of the adapter (scale-corrected, with `metadata` added).
 
@@ -88,7 +103,7 @@ def convert_lora_to_gguf(
     """
     with tempfile.TemporaryDirectory(prefix="edge-export-lora-", dir=target.parent) as scratch:
         corrected = Path(scratch) / "adapter"
-        write_corrected_adapter(adapter_dir, config, weights, factors, corrected)
+        write_corrected_adapter(adapter_dir, config, weights, factors, corrected, expanded, dropped)
         converted = Path(scratch) / "converted.gguf"
         command = [
             sys.executable,

@@ -26,6 +26,9 @@ class MergeResult:
     # float16's range (bfloat16, float32); None for a float16 output, which is range-checked as written.
     max_abs: float | None = None
     dtype_reason: str = ""
+    # The coverage ledger (exporter.merge.coverage): where every adapter tensor went, how many targeted
+    # tensors the merge changed.
+    coverage: dict[str, Any] = field(default_factory=dict)
 
     @property
     def gguf_ftype(self) -> str:

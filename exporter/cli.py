@@ -191,6 +191,9 @@ def merge_command(
         f"({result.dtype}, {result.shards} shard(s), {human_size(size)}) in {seconds:.1f}s"
         + ("; untied the embeddings (the adapter changes one side)" if result.untied_embeddings else "")
     )
+    from exporter.merge import PROVENANCE_FILE
+
+    console.print(f"coverage: {result.coverage['summary']} (the ledger: {result.path / PROVENANCE_FILE})")
 
 
 @app.command("check")

@@ -102,6 +102,7 @@ class MergedModel:
             "dtype": merged.dtype,
             "shards": merged.shards,
             "max_abs": merged.max_abs,
+            "coverage": merged.coverage,
         }
 
     def precision(self) -> dict[str, Any]:

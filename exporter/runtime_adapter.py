@@ -12,14 +12,17 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from converters.gguf_header import read_gguf_metadata
 from converters.lora_to_gguf import KEY_PREFIX
 from exporter.adapter import ADAPTER_CONFIG, LoraAdapter
 from exporter.errors import InputError
-from exporter.merge import BaseModel, LoraUpdate, plan_merge
+from exporter.merge import BaseModel, LoraUpdate, MergePlan, plan_merge
+from exporter.merge.experts import is_fused_module, unwrapped
 from exporter.merge.vocab import saved_vocab_rows, tokenizer_size
 
 MERGED_PATH_HINT = (
@@ -33,6 +36,10 @@ class ScaleCorrection:
 
     factors: dict[str, float]
     reasons: tuple[str, ...]  # what the converter alone would get wrong, e.g. "use_rslora"
+    # Fused mixture-of-experts LoRA (PEFT target_parameters), which the converter cannot read, written per
+    # expert under the base's stored names: module → (lora_A, lora_B), replacing the `dropped` modules.
+    expanded: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    dropped: tuple[str, ...] = ()
 
     @property
     def corrected_modules(self) -> int:
@@ -83,6 +90,7 @@ def runtime_correction(adapter: LoraAdapter, base_dir: Path) -> ScaleCorrection:
         raise refuse(
             "the adapter changes lm_head or the token embedding of a base that ties the two (one matrix for both)"
         )
+    expanded, dropped = _per_expert(plan, refuse)
     global_alpha = float(config.get("lora_alpha", 8))
     factors: dict[str, float] = {}
     for target, updates in plan.updates.items():
@@ -93,7 +101,27 @@ def runtime_correction(adapter: LoraAdapter, base_dir: Path) -> ScaleCorrection:
             # llama.cpp: alpha / rank, with the global alpha and the rank of the tensor.
             factors[target.removesuffix(".weight")] = update.scale / (global_alpha / rank)
     reasons = tuple(key for key in ("use_rslora", "alpha_pattern") if config.get(key))
-    return ScaleCorrection(factors, reasons)
+    return ScaleCorrection(factors, reasons, expanded, dropped)
+
+
+def _per_expert(
+    plan: MergePlan, refuse: Callable[[str], InputError]
+) -> tuple[dict[str, tuple[Any, Any]], tuple[str, ...]]:
+    """Fused expert LoRA as one LoRA per expert and projection, the form llama.cpp's converter stacks into
+    its expert tensors (applied at run time by build_lora_mm_id)."""
+    expanded: dict[str, tuple[Any, Any]] = {}
+    fused = {s: t for c in plan.coverage for s, t in c.placed.items() if is_fused_module(s)}
+    for source, targets in fused.items():
+        for target in targets:
+            update = plan.updates[target][0]
+            if not isinstance(update, LoraUpdate):
+                raise refuse(
+                    f"the adapter trains the fused experts {unwrapped(source)}, which this base stores as one 3-D "
+                    f"tensor ({target}); llama.cpp's LoRA converter reads expert LoRA only per expert"
+                )
+            # Copies: gate and up share expert e's A, and safetensors refuses tensors that share memory.
+            expanded[target.removesuffix(".weight")] = (update.lora_a.clone(), update.lora_b.clone())
+    return expanded, tuple(sorted(fused))
 
 
 def vocabulary_change(adapter: LoraAdapter, base_dir: Path) -> str | None:

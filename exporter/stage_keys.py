@@ -14,8 +14,9 @@ from typing import Any
 from exporter.stage_cache import stage_key
 
 # Bumped when the merge writes different bytes from the same inputs (2: ΔW added by one fused addmm;
-# 3: config and tokenizer files written in the dialect both transformers majors read).
-MERGE_ARITHMETIC = 3
+# 3: config and tokenizer files written in the dialect both transformers majors read; 4: the provenance
+# file and the stage's record carry the coverage ledger).
+MERGE_ARITHMETIC = 4
 REFERENCE_FORMAT = 1
 
 

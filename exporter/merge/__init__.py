@@ -5,6 +5,8 @@ were given, and the result is cast to the output dtype:
 
 - LoRA (Linear, Conv1D with fan_in_fan_out, Embedding): W + w·s·B·A, with PEFT's scaling s
   (alpha/r, alpha/√r for rsLoRA, rank_pattern and alpha_pattern);
+- LoRA on transformers 5's fused MoE experts (PEFT target_parameters): each expert's slice of A and B onto
+  the per-expert tensors on disk (or the fused 3-D tensor, where the model stores it so);
 - DoRA: m / ‖W + ΔW‖_row · (W + ΔW), the norm taken per output row as PEFT computes it;
 - trained LoRA biases (lora_bias): b + w·s·b_B;
 - IA3: W ⊙ l (and the bias of non-feedforward layers);
@@ -14,12 +16,15 @@ were given, and the result is cast to the output dtype:
 Tensors are read with plain file reads and written into shards whose headers are planned up
 front (exporter.safetensors_io), so the working set is a few copies of the largest tensor,
 whatever the model's size. Everything is checked before any output is written, every merged
-tensor must be finite, and the output folder appears only when complete.
+tensor must be finite and must differ from the base where its update is non-zero, and the output folder
+appears only when complete.
 
 The package, in the order a merge runs:
 
 - updates: the kinds of update (LoRA, DoRA, KaSA, LoRA bias, IA3, replacement) and the MergePlan;
 - lora_layout: PEFT's scaling, Conv1D orientation and BD-LoRA packing of a LoRA's matrices;
+- experts: fused MoE expert parameters mapped onto the tensors on disk (data/fused_experts.toml);
+- coverage: the ledger of where every adapter tensor went, checked as the merge writes;
 - adapter_plan: one adapter's updates, checked against the base's tensor names and shapes;
 - plan: the base (BaseModel) and plan_merge over every adapter, with tied embeddings;
 - vocab: resized vocabularies and trained token rows;

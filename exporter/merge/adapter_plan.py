@@ -15,9 +15,11 @@ import torch
 from exporter.adapter import ADAPTER_CONFIG, LoraAdapter
 from exporter.dialects import classify_full_key
 from exporter.errors import InputError
+from exporter.merge.coverage import AdapterCoverage, missing_target_error
+from exporter.merge.experts import is_fused_module, layout_for, plan_fused_experts
 from exporter.merge.lora_layout import lora_scale, stored_transposed, unpack_block_diagonal
 from exporter.merge.updates import AddUpdate, KasaUpdate, LoraUpdate, MergePlan, Replacement, ScaleUpdate
-from exporter.merge.vocab import OUTPUT_NAME, TOKEN_ROWS, resize_vocab, token_rows_update
+from exporter.merge.vocab import OUTPUT_NAME, pop_token_rows, resize_vocab, token_rows_update
 from exporter.safetensors_io import iter_tensors, read_header
 
 PEFT_PREFIX = "base_model.model."
@@ -80,6 +82,7 @@ def plan_adapter(
     if not tensors:
         raise InputError(f"{adapter.weights} holds no tensors; the adapter is empty.")
     names = {key.removeprefix(PEFT_PREFIX): tensor for key, tensor in tensors.items()}
+    plan.coverage.append(AdapterCoverage(str(adapter.weights), len(names)))
     if adapter.peft_type == "IA3":
         _plan_ia3(adapter, names, base_shapes, plan)
     else:
@@ -94,13 +97,10 @@ def _shape_error(adapter: LoraAdapter, what: str, target: str, base_shape: tuple
 
 
 def _require_target(
-    adapter: LoraAdapter, target: str, base_shapes: dict[str, tuple[int, ...]]
+    adapter: LoraAdapter, target: str, base_shapes: dict[str, tuple[int, ...]], plan: MergePlan
 ) -> tuple[int, ...]:
     if target not in base_shapes:
-        raise InputError(
-            f"{adapter.weights} changes {target}, which the base model does not have: the adapter was trained "
-            "for a different base. Pass the matching --base."
-        )
+        raise missing_target_error(adapter, target, base_shapes, plan.model_type)
     return base_shapes[target]
 
 
@@ -117,31 +117,46 @@ def _plan_lora(
     plan: MergePlan,
     conv1d: bool,
 ) -> None:
-    token_rows = {}
-    for name in [n for n in names if TOKEN_ROWS.match(n)]:
-        token_rows[TOKEN_ROWS.match(name).group("module")] = names.pop(name)  # type: ignore[union-attr]
-    modules, full = _sort_lora_tensors(adapter.config, names)
+    token_rows = pop_token_rows(names)
+    modules, full, skipped = _sort_lora_tensors(adapter.config, names)
+    ledger = plan.coverage[-1]
+    ledger.skipped.update(skipped)
     layer_modules = set(modules) | set(token_rows)
     # Full tensors first: a saved base-layer weight is what that module's LoRA delta is added to (and it
     # may resize the vocabulary, which the LoRA matrices and trained rows are then checked against).
     for name, tensor in sorted(full.items()):
         _plan_full_tensor(adapter, name, tensor, layer_modules, base_shapes, plan)
+        ledger.place(name, [name], 1)
     for module, rows in sorted(token_rows.items()):
         target = f"{module}.weight"
-        plan.add(
-            target, token_rows_update(adapter, module, rows, _require_target(adapter, target, base_shapes))
-        )
+        shape = _require_target(adapter, target, base_shapes, plan)
+        plan.add(target, token_rows_update(adapter, module, rows, shape))
+        ledger.place(module, [target], 1)
+    layout = layout_for({"model_type": plan.model_type})
+    fused = {m: p for m, p in modules.items() if f"{m}.weight" not in base_shapes and is_fused_module(m)}
+    if fused and layout is not None:
+        for module, targets in plan_fused_experts(adapter, layout, fused, base_shapes, plan).items():
+            ledger.place(module, targets, len(fused[module]))
     for module, parts in sorted(modules.items()):
-        _plan_lora_module(adapter, module, parts, base_shapes, plan, conv1d)
+        if module in fused and layout is not None:
+            continue
+        stored = layout.stored_module(module) if layout is not None else None
+        if f"{module}.weight" not in base_shapes and stored and f"{stored}.weight" in base_shapes:
+            module = stored  # transformers 5's name in memory for a module stored under another name
+        targets = _plan_lora_module(adapter, module, parts, base_shapes, plan, conv1d)
+        ledger.place(module, targets, len(parts))
 
 
 def _sort_lora_tensors(
     config: dict[str, Any], names: dict[str, torch.Tensor]
-) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    """The adapter's tensors as (each module's LoRA parts by part name, the full tensors it trained)."""
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor], dict[str, str]]:
+    """The adapter's tensors as (each module's LoRA parts by part name, the full tensors it trained, the
+    tensors that change nothing with why)."""
     modules: dict[str, dict[str, torch.Tensor]] = {}
     full: dict[str, torch.Tensor] = {}
+    skipped: dict[str, str] = {}
     trained_copies: set[str] = set()
+    sources: dict[str, str] = {}  # full tensor → the adapter key it was read from
     for name, tensor in names.items():
         match = _LORA_PART.match(name)
         if match:
@@ -149,16 +164,26 @@ def _sort_lora_tensors(
             modules.setdefault(match.group(1), {})[part] = tensor
             continue
         if any(config.get(key) and marker in name for key, marker in TRAINING_ONLY_TENSORS.items()):
+            skipped[name] = "acts only while training"
             continue
         key = classify_full_key(name)
         if key.kind == "original copy":
-            continue  # the base's own weights, saved beside the trained copy by some PEFT versions
+            # the base's own weights, saved beside the trained copy by some PEFT versions
+            skipped[name] = "the base's own copy, saved beside the trained one"
+            continue
+        plain_copy = "a plain copy beside the trained one, which PEFT loads instead"
         if key.kind == "trained copy":
             trained_copies.add(key.name)
+            if key.name in sources:  # the plain copy came first
+                skipped[sources[key.name]] = plain_copy
         elif key.name in trained_copies:
-            continue  # a plain copy beside the trained one: the trained copy is what PEFT loads
+            skipped[name] = plain_copy
+            continue
+        elif key.name in sources:  # saved under two names (e.g. with and without base_layer): the later wins
+            skipped[sources[key.name]] = f"saved again as {name}, which is used"
         full[key.name] = tensor
-    return modules, full
+        sources[key.name] = name
+    return modules, full, skipped
 
 
 def _plan_full_tensor(
@@ -186,7 +211,7 @@ def _plan_full_tensor(
             f"{adapter.path} replaces {name} outright (modules_to_save or a trained bias), so it cannot be given "
             f"a weight ({adapter.weight}). Merge it with weight 1."
         )
-    shape = _require_target(adapter, name, base_shapes)
+    shape = _require_target(adapter, name, base_shapes, plan)
     if tuple(tensor.shape) != shape and not resize_vocab(
         adapter, name, tuple(tensor.shape), base_shapes, plan
     ):
@@ -216,8 +241,9 @@ def _plan_lora_module(
     base_shapes: dict[str, tuple[int, ...]],
     plan: MergePlan,
     conv1d: bool,
-) -> None:
-    lora = _module_lora(adapter, module, parts, base_shapes, conv1d)
+) -> list[str]:
+    """Plan one module's LoRA; returns the base tensors it changes."""
+    lora = _module_lora(adapter, module, parts, base_shapes, plan, conv1d)
     kasa = adapter.config.get("kasa_config") is not None
     if "lora_diag" in parts and not kasa:
         raise InputError(
@@ -226,7 +252,7 @@ def _plan_lora_module(
         )
     if kasa:
         plan.add(lora.target, _kasa_update(adapter, lora, parts.get("lora_diag")))
-        return
+        return [lora.target]
     magnitude = None
     if adapter.config.get("use_dora"):
         magnitude = _dora_magnitude(adapter, lora, parts.get("lora_magnitude_vector"))
@@ -243,6 +269,8 @@ def _plan_lora_module(
                 "bias, so it cannot be merged (PEFT refuses this too)."
             )
         plan.add(bias_target, AddUpdate(parts["lora_B.bias"], scale))
+        return [lora.target, bias_target]
+    return [lora.target]
 
 
 def _module_lora(
@@ -250,6 +278,7 @@ def _module_lora(
     module: str,
     parts: dict[str, torch.Tensor],
     base_shapes: dict[str, tuple[int, ...]],
+    plan: MergePlan,
     conv1d: bool,
 ) -> _ModuleLora:
     """The module's A and B (BD-LoRA unpacked), oriented as the base weight is stored, shapes checked."""
@@ -260,7 +289,7 @@ def _module_lora(
             f"{adapter.weights}: module {module} lacks {a_key} or {b_key}; the adapter is incomplete."
         )
     target = f"{module}.weight"
-    shape = _require_target(adapter, target, base_shapes)
+    shape = _require_target(adapter, target, base_shapes, plan)
     rank, scale = lora_scale(adapter.config, module)
     lora_a, lora_b = parts[a_key], parts[b_key]
     if adapter.config.get("use_bdlora") and not embedding:
@@ -348,11 +377,14 @@ def _plan_ia3(
             raise InputError(f"{adapter.weights} holds tensor {name!r}, which is not an IA3 vector.")
         module = match.group(1)
         target = f"{module}.weight"
-        shape = _require_target(adapter, target, base_shapes)
+        shape = _require_target(adapter, target, base_shapes, plan)
         oriented = vector.T if fan_in_fan_out else vector
         if vector.dim() != 2 or any(v not in (1, s) for v, s in zip(oriented.shape, shape, strict=True)):
             raise _shape_error(adapter, f"{module} has an IA3 vector of {tuple(vector.shape)}", target, shape)
         plan.add(target, ScaleUpdate(oriented))
+        targets = [target]
         feedforward = vector.shape[0] == 1 and vector.shape[1] != 1
         if not feedforward and f"{module}.bias" in base_shapes:
             plan.add(f"{module}.bias", ScaleUpdate(vector.reshape(-1)))
+            targets.append(f"{module}.bias")
+        plan.coverage[-1].place(name, targets, 1)

@@ -86,7 +86,7 @@ def plan_merge(
     base: BaseModel, adapters: list[LoraAdapter], base_config: dict[str, Any]
 ) -> tuple[MergePlan, bool]:
     """Check every adapter against the base and decide every output tensor; nothing is written."""
-    plan = MergePlan()
+    plan = MergePlan(model_type=base_config.get("model_type"))
     shapes = dict(base.shapes)
     embedding = tied_embedding(shapes, base_config)
     if embedding:

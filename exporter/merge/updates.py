@@ -6,9 +6,12 @@ Each update applies in float32 to a working copy of the base tensor, in the orde
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from exporter.merge.coverage import AdapterCoverage
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,20 @@ class LoraUpdate:
         rows = combined.T if self.fan_in_fan_out else combined
         factor = self.magnitude.float() / torch.linalg.norm(rows, dim=1)
         return combined * (factor.view(1, -1) if self.fan_in_fan_out else factor.view(-1, 1))
+
+
+@dataclass(frozen=True)
+class ExpertsLoraUpdate:
+    """LoRA on a stack of experts stored as one 3-D tensor: W_e + s·B_e·A_e (transposed: + s·(B_e·A_e)ᵀ)."""
+
+    lora_a: torch.Tensor  # experts × r × in
+    lora_b: torch.Tensor  # experts × out × r
+    scale: float
+    transposed: bool  # stored (experts, in, out)
+
+    def apply(self, weight: torch.Tensor) -> torch.Tensor:
+        delta = torch.bmm(self.lora_b.float(), self.lora_a.float())
+        return weight.add_(delta.transpose(1, 2) if self.transposed else delta, alpha=self.scale)
 
 
 @dataclass(frozen=True)
@@ -113,7 +130,7 @@ class TokenRows:
         return weight.index_copy_(0, self.indices, self.rows.float())
 
 
-Update = LoraUpdate | KasaUpdate | AddUpdate | ScaleUpdate | Replacement | TokenRows
+Update = LoraUpdate | ExpertsLoraUpdate | KasaUpdate | AddUpdate | ScaleUpdate | Replacement | TokenRows
 
 
 @dataclass
@@ -128,6 +145,9 @@ class MergePlan:
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     vocab_rows: int | None = None
     vocab_owner: Any = None  # the LoraAdapter that resized the vocabulary
+    # Where each adapter's tensors went (the coverage ledger), one entry per adapter in order.
+    coverage: list[AdapterCoverage] = field(default_factory=list)
+    model_type: str | None = None  # the base's, for diagnosing names that match nothing
 
     def add(self, name: str, update: Update) -> None:
         self.updates.setdefault(name, []).append(update)

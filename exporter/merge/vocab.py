@@ -40,6 +40,14 @@ VOCAB_TENSORS = (*EMBEDDING_NAMES, OUTPUT_NAME)
 TOKEN_ROWS = re.compile(r"^(?P<module>.+)\.token_adapter\.trainable_tokens_delta(?:\.[^.]+)?$")
 
 
+def pop_token_rows(names: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Take the trained token rows out of an adapter's tensors, by the module they belong to."""
+    rows = {}
+    for name in [n for n in names if TOKEN_ROWS.match(n)]:
+        rows[TOKEN_ROWS.match(name).group("module")] = names.pop(name)  # type: ignore[union-attr]
+    return rows
+
+
 def token_row_indices(adapter: LoraAdapter, module: str) -> list[int]:
     """The token ids whose rows `module` trains, from the config's list (the embedding and, tied, lm_head)
     or its {module name: ids} table."""

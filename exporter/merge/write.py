@@ -25,6 +25,7 @@ from exporter.dialects import (
     read_chat_template,
 )
 from exporter.errors import InputError
+from exporter.merge.coverage import CoverageCheck
 from exporter.merge.plan import BaseModel, plan_merge
 from exporter.merge.updates import MergePlan
 from exporter.merge.vocab import EMBEDDING_NAMES, check_tokenizer_fits, special_token_changes
@@ -120,13 +121,15 @@ def _write_merge(
     staging.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary model folder
     writer = StreamingShardWriter(staging, layout, max_shard_bytes)
     watch = _RangeWatch(base_dir, adapters, out_dtype)
+    coverage = CoverageCheck(plan.updates, plan.coverage)
     try:
         for done, (entry, tensor) in enumerate(iter_tensors(base.entries), start=1):
-            _write_merged(writer, entry.name, tensor, plan, out_dtype, watch)
+            _write_merged(writer, entry.name, tensor, plan, out_dtype, watch, coverage)
             if entry.name in extra_after:
-                _write_merged(writer, extra_after[entry.name], tensor, plan, out_dtype, watch)
+                _write_merged(writer, extra_after[entry.name], tensor, plan, out_dtype, watch, coverage)
             if progress:
                 progress(done, len(base.entries))
+        ledger = coverage.ledger()
         shard_count = writer.finish()
         _write_side_files(
             base_dir,
@@ -144,6 +147,7 @@ def _write_merge(
                 "dtype_reason": choice.why,
                 "shards": shard_count,
                 "merged_tensors": sorted(merged_names),
+                "coverage": ledger,
                 "config_changes": plan.config_changes,
                 "max_abs": watch.max_abs,
             }
@@ -165,6 +169,7 @@ def _write_merge(
         dict(writer.digests),
         watch.max_abs,
         choice.why,
+        ledger,
     )
 
 
@@ -224,6 +229,7 @@ def _write_merged(
     plan: MergePlan,
     out_dtype: torch.dtype,
     watch: _RangeWatch,
+    coverage: CoverageCheck,
 ) -> None:
     updates = plan.updates.get(name)
     source_dtype = tensor.dtype
@@ -231,9 +237,11 @@ def _write_merged(
         merged = tensor.to(torch.float32, copy=True)  # a working copy: updates apply in place
         for update in updates:
             merged = update.apply(merged)
-        tensor = merged.to(out_dtype)
+        written = merged.to(out_dtype)
         # Checked after the cast, so values that overflow the output dtype are caught too.
-        watch.check(name, tensor, source_dtype, merged=True)
+        watch.check(name, written, source_dtype, merged=True)
+        coverage.check(name, tensor, written)
+        tensor = written
     elif tensor.is_floating_point():
         tensor = tensor.to(out_dtype)
         watch.check(name, tensor, source_dtype if source_dtype != out_dtype else None, merged=False)

@@ -65,6 +65,8 @@ def lora_stage(
             run.vendored,
             correction.factors,
             metadata,
+            expanded=correction.expanded,
+            dropped=correction.dropped,
         )
         meta.update(what=f"{name} GGUF LoRA")
 

@@ -42,12 +42,15 @@ def merge_stage(
             untied=built.untied_embeddings,
             max_abs=built.max_abs,
             dtype_reason=built.dtype_reason,
+            coverage=built.coverage,
         )
 
     entry = run.stage(name, "merge", key, produce, {MERGED_DIR: target} if target else {})
     if name in run.reused:
         run.report(f"{name}: reusing the cached merged model")
     meta = entry.meta
+    if meta.get("coverage"):
+        run.report(f"{name}: {meta['coverage']['summary']}")
     result = MergeResult(
         target or entry.path / MERGED_DIR,
         meta["merged_tensors"],
@@ -57,5 +60,6 @@ def merge_stage(
         meta["untied"],
         max_abs=meta.get("max_abs"),
         dtype_reason=meta.get("dtype_reason", ""),
+        coverage=meta.get("coverage", {}),
     )
     return MergedModel(result, key)
