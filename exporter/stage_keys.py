@@ -89,8 +89,16 @@ def given_imatrix_key(convert: str, sha256: str) -> str:
     return stage_key({"stage": "imatrix-given", "convert": convert, "sha256": sha256})
 
 
-def chat_key(merge: str, edge_export: str) -> str:
-    return stage_key({"stage": "chat", "merge": merge, "edge-export": edge_export})
+def chat_key(merge: str, edge_export: str, ollama_version: str, llama_cpp_commit: str) -> str:
+    return stage_key(
+        {
+            "stage": "chat",
+            "merge": merge,
+            "edge-export": edge_export,
+            "ollama": ollama_version,
+            "llama.cpp": llama_cpp_commit,
+        }
+    )
 
 
 def parity_key(convert: str, edge_export: str) -> str:
@@ -135,3 +143,19 @@ def quality_key(
         payload["lora"] = lora
     payload.update({"reference": reference, "device": device, "llama-cpp-python": llama_cpp_python})
     return stage_key(payload)
+
+
+def stops_key(
+    ggufs: dict[str, str], terminator: str | None, prompt: str, max_tokens: int, edge_export: str
+) -> str:
+    """`ggufs`: label -> sha256 of each GGUF checked (the llama.cpp runtime is pinned with them)."""
+    return stage_key(
+        {
+            "stage": "stops",
+            "ggufs": ggufs,
+            "terminator": terminator,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "edge-export": edge_export,
+        }
+    )

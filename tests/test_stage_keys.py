@@ -28,7 +28,8 @@ OVERRIDES = {"tensor_types": {"output.weight": "Q6_K"}}
 PINNED = {
     "merge": "45bdc435479f07f9885f35b8879e60c5bf0e8f91bcf18d26ed63675a5308719d",
     "convert": "49e8fce4629486877ddfeaa5d839819a66a44128ae965074e5625253b279edc9",
-    "chat": "93899fc497ce7dfd118098a3dc51e178cee3f0690a8de31b5c83ac0da48f5b23",
+    "chat": "76c51fa834a02c1b8580bf1b665e81451011b8b212e098e22f60a96d13cbfc93",
+    "stops": "ea7c550c71d8ba9420a2d4cc94e63ea5064cf53bbc307ac0e583b909d164e89d",
     "parity": "eeb8d41ba9cad4516df6e56dbaa773f3f2ce84b6d52c0a6a3b6103029309db1b",
     "quantize": "5bd278b66afb01114d909919c6e8031656c70e3ecdaf0c2e43e398203a25e48b",
     "quantize-imatrix": "3d726c1545b2e7400b214cf3cbb1e9eb48f4338f4112fd125192186cb6693b58",
@@ -51,7 +52,10 @@ def computed() -> dict[str, str]:
     return {
         "merge": merge,
         "convert": convert,
-        "chat": keys.chat_key(merge, "0.1.0"),
+        "chat": keys.chat_key(merge, "0.1.0", "0.34.1", "0c1e57098/render_chat_template-0123456789ab"),
+        "stops": keys.stops_key(
+            {"Q4_K_M": "a" * 64}, "<|im_end|>", "<|im_start|>user\nHi<|im_end|>\n", 64, "0.1.0"
+        ),
         "parity": keys.parity_key(convert, "0.1.0"),
         "quantize": keys.quantize_key(convert, "0.3.36", "Q4_K_M", OVERRIDES, None),
         "quantize-imatrix": keys.quantize_key(convert, "0.3.36", "Q4_K_M", OVERRIDES, "d" * 64),
