@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
@@ -129,9 +130,18 @@ def print_export(result: ExportResult) -> None:
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}")
     console.print(f"Modelfiles: {', '.join(m.name for m in result.modelfiles)}")
+    print_serve_configs(result.serve_configs)
     console.print(f"manifest: {result.manifest}")
     if result.quality:
         print_quality(result.quality)
+
+
+def print_serve_configs(configs: list[Path]) -> None:
+    """Each llama-server config with the command it holds (run in the output folder)."""
+    from exporter.serve_config import read_serve_config
+
+    for config in configs:
+        console.print(f"llama-server: {config.name}: {read_serve_config(config)['shell']}", highlight=False)
 
 
 def print_runtime(result: RuntimeLoraResult) -> None:
@@ -148,7 +158,9 @@ def print_runtime(result: RuntimeLoraResult) -> None:
     console.print(f"stages: {stages}")
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}")
-    console.print(f"Modelfiles: {', '.join(m.name for m in result.modelfiles)}")
+    if result.modelfiles:
+        console.print(f"Modelfiles: {', '.join(m.name for m in result.modelfiles)}")
+    print_serve_configs(result.serve_configs)
     console.print(f"manifest: {result.manifest}")
     if result.quality:
         quality = Table(title="runtime adapter vs merge-then-quantize, against the unmerged fine-tune")
