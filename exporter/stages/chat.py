@@ -13,6 +13,7 @@ from converters.stop_tokens import turn_terminator
 from converters.template_parity import ProbeResult, TemplateParity, compare_probes, hf_tokenizer_render
 from exporter import __version__
 from exporter.errors import EnvironmentSetupError
+from exporter.hf_tokenizer import load_tokenizer
 from exporter.modelfile import ChatSpec, adds_bos, chat_spec_or_error
 from exporter.ollama_targets import OllamaTarget, TemplateChoice, choose_template
 from exporter.run import Run
@@ -77,9 +78,7 @@ def chat_stage(
 def resolve_chat(model_dir: Path, target: OllamaTarget) -> dict[str, Any]:
     """The translation, the llama.cpp check and the choice for an HF folder's chat template, as JSON;
     raises InputError when what Ollama `target` would render with does not render like transformers."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    tokenizer = load_tokenizer(model_dir)
     spec, error = chat_spec_or_error(model_dir, tokenizer=tokenizer)
     template = tokenizer.chat_template or None
     jinja = template_parity_of(tokenizer) if template else None
