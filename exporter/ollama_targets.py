@@ -114,25 +114,7 @@ def choose_template(
             "without that construct (chat_template.jinja next to the adapter) and export again."
         )
     if not target.renders_gguf_jinja:
-        if capabilities:
-            raise InputError(
-                f"{source} has {described}, which Ollama {target.text} renders only through the Modelfile's Go "
-                "TEMPLATE, and edge-export's translation carries plain turns only: tool definitions, tool calls or "
-                "thinking would be formatted unlike training. Write the Modelfiles for Ollama 0.30 or later "
-                f"(--ollama-version {CURRENT_OLLAMA}, the default), where Ollama renders the GGUF's own template, or "
-                "export with a chat template without tools and thinking."
-            )
-        if translation_error is not None:
-            raise InputError(translation_error)
-        return TemplateChoice(
-            target.text,
-            "go_template",
-            f"Ollama {target.text} renders only the Modelfile's TEMPLATE; it renders plain turns and system "
-            "prompts exactly like the model's template",
-            capabilities,
-            True,
-            _llama_server_note(parity),
-        )
+        return _go_template_only(target, capabilities, translation_error, parity, source)
     problem = _parity_problem(parity, source)
     if _is_harmony(template):
         return TemplateChoice(
@@ -170,6 +152,36 @@ def choose_template(
         "go_template",
         f"the model's template has no tools and no thinking, so Ollama {target.text} renders the Modelfile's "
         f"TEMPLATE (verified identical); {llama_server}",
+        capabilities,
+        True,
+        _llama_server_note(parity),
+    )
+
+
+def _go_template_only(
+    target: OllamaTarget,
+    capabilities: tuple[str, ...],
+    translation_error: str | None,
+    parity: TemplateParity | None,
+    source: str,
+) -> TemplateChoice:
+    """Before 0.30 Ollama renders the Modelfile's TEMPLATE only, which carries plain turns."""
+    described = " and ".join(capabilities)
+    if capabilities:
+        raise InputError(
+            f"{source} has {described}, which Ollama {target.text} renders only through the Modelfile's Go "
+            "TEMPLATE, and edge-export's translation carries plain turns only: tool definitions, tool calls or "
+            "thinking would be formatted unlike training. Write the Modelfiles for Ollama 0.30 or later "
+            f"(--ollama-version {CURRENT_OLLAMA}, the default), where Ollama renders the GGUF's own template, or "
+            "export with a chat template without tools and thinking."
+        )
+    if translation_error is not None:
+        raise InputError(translation_error)
+    return TemplateChoice(
+        target.text,
+        "go_template",
+        f"Ollama {target.text} renders only the Modelfile's TEMPLATE; it renders plain turns and system "
+        "prompts exactly like the model's template",
         capabilities,
         True,
         _llama_server_note(parity),
