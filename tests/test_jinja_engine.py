@@ -199,6 +199,7 @@ def test_demo_export_records_what_each_runtime_renders(demo_export: DemoExport) 
         "reason": manifest["ollama"]["reason"],
         "template_capabilities": [],
         "modelfile_template": True,
+        "llama_server_note": None,
     }
     assert "has no tools and no thinking" in manifest["ollama"]["reason"]
     jinja = manifest["llama_cpp_chat_template"]
