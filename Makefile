@@ -27,7 +27,10 @@ install: $(INSTALLED)
 $(VENDORED): vendor/llama_cpp.toml vendor/fetch_llama_cpp.py | $(PY)
 	$(PY) vendor/fetch_llama_cpp.py
 
+# llama.cpp's llama-server and chat-template renderer, built once from the same sdist (about 15 minutes
+# on 2 cores), cached outside the checkout (~/.cache/edge-export/llama.cpp-<commit>/); a no-op when built.
 vendor: $(VENDORED)
+	$(PY) -m converters.llama_tools
 
 demo-inputs: install
 	$(PY) -m exporter.demo --out $(DEMO_DIR)

@@ -38,8 +38,10 @@ def greedy_generate(
     max_new_tokens: int,
     n_ctx: int = 512,
     threads: int | None = None,
+    lora: Path | None = None,
 ) -> list[list[int]]:
-    """Greedy continuations (token ids, up to an end-of-generation token) of each prompt."""
+    """Greedy continuations (token ids, up to an end-of-generation token) of each prompt; with `lora`,
+    a GGUF LoRA applied at scale 1."""
     request = {
         "op": "generate",
         "gguf": str(gguf),
@@ -47,6 +49,7 @@ def greedy_generate(
         "max_new_tokens": max_new_tokens,
         "n_ctx": n_ctx,
         "threads": threads or os.cpu_count() or 1,
+        "lora": str(lora) if lora else None,
     }
     response = run_child("converters.llama_runtime", request, f"Evaluating {gguf.name} with llama.cpp")
     return [list(map(int, ids)) for ids in response["continuations"]]

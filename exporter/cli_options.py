@@ -19,6 +19,7 @@ import typer
 
 from exporter.adapter import parse_adapter_argument
 from exporter.locks import LockPolicy
+from exporter.ollama_targets import CURRENT_OLLAMA
 from exporter.options import (
     DEFAULT_CALIBRATION_TOKENS,
     InputOptions,
@@ -159,8 +160,20 @@ OUTPUT = OptionGroup(
         Flag("out", _opt(Path, "--out", help="Output folder (GGUFs, Modelfiles, manifest.json, reports).")),
         Flag("name", _opt(str | None, "--name", help="Model name used in file names."), None),
         Flag("force", _opt(bool, "--force", help="Replace an earlier export in --out."), False),
+        Flag(
+            "ollama_version",
+            _opt(
+                str,
+                "--ollama-version",
+                help=f"The Ollama release the Modelfiles are for (default {CURRENT_OLLAMA}); 0.30+ renders "
+                "the GGUF's own template, older ones only the Modelfile's TEMPLATE.",
+            ),
+            CURRENT_OLLAMA,
+        ),
     ),
-    lambda v: OutputOptions(out=v["out"], name=v.get("name"), force=v["force"]),
+    lambda v: OutputOptions(
+        out=v["out"], name=v.get("name"), force=v["force"], ollama_version=v["ollama_version"]
+    ),
 )
 
 PROFILES = OptionGroup(

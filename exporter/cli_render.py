@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -130,6 +131,7 @@ def print_export(result: ExportResult) -> None:
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}")
     console.print(f"Modelfiles: {', '.join(m.name for m in result.modelfiles)}")
+    print_serve_configs(result.serve_configs)
     console.print(f"manifest: {result.manifest}")
     if result.quality:
         print_quality(result.quality)
@@ -172,6 +174,14 @@ def print_merge_base(section: dict[str, Any]) -> None:
         console.print(f"second candidate (dequant): {stages}; {total:.1f}s in all")
 
 
+def print_serve_configs(configs: list[Path]) -> None:
+    """Each llama-server config with the command it holds (run in the output folder)."""
+    from exporter.serve_config import read_serve_config
+
+    for config in configs:
+        console.print(f"llama-server: {config.name}: {read_serve_config(config)['shell']}", highlight=False)
+
+
 def print_runtime(result: RuntimeLoraResult) -> None:
     table = Table(title=f"{result.base_name} + {len(result.adapters)} adapter(s) → {result.out}")
     for column in ("file", "what", "size", "sha256"):
@@ -186,7 +196,9 @@ def print_runtime(result: RuntimeLoraResult) -> None:
     console.print(f"stages: {stages}")
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}")
-    console.print(f"Modelfiles: {', '.join(m.name for m in result.modelfiles)}")
+    if result.modelfiles:
+        console.print(f"Modelfiles: {', '.join(m.name for m in result.modelfiles)}")
+    print_serve_configs(result.serve_configs)
     console.print(f"manifest: {result.manifest}")
     if result.quality:
         quality = Table(title="runtime adapter vs merge-then-quantize, against the unmerged fine-tune")

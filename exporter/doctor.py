@@ -11,6 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from converters.llama_runtime import needs_extra_bufts_workaround
+from converters.llama_tools import LlamaToolsMissing, locate_llama_tools
 from converters.vendor import locate_vendored, pinned
 from exporter.errors import ExportError
 
@@ -56,6 +57,11 @@ def run_checks(work_dir: Path) -> list[Check]:
         )
     except ExportError as exc:
         checks.append(Check("vendored converter", False, str(exc), "make vendor"))
+    try:
+        tools = locate_llama_tools()
+        checks.append(Check("llama-server", True, f"llama.cpp {tools.commit[:9]}: {tools.server}"))
+    except LlamaToolsMissing as exc:
+        checks.append(Check("llama-server", False, str(exc), "make vendor"))
     workaround = needs_extra_bufts_workaround()
     checks.append(
         Check(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import textwrap
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 from converters.chat_template import (
     CANONICAL_TEMPLATES,
+    ChatTemplateError,
     TemplateTranslation,
     jinja_render,
     translate_chat_template,
@@ -55,7 +57,7 @@ class ChatSpec:
     verified_conversations: int = 0
 
 
-def _adds_bos(tokenizer: Any) -> bool:
+def adds_bos(tokenizer: Any) -> bool:
     if tokenizer.bos_token_id is None:
         return False
     with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
@@ -64,7 +66,17 @@ def _adds_bos(tokenizer: Any) -> bool:
 
 def chat_spec(model_dir: Path, num_ctx: int | None = None, tokenizer: Any = None) -> ChatSpec:
     """Translate and verify the chat template of an HF folder (whose tokenizer may be given loaded);
-    its stops and parameters."""
+    its stops and parameters. Raises ChatTemplateError when no Go template renders like it."""
+    spec, error = chat_spec_or_error(model_dir, num_ctx, tokenizer)
+    if error is not None:
+        raise error
+    return spec
+
+
+def chat_spec_or_error(
+    model_dir: Path, num_ctx: int | None = None, tokenizer: Any = None
+) -> tuple[ChatSpec, ChatTemplateError | None]:
+    """As chat_spec; a template without a Go translation gives a spec without TEMPLATE and the reason."""
     if tokenizer is None:
         from transformers import AutoTokenizer
 
@@ -74,7 +86,7 @@ def chat_spec(model_dir: Path, num_ctx: int | None = None, tokenizer: Any = None
     parameters.update(_num_ctx(_context_length(model_dir), num_ctx))
     template = tokenizer.chat_template
     if not template:
-        return _raw_prompt_spec(stops, parameters)
+        return _raw_prompt_spec(stops, parameters), None
 
     def render(messages: list[dict[str, str]], generation: bool) -> str:
         return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation))
@@ -83,15 +95,18 @@ def chat_spec(model_dir: Path, num_ctx: int | None = None, tokenizer: Any = None
         *tokenizer.all_special_tokens,
         *(t.content for t in tokenizer.added_tokens_decoder.values() if t.special),
     }
-    translation = translate_chat_template(
-        template,
-        render,
-        tokenizer.bos_token,
-        _adds_bos(tokenizer),
-        special,
-        source=f"The chat template of {model_dir}",
-    )
-    return spec_from_translation(translation, stops, parameters)
+    try:
+        translation = translate_chat_template(
+            template,
+            render,
+            tokenizer.bos_token,
+            adds_bos(tokenizer),
+            special,
+            source=f"The chat template of {model_dir}",
+        )
+    except ChatTemplateError as exc:
+        return ChatSpec("untranslated", None, None, tuple(stops), parameters), exc
+    return spec_from_translation(translation, stops, parameters), None
 
 
 def _raw_prompt_spec(stops: list[str], parameters: dict[str, Any]) -> ChatSpec:
@@ -263,11 +278,13 @@ def write_modelfile(
 ) -> None:
     """Write a Modelfile whose FROM is the GGUF's path relative to the Modelfile (atomically, LF endings).
 
-    With `adapter`, an ADAPTER line names a GGUF LoRA that Ollama applies on top of FROM.
+    With `adapter`, an ADAPTER line names a GGUF LoRA that Ollama applies on top of FROM. Each line of
+    `header_comment` becomes a comment line (wrapped).
     """
     relative = Path(gguf).relative_to(target.parent) if gguf.is_relative_to(target.parent) else gguf
+    comments = [f"# {line}" for part in header_comment.splitlines() for line in textwrap.wrap(part, 110)]
     lines = [
-        f"# {header_comment}",
+        *comments,
         f"FROM ./{relative.as_posix()}" if not relative.is_absolute() else f"FROM {relative}",
     ]
     if adapter is not None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from exporter.errors import InputError
 from exporter.locks import LockPolicy
+from exporter.ollama_targets import CURRENT_OLLAMA, OllamaTarget, ollama_target
 from exporter.safetensors_header import DEFAULT_SHARD_BYTES
 
 DEFAULT_CALIBRATION_TOKENS = 65536  # most calibration tokens read for an importance matrix
@@ -52,6 +53,14 @@ class OutputOptions:
     out: Path
     name: str | None = None
     force: bool = False
+    ollama_version: str = CURRENT_OLLAMA  # the Ollama release the Modelfiles are written for
+
+    def __post_init__(self) -> None:
+        ollama_target(self.ollama_version)  # refuses a malformed version early
+
+    @property
+    def ollama(self) -> OllamaTarget:
+        return ollama_target(self.ollama_version)
 
 
 @dataclass(frozen=True)

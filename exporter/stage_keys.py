@@ -90,8 +90,16 @@ def given_imatrix_key(convert: str, sha256: str) -> str:
     return stage_key({"stage": "imatrix-given", "convert": convert, "sha256": sha256})
 
 
-def chat_key(merge: str, edge_export: str) -> str:
-    return stage_key({"stage": "chat", "merge": merge, "edge-export": edge_export})
+def chat_key(merge: str, edge_export: str, ollama_version: str, llama_cpp_commit: str) -> str:
+    return stage_key(
+        {
+            "stage": "chat",
+            "merge": merge,
+            "edge-export": edge_export,
+            "ollama": ollama_version,
+            "llama.cpp": llama_cpp_commit,
+        }
+    )
 
 
 def parity_key(convert: str, edge_export: str, checks: int) -> str:
@@ -158,3 +166,19 @@ def dequantize_key(base_files: dict[str, str], trained_on: dict[str, Any], versi
 def losses_key(quality: str) -> str:
     """A GGUF's scoring that also keeps its per-token losses (the merge-base decision compares them)."""
     return stage_key({"stage": "losses", "quality": quality})
+
+
+def stops_key(
+    ggufs: dict[str, str], terminator: str | None, prompt: str, max_tokens: int, edge_export: str
+) -> str:
+    """`ggufs`: label -> sha256 of each GGUF checked (the llama.cpp runtime is pinned with them)."""
+    return stage_key(
+        {
+            "stage": "stops",
+            "ggufs": ggufs,
+            "terminator": terminator,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "edge-export": edge_export,
+        }
+    )

@@ -84,9 +84,9 @@ class ParityReport:
 
 def check_tokenizer_parity(model_dir: Path, gguf: Path) -> ParityReport:
     """Compare HF and llama.cpp token ids on plain, special-token and chat-formatted texts."""
-    from transformers import AutoTokenizer
+    from exporter.hf_tokenizer import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    tokenizer = load_tokenizer(model_dir)
     specials = [t for t in tokenizer.all_special_tokens if t]
     texts = [*PARITY_TEXTS, " ".join(specials) + " between special tokens"]
     if tokenizer.chat_template:

@@ -151,7 +151,16 @@ class DemoExport:
 
 
 # The stages of the demo export with --no-check, as cached_stages names them.
-EXPORT_STAGES = {"merge", "chat", "convert", "parity", "quantize:Q4_K_M", "quantize:Q8_0", "quantize:Q2_K"}
+EXPORT_STAGES = {
+    "merge",
+    "chat",
+    "convert",
+    "parity",
+    "quantize:Q4_K_M",
+    "quantize:Q8_0",
+    "quantize:Q2_K",
+    "stops",
+}
 
 
 def export_args(demo_inputs: DemoInputs, out: Path) -> list[str]:

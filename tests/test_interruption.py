@@ -119,5 +119,5 @@ def test_killed_runtime_lora_resumes_to_identical_bytes(
     assert sorted(path.name for path in out.glob("*.gguf")) == ggufs
     for name in ggufs:  # the base GGUFs and the adapter GGUFs
         assert sha256_file(out / name) == sha256_file(runtime_export.out / name), name
-    for modelfile in runtime_export.out.glob("*.Modelfile"):
-        assert (out / modelfile.name).read_text() == modelfile.read_text()
+    for written in [*runtime_export.out.glob("*.Modelfile"), *runtime_export.out.glob("*.llama-server.json")]:
+        assert (out / written.name).read_text() == written.read_text()

@@ -87,6 +87,7 @@ def test_doctor_reports_every_check():
         "torch",
         "llama-cpp-python",
         "vendored converter",
+        "llama-server",
         "CPU extra buffer types",
         "free disk",
         "available RAM",
@@ -100,6 +101,15 @@ def test_doctor_fails_with_the_fix_when_vendor_is_missing(tmp_path: Path, monkey
     proc = run_cli("doctor")
     assert proc.returncode == 2
     assert "FAIL vendored converter" in proc.stdout and "make vendor" in proc.stdout
+
+
+def test_doctor_fails_with_the_fix_when_llama_server_is_not_built(tmp_path: Path, monkeypatch):
+    from converters import llama_tools
+
+    monkeypatch.setenv(llama_tools.ENV_VAR, str(tmp_path / "absent"))
+    proc = run_cli("doctor")
+    assert proc.returncode == 2
+    assert "FAIL llama-server" in proc.stdout and "run `make vendor`" in proc.stdout
 
 
 def test_no_bare_export_command():

@@ -14,7 +14,7 @@ import pytest
 from exporter.adapter import read_adapter
 from exporter.errors import InputError
 from exporter.runtime_adapter import check_pair, runtime_correction
-from tests.conftest import DEMO_EVAL, DemoExport, DemoInputs, RuntimeExport, run_cli
+from tests.conftest import DEMO_EVAL, DemoExport, DemoInputs, RuntimeExport, run_cli, runtime_lora_args
 from tests.tiny import make_adapter, make_tiny_llama
 
 # ------------------------------------------------------------------------------------ tiny models
@@ -97,8 +97,6 @@ def test_dora_refused_through_the_command_line(demo_inputs: DemoInputs, tmp_path
 
 
 def test_two_adapters_share_one_base_file_per_profile(runtime_export: RuntimeExport) -> None:
-    from exporter.modelfile_check import parse_modelfile
-
     out = runtime_export.out
     assert sorted(p.name for p in out.glob("*.gguf")) == [
         "pirate-alpha.lora.gguf",
@@ -106,19 +104,41 @@ def test_two_adapters_share_one_base_file_per_profile(runtime_export: RuntimeExp
         "smollm2-F16.gguf",
         "smollm2-Q4_K_M.gguf",
     ]
-    modelfiles = sorted(out.glob("*.Modelfile"))
-    assert len(modelfiles) == 4
-    text = (out / "pirate-rslora-Q4_K_M.Modelfile").read_text()
-    assert "FROM ./smollm2-Q4_K_M.gguf\nADAPTER ./pirate-rslora.lora.gguf\n" in text
-    assert 'PARAMETER stop "<|im_end|>"' in text and "TEMPLATE" in text
-    for modelfile in modelfiles:
-        assert parse_modelfile(modelfile)[1] == []
+    # Ollama 0.34.1 (the default target) refuses ADAPTER Modelfiles: llama-server configs instead
+    assert not list(out.glob("*.Modelfile"))
+    assert "refuses Modelfiles with ADAPTER" in runtime_export.stdout
+    config = json.loads((out / "smollm2-Q4_K_M.llama-server.json").read_text())
+    assert config["shell"] == (
+        "llama-server -m ./smollm2-Q4_K_M.gguf --jinja --host 127.0.0.1 --port 8080 -c 4096 "
+        "--lora ./pirate-rslora.lora.gguf --lora ./pirate-alpha.lora.gguf --lora-init-without-apply"
+    )
+    assert config["requests"]["pirate-alpha"]["lora"] == [{"id": 0, "scale": 0.0}, {"id": 1, "scale": 1.0}]
     manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["llama_server"] == ["smollm2-F16.llama-server.json", "smollm2-Q4_K_M.llama-server.json"]
     assert [b["profile"] for b in manifest["bases"]] == ["F16", "Q4_K_M"]
     assert {a["name"]: a["corrected_modules"] for a in manifest["adapters"]} == {
         "pirate-rslora": 210,  # every LoRA module: 30 layers × 7
         "pirate-alpha": 60,  # q_proj and down_proj of 30 layers
     }
+
+
+def test_adapter_modelfiles_for_ollama_before_0_34_1(
+    runtime_export: RuntimeExport, demo_inputs: DemoInputs, tmp_path: Path
+) -> None:
+    from exporter.modelfile_check import parse_modelfile
+
+    out = tmp_path / "out"
+    args = runtime_lora_args(demo_inputs, runtime_export.adapters, out)
+    proc = run_cli(*args, "--no-check", "--ollama-version", "0.33.0")  # every stage but the Modelfiles cached
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    modelfiles = sorted(out.glob("*.Modelfile"))
+    assert len(modelfiles) == 4
+    text = (out / "pirate-rslora-Q4_K_M.Modelfile").read_text()
+    assert "FROM ./smollm2-Q4_K_M.gguf\nADAPTER ./pirate-rslora.lora.gguf\n" in text
+    assert 'PARAMETER stop "<|im_end|>"' in text and "TEMPLATE" in text
+    assert "# for Ollama 0.33.0: renders with go_template" in text
+    for modelfile in modelfiles:
+        assert parse_modelfile(modelfile)[1] == []
 
 
 def _uncorrected_kld(

@@ -4,7 +4,8 @@ The expected digests were computed by the key payloads as they were before the s
 (one payload per stage, written inline in the old pipeline). Deliberate changes since: the runtime
 quality key names the llama-cpp-python version that scores the pair, the parity key names the
 version of what the parity check covers (added tokens, both directions), and the merge arithmetic
-version (4: merges that record the coverage ledger) moves the merge key and every key after it."""
+version (4: merges that record the coverage ledger) moves the merge key and every key after it; the
+chat key names the Ollama version it writes for and the llama.cpp renderer that checks the template."""
 
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ OLD_PARITY = "eeb8d41ba9cad4516df6e56dbaa773f3f2ce84b6d52c0a6a3b6103029309db1b"
 PINNED = {
     "merge": "5e9151a1cfb18acae926039db0bc932c91a4cf744b956f5e483120b7d66d957a",
     "convert": "04e4f2adf2c58247e82e235d98cbfde92a6c3464b7f5582b30885112cb3d3e6f",
-    "chat": "b667bb3bf375d95d94e7d7be8ed733f732549a80b0b439b292639886da1758b8",
+    "chat": "9be749ee2e9501fcec802eaa37a93ad834853bee8bea17b40f7a0b20a8dfff83",
+    "stops": "ea7c550c71d8ba9420a2d4cc94e63ea5064cf53bbc307ac0e583b909d164e89d",
     "parity": "48438a90b09c7b187929a8dd5414c97ab6bece2ce49bcf920246c3ed8e0207d8",
     "quantize": "1e130d615d2f224acf68e8eae418e23b3890f476ea286b81346d243cce74747b",
     "quantize-imatrix": "b93c9132fb11f0f3c52560c8b26ffd736fba782f7fedfcc87d320aeedec80e30",
@@ -65,7 +67,10 @@ def computed() -> dict[str, str]:
     return {
         "merge": merge,
         "convert": convert,
-        "chat": keys.chat_key(merge, "0.1.0"),
+        "chat": keys.chat_key(merge, "0.1.0", "0.34.1", "0c1e57098/render_chat_template-0123456789ab"),
+        "stops": keys.stops_key(
+            {"Q4_K_M": "a" * 64}, "<|im_end|>", "<|im_start|>user\nHi<|im_end|>\n", 64, "0.1.0"
+        ),
         "parity": keys.parity_key(convert, "0.1.0", 2),
         "quantize": keys.quantize_key(convert, "0.3.36", "Q4_K_M", OVERRIDES, None),
         "quantize-imatrix": keys.quantize_key(convert, "0.3.36", "Q4_K_M", OVERRIDES, "d" * 64),

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from converters.stop_tokens import StopCheck
 from converters.vendor import VendoredLlamaCpp, locate_vendored
 from exporter.adapter import LoraAdapter
 from exporter.artifacts import GGUFArtifact
@@ -26,13 +27,22 @@ from exporter.qlora import TrainedOn, resolve_trained_on
 from exporter.records import BuiltGGUF, MergedModel, ModelInputs, read_inputs, sanitize_name
 from exporter.report import REPORT_FILES
 from exporter.run import Reporter, Run, check_output, silent
-from exporter.stages.chat import chat_stage, parity_stage
+from exporter.serve_config import SERVE_SUFFIX, ServeConfig
+from exporter.stages.chat import (
+    ChatRecord,
+    chat_stage,
+    locate_llama_tools_commit,
+    parity_stage,
+    parity_to_json,
+    report_template_choice,
+)
 from exporter.stages.gguf import convert_merged, quantize_from
 from exporter.stages.imatrix import computed_imatrix_stage, given_imatrix_stage
 from exporter.stages.merge import MERGED_DIR, merge_stage
-from exporter.stages.modelfiles import write_modelfiles
+from exporter.stages.modelfiles import write_modelfiles, write_serve_configs
 from exporter.stages.qlora import QloraChoice, qlora_choice
 from exporter.stages.quality import QualitySummary, judged, reference_stage, score_stage, write_quality_report
+from exporter.stages.stops import stops_stage, stops_to_json
 from exporter.tokenizer_parity import ParityReport, check_embedded_chat_template
 from quant_profiles import ProfileRegistry, QuantProfile
 
@@ -54,6 +64,9 @@ class ExportLayout:
     def modelfile(self, label: str) -> Path:
         return self.out / f"{self.name}-{label}.Modelfile"
 
+    def serve_config(self, label: str) -> Path:
+        return self.out / f"{self.name}-{label}{SERVE_SUFFIX}"
+
     @property
     def planned(self) -> list[Path]:
         return [
@@ -62,6 +75,7 @@ class ExportLayout:
             *(self.gguf(ftype) for ftype in SOURCE_FTYPES),
             *(self.gguf(p.name) for p in self.profiles),
             *(self.modelfile(p.name) for p in self.profiles),
+            *(self.serve_config(p.name) for p in self.profiles),
             *(self.out / name for name in REPORT_FILES),
             *([self.out / f"{self.name}.imatrix.gguf"] if self.has_imatrix else []),
         ]
@@ -79,6 +93,7 @@ class ExportResult:
     quality: QualitySummary | None = None
     imatrix: ImatrixStage | None = None
     merge_base: dict[str, Any] | None = None  # a QLoRA adapter's merge-base choice (both candidates)
+    serve_configs: list[Path] = field(default_factory=list)  # llama-server launch configs
 
 
 @dataclass(frozen=True)
@@ -105,6 +120,7 @@ class PreparedExport:
 def prepare_export(options: ExportOptions) -> PreparedExport:
     """The checks of an export that need no run: the installation, the profiles, the inputs."""
     vendored = locate_vendored()  # a broken installation is reported before anything about the inputs
+    locate_llama_tools_commit()  # llama.cpp's chat-template renderer checks every export's template
     registry, profiles = requested_profiles(options.profiles)
     for profile in profiles:
         if profile.needs_imatrix and not options.has_imatrix:
@@ -195,6 +211,7 @@ class ExportGraph:
         g.add("parity", self.parity, ("merge", "convert"), heavy=False)
         g.add("templates", self.templates, ("merge", "chat", "convert", *quantized), heavy=False)
         g.add("modelfiles", self.modelfiles, ("chat", "templates", *quantized), heavy=False)
+        g.add("stops", self.stops, ("chat", *quantized))
         if options.check:
             g.add("reference", self.reference, ("merge", "modelfiles"))
             scored = [g.add("quality:source", self.scorer(None), ("reference", "convert"))]
@@ -216,7 +233,9 @@ class ExportGraph:
 
     def chat(self, r: Results) -> Any:
         merged: MergedModel = r["merge"]
-        return chat_stage(self.run, merged.key, merged.path)
+        chat = chat_stage(self.run, merged.key, merged.path, self.options.output.ollama)
+        report_template_choice(self.run, chat)
+        return chat
 
     def convert(self, r: Results) -> BuiltGGUF:
         merged: MergedModel = r["merge"]
@@ -266,7 +285,7 @@ class ExportGraph:
         headers = {g.path: g.header for g in ggufs}
         check_embedded_chat_template(r["chat"].template, merged.path, list(headers), headers)
 
-    def modelfiles(self, r: Results) -> list[Path]:
+    def modelfiles(self, r: Results) -> tuple[list[Path], list[Path]]:
         spec: ChatSpec = r["chat"].spec
         merged_dir = self.layout.out / MERGED_DIR
         targets = {
@@ -275,7 +294,27 @@ class ExportGraph:
         }
         self.run.report("writing Modelfiles")
         kill_point("modelfiles")
-        return write_modelfiles(self.run, targets, spec, merged_dir)
+        written = write_modelfiles(self.run, targets, spec, merged_dir, choice=r["chat"].choice)
+        num_ctx = spec.parameters.get("num_ctx")
+        configs = {
+            self.layout.serve_config(p.name): ServeConfig(
+                gguf, num_ctx, llama_cpp_commit=self.run.vendored.commit
+            )
+            for p, (gguf, _) in zip(self.layout.profiles, targets.values(), strict=True)
+        }
+        return written, write_serve_configs(self.run, configs)
+
+    def stops(self, r: Results) -> dict[str, StopCheck]:
+        chat: ChatRecord = r["chat"]
+        if chat.stop_prompt is None:
+            return {}
+        ggufs = {p.name: r[f"quantize:{p.name}"].artifact for p in self.layout.profiles}
+        checks = stops_stage(
+            self.run, {n: (a.path, a.sha256) for n, a in ggufs.items()}, chat.terminator, chat.stop_prompt
+        )
+        for label, check in checks.items():
+            self.run.report(check.summary(ggufs[label].path.name))
+        return checks
 
     def reference(self, r: Results) -> Any:
         kill_point("check")
@@ -324,7 +363,7 @@ class ExportGraph:
         imatrix: ImatrixStage | None = r.get("imatrix")
         summary: QualitySummary | None = r.get("report")
         out = self.layout.out
-        modelfiles: list[Path] = r["modelfiles"]
+        modelfiles, serve_configs = r["modelfiles"]
         sections: dict[str, Any] = {
             "merge": merged.to_json(MERGED_DIR),
             "precision": merged.precision(),
@@ -340,12 +379,18 @@ class ExportGraph:
                 for m in modelfiles
             ],
             "tokenizer_parity": parity.to_json(),
+            "ollama": chat.choice.to_json(),
+            "llama_server": [c.name for c in serve_configs],
+            "stops": stops_to_json(r["stops"]),
+            "llama_cpp_chat_template": None if chat.jinja is None else parity_to_json(chat.jinja),
         }
         if imatrix is not None:
             sections["imatrix"] = imatrix.to_json(out)
         if self.qlora is not None:
             sections["merge_base"] = self.qlora.section(self.run.seconds)
         notes = [n for n in (chat.spec.note, None if parity.passed else parity.summary()) if n]
+        notes += [c.summary(label) for label, c in r["stops"].items() if not c.passed]
+        notes += [chat.choice.llama_server_note] if chat.choice.llama_server_note else []
         self.run.report(parity.summary())
         cached = self.run.cached_stages(self.graph.order)
         if cached:
@@ -375,6 +420,7 @@ class ExportGraph:
             summary,
             imatrix,
             None if self.qlora is None else sections["merge_base"],
+            serve_configs,
         )
 
     def manifest_options(self, merged: MergedModel, artifacts: list[GGUFArtifact]) -> dict[str, Any]:

@@ -21,7 +21,6 @@ from exporter.errors import InputError
 from exporter.faults import kill_point
 from exporter.graph import Results, StageGraph
 from exporter.manifest import MANIFEST, RUNTIME_LORA_FORMAT, Manifest
-from exporter.modelfile import ChatSpec, chat_spec
 from exporter.options import QualityOptions, RuntimeLoraOptions
 from exporter.preflight import preflight
 from exporter.profiles import requested_profiles
@@ -37,12 +36,14 @@ from exporter.runtime_adapter import (
     runtime_correction,
 )
 from exporter.safetensors_header import choose_merge_dtype, gguf_source_ftype
+from exporter.serve_config import SERVE_SUFFIX, ServeConfig, ServedAdapter, adapter_refused_note
 from exporter.stage_cache import CacheEntry
 from exporter.stage_keys import convert_base_key
+from exporter.stages.chat import ChatRecord, chat_record, locate_llama_tools_commit, resolve_chat
 from exporter.stages.gguf import GGUF_FILE, convert_stage, publish_gguf, quantize_stage
 from exporter.stages.lora import RuntimeAdapter, lora_stage
 from exporter.stages.merge import MERGED_DIR
-from exporter.stages.modelfiles import write_modelfiles
+from exporter.stages.modelfiles import write_modelfiles, write_serve_configs
 from exporter.stages.quality import judged, reference_stage, score_stage
 from quant_profiles import ProfileRegistry, QuantProfile
 
@@ -61,6 +62,7 @@ class RuntimeLoraResult:
     floors: dict[str, dict[str, Any]] = field(default_factory=dict)
     reports: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    serve_configs: list[Path] = field(default_factory=list)  # llama-server: one base, every adapter
 
     @property
     def passed(self) -> bool:
@@ -86,6 +88,9 @@ class RuntimeLayout:
     def merged(self, name: str) -> Path:
         return self.out / MERGED_DIR / name
 
+    def serve_config(self, profile: str) -> Path:
+        return self.out / f"{self.base_name}-{profile}{SERVE_SUFFIX}"
+
     @property
     def planned(self) -> list[Path]:
         return [
@@ -95,6 +100,7 @@ class RuntimeLayout:
             *(self.base(p.name) for p in self.profiles),
             *(self.adapter(n) for n in self.adapter_names),
             *(self.modelfile(n, p.name) for n in self.adapter_names for p in self.profiles),
+            *(self.serve_config(p.name) for p in self.profiles),
         ]
 
 
@@ -122,6 +128,7 @@ class PreparedRuntime:
 def prepare_runtime(options: RuntimeLoraOptions) -> PreparedRuntime:
     """The checks of a runtime-LoRA export that need no run: the installation, the profiles, the inputs."""
     vendored = locate_vendored()  # a broken installation is reported before anything about the inputs
+    locate_llama_tools_commit()  # llama.cpp's chat-template renderer checks every export's template
     registry, profiles = requested_profiles(options.profiles)
     for profile in profiles:
         if profile.needs_imatrix:
@@ -271,14 +278,21 @@ class RuntimeGraph:
 
         return convert
 
-    def modelfiles(self, r: Results) -> tuple[list[Path], dict[str, ChatSpec]]:
+    def modelfiles(self, r: Results) -> tuple[list[Path], dict[str, ChatRecord], list[Path]]:
         kill_point("modelfiles")
-        self.run.report("writing Modelfiles")
+        target = self.options.output.ollama
         written: list[Path] = []
-        specs: dict[str, ChatSpec] = {}
+        chats = {
+            n: chat_record(resolve_chat(tokenizer_source([a], self.inputs.base_dir), target))
+            for n, (a, _) in self.adapters.items()
+        }
+        serve = self.serve_configs(r, chats)
+        if not target.accepts_adapter:
+            return written, chats, serve
+        self.run.report("writing Modelfiles")
         base_name = self.layout.base_name
-        for name, (adapter, _) in self.adapters.items():
-            specs[name] = spec = chat_spec(tokenizer_source([adapter], self.inputs.base_dir))
+        for name in self.adapters:
+            spec = chats[name].spec
             targets = {
                 self.layout.modelfile(name, p.name): (
                     r[f"quantize:{p.name}"].path,
@@ -288,9 +302,22 @@ class RuntimeGraph:
                 for p in self.layout.profiles
             }
             written += write_modelfiles(
-                self.run, targets, spec, self.inputs.base_dir, adapter=r[f"lora:{name}"].gguf
+                self.run, targets, spec, self.inputs.base_dir, r[f"lora:{name}"].gguf, chats[name].choice
             )
-        return written, specs
+        return written, chats, serve
+
+    def serve_configs(self, r: Results, chats: dict[str, ChatRecord]) -> list[Path]:
+        """One llama-server config per profile: the quantized base with every adapter, none applied."""
+        self.run.report("writing llama-server configs")
+        adapters = tuple(ServedAdapter(n, r[f"lora:{n}"].gguf) for n in self.layout.adapter_names)
+        num_ctx = next(iter(chats.values())).spec.parameters.get("num_ctx")
+        configs = {
+            self.layout.serve_config(p.name): ServeConfig(
+                r[f"quantize:{p.name}"].path, num_ctx, adapters, self.run.vendored.commit
+            )
+            for p in self.layout.profiles
+        }
+        return write_serve_configs(self.run, configs)
 
     def reference(self, name: str) -> Any:
         def build(_: Results) -> Reference:
@@ -341,7 +368,7 @@ class RuntimeGraph:
         identity = base_identity(entry.path / GGUF_FILE, entry.meta["files"][GGUF_FILE])
         bases = {p.name: r[f"quantize:{p.name}"] for p in layout.profiles}
         adapters = [r[f"lora:{n}"] for n in layout.adapter_names]
-        modelfiles, specs = r["modelfiles"]
+        modelfiles, chats, serve = r["modelfiles"]
         cached = run.cached_stages(self.graph.order)
         if cached:
             run.report(f"reused from the cache: {', '.join(cached)}")
@@ -355,11 +382,14 @@ class RuntimeGraph:
                     "path": layout.modelfile(n, p.name).name,
                     "adapter": n,
                     "profile": p.name,
-                    "chat_template_family": specs[n].family,
+                    "chat_template_family": chats[n].spec.family,
                 }
                 for n in layout.adapter_names
                 for p in layout.profiles
+                if modelfiles
             ],  # fmt: skip
+            "ollama": {n: c.choice.to_json() for n, c in chats.items()},
+            "llama_server": [c.name for c in serve],
         }
         if self.options.check and self.options.compare_merged:
             sections["merged"] = [
@@ -391,8 +421,10 @@ class RuntimeGraph:
             quality=None if "report" not in r else {"report": "report.json", "passed": passed},
         )
         path = manifest.write(layout.out)
-        notes = sorted({spec.note for spec in specs.values() if spec.note})
+        notes = sorted({c.spec.note for c in chats.values() if c.spec.note})
+        if not modelfiles:
+            notes.append(adapter_refused_note(self.options.output.ollama.text))
         return RuntimeLoraResult(
             layout.out, layout.base_name, {n: b.path for n, b in bases.items()}, adapters, modelfiles, path,
-            dict(run.seconds), cached, pairs, floors, reports, notes,
+            dict(run.seconds), cached, pairs, floors, reports, notes, serve,
         )  # fmt: skip

@@ -6,7 +6,9 @@ from pathlib import Path
 
 from exporter import __version__
 from exporter.modelfile import ChatSpec, model_license, write_modelfile
+from exporter.ollama_targets import TemplateChoice
 from exporter.run import Run
+from exporter.serve_config import ServeConfig, write_serve_config
 
 
 def write_modelfiles(
@@ -15,18 +17,30 @@ def write_modelfiles(
     spec: ChatSpec,
     license_dir: Path,
     adapter: Path | None = None,
+    choice: TemplateChoice | None = None,
 ) -> list[Path]:
-    """`targets`: Modelfile path -> (the GGUF it serves, a description for its header comment)."""
+    """`targets`: Modelfile path -> (the GGUF it serves, a description for its header comment); `choice`
+    (what the target Ollama renders chats with, and why) goes into the header comment too."""
     license_text = model_license(license_dir)
     written = []
+    renders = (
+        ""
+        if choice is None
+        else f"\nfor Ollama {choice.ollama_version}: renders with {choice.source}; {choice.reason}"
+    )
     for target, (gguf, description) in targets.items():
         write_modelfile(
             run.guard.claim(target),
             gguf,
             spec,
-            f"{description}, written by edge-export {__version__}",
+            f"{description}, written by edge-export {__version__}{renders}",
             license_text,
             adapter=adapter,
         )
         written.append(target)
     return written
+
+
+def write_serve_configs(run: Run, configs: dict[Path, ServeConfig]) -> list[Path]:
+    """A llama-server launch config per target (see exporter.serve_config)."""
+    return [write_serve_config(run.guard.claim(target), config) for target, config in configs.items()]
