@@ -70,6 +70,10 @@ def _global(
         format="%(message)s",
         handlers=[RichHandler(console=err_console, show_time=False, show_path=False)],
     )
+    if not debug:
+        # PEFT imports bitsandbytes, which warns that an optional CPU kernel package is missing (it only
+        # speeds up 4-bit matmuls; edge-export uses bitsandbytes' quantize/dequantize alone).
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 @contextmanager

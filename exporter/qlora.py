@@ -28,6 +28,7 @@ import numpy as np
 
 from exporter.errors import InputError
 from exporter.options import QUANT_TYPES, QloraOptions
+from exporter.preflight import read_base_config
 
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
 # bitsandbytes' BitsAndBytesConfig defaults, which a training script gets for what it leaves out.
@@ -121,7 +122,7 @@ def detect_trained_on(base_dir: Path, adapter_dirs: list[Path]) -> TrainedOn | N
     machine), or the training quantization config an adapter's model card recorded."""
     configs = [base_dir / "config.json"] + [_recorded_base_config(adapter) for adapter in adapter_dirs]
     for config_path in (path for path in configs if path is not None and path.is_file()):
-        quantization = json.loads(config_path.read_text()).get("quantization_config") or {}
+        quantization = read_base_config(config_path.parent).get("quantization_config") or {}
         found = trained_on_from_quantization_config(quantization, str(config_path))
         if found is not None:
             return found

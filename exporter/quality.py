@@ -21,8 +21,8 @@ from converters.metrics import compare_rows, greedy_agreement, log_softmax, refe
 from exporter.adapter import LoraAdapter, tokenizer_source
 from exporter.errors import InputError
 from exporter.evaldata import EvalData
-from exporter.merge.vocab import saved_vocab_rows, special_token_ids
 from exporter.options import GATE_KEYS, GateOverrides, QualityOptions
+from exporter.tokenizer_files import saved_vocab_rows, special_token_ids
 from quant_profiles import QuantProfile
 
 

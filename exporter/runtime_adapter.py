@@ -23,7 +23,8 @@ from exporter.adapter import ADAPTER_CONFIG, LoraAdapter
 from exporter.errors import InputError
 from exporter.merge import BaseModel, LoraUpdate, MergePlan, plan_merge
 from exporter.merge.experts import is_fused_module, unwrapped
-from exporter.merge.vocab import saved_vocab_rows, tokenizer_size
+from exporter.preflight import read_base_config
+from exporter.tokenizer_files import saved_vocab_rows, tokenizer_size
 
 MERGED_PATH_HINT = (
     "Use `edge-export merge-quantize` for this adapter instead: it merges the adapter into the base."
@@ -126,7 +127,7 @@ def _per_expert(
 
 def vocabulary_change(adapter: LoraAdapter, base_dir: Path) -> str | None:
     """How the adapter's vocabulary differs from the base's (resized matrices, added tokens), or None."""
-    base_rows = json.loads((base_dir / "config.json").read_text()).get("vocab_size")
+    base_rows = read_base_config(base_dir).get("vocab_size")
     rows = saved_vocab_rows(adapter)
     if rows is not None and base_rows is not None and rows != base_rows:
         return f"{rows} embedding rows where the base has {base_rows}"

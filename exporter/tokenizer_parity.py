@@ -67,11 +67,14 @@ class ParityReport:
             parts.append(f"{len(self.added_mismatches)} of {self.added_tokens} added tokens differ")
         return "tokenizer parity: " + "; ".join(parts)
 
-    def added_token_error(self) -> str | None:
-        """Why the GGUF's vocabulary cannot stand for the model's tokenizer, or None."""
-        if not self.added_mismatches:
+    def added_token_error(self, new_from: int | None = None) -> str | None:
+        """Why the GGUF's vocabulary cannot stand for the model's tokenizer, or None. With `new_from` (the
+        base tokenizer's size) only the tokens an adapter added count: a base's own added tokens that
+        llama.cpp reads differently are the base's property, reported by the summary."""
+        lost = [m for m in self.added_mismatches if new_from is None or m["id"] >= new_from]
+        if not lost:
             return None
-        shown = "; ".join(f"{m['token']!r} (id {m['id']}): {m['what']}" for m in self.added_mismatches[:5])
+        shown = "; ".join(f"{m['token']!r} (id {m['id']}): {m['what']}" for m in lost[:5])
         return (
             f"The GGUF's vocabulary loses added tokens: {shown}. llama.cpp would split or misread them, so the "
             "model could not see or write them. Check that the tokenizer saved with the adapter lists them in "

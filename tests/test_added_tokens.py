@@ -6,6 +6,9 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,25 +32,30 @@ SCENARIOS = {
 }
 
 
-@pytest.fixture(scope="session")
-def vocab_inputs(demo_inputs: DemoInputs) -> Path:
-    """Bases and adapters of tests/vocab_writer.py, trained once and cached by the writer's content."""
-    import subprocess
-    import sys
-
+def writer_output(demo_inputs: DemoInputs, label: str, run: Callable[[Path], None]) -> Path:
+    """The writer's output, built once by `run(staging)` and cached by the writer's content."""
     sources = [WRITER, REPO / "tests" / "tiny.py", demo_inputs.base / "tokenizer.json"]
     key = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
-    target = cache_dir() / "vocab" / f"added-tokens-{key}"
+    target = cache_dir() / "vocab" / f"{label}-{key}"
     if not (target / "recipe.py").is_file():
         staging = target.with_name(f".{target.name}.partial")
         shutil.rmtree(staging, ignore_errors=True)
-        proc = subprocess.run(
-            [sys.executable, str(WRITER), str(staging), str(demo_inputs.base)], capture_output=True, text=True
-        )
-        assert proc.returncode == 0, proc.stderr[-4000:]
+        run(staging)
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
     return target
+
+
+@pytest.fixture(scope="session")
+def vocab_inputs(demo_inputs: DemoInputs) -> Path:
+    """Bases and adapters of tests/vocab_writer.py, trained by this environment's PEFT."""
+
+    def run(staging: Path) -> None:
+        command = [sys.executable, str(WRITER), str(staging), str(demo_inputs.base)]
+        proc = subprocess.run(command, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+
+    return writer_output(demo_inputs, "added-tokens", run)
 
 
 @dataclass(frozen=True)
@@ -222,3 +230,34 @@ def test_a_tokenizer_with_more_tokens_than_rows_is_refused(vocab_inputs: Path, t
     with pytest.raises(InputError, match="has 49255 tokens, but the merged model has only 49216"):
         merge_adapters(vocab_inputs / "base-padded", [read_adapter(adapter_dir)], tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
+
+
+OLDER_PEFT = "0.18.1"  # the other PEFT release the version matrix reads (tests/test_version_matrix.py)
+
+
+@pytest.fixture(scope="session")
+def older_peft_inputs(demo_inputs: DemoInputs) -> Path:
+    """Two of the adapters trained and saved by PEFT 0.18.1 (a real install of it, first on the path)."""
+    from tests.sideenv import side_env
+
+    def run(staging: Path) -> None:
+        env = side_env("5.23.0", OLDER_PEFT)
+        env.run(str(WRITER), str(staging), str(demo_inputs.base), "untied,trainable", extra_path=(REPO,))
+
+    return writer_output(demo_inputs, f"added-tokens-peft-{OLDER_PEFT}", run)
+
+
+@pytest.mark.parametrize("scenario", ["untied", "trainable"])
+def test_adapters_saved_by_an_older_peft_export_the_same_way(
+    older_peft_inputs: Path, scenario: str, tmp_path: Path
+):
+    config = json.loads((older_peft_inputs / scenario / "adapter_config.json").read_text())
+    assert config["peft_version"].startswith(OLDER_PEFT), config.get("peft_version")
+    out = tmp_path / "out"
+    proc = run_cli(*export_args(older_peft_inputs, scenario, out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    f16 = next(row for row in report["artifacts"] if row["label"] == "F16")["metrics"]
+    assert f16["mean_kld"] <= 1e-4, f16
+    merged = json.loads((out / "merged" / "config.json").read_text())
+    assert (merged["vocab_size"], merged["tie_word_embeddings"]) == (ROWS, SCENARIOS[scenario][1])

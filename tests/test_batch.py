@@ -250,7 +250,8 @@ def test_ray_batch_survives_a_lost_worker_and_resumes_to_the_sequential_files(
         built = set(manifest["stage_seconds"]) - cached_stages
         finished_before = {s.split("/", 1)[1] for s in done if s.startswith(f"{export}/")}
         assert not built & finished_before, (export, built & finished_before)
-        assert built == ({"quantize:Q8_0"} if export != "smollm2" else set())
+        # stops checks every GGUF of the export, so the rebuilt Q8_0 file is checked again.
+        assert built == ({"quantize:Q8_0", "stops"} if export != "smollm2" else set())
     second = read_events(out / "batch-schedule.jsonl")
     assert {e["stage"] for e in second if e["event"] == "start"} == {
         e["stage"] for e in second if e["event"] == "end"

@@ -146,47 +146,57 @@ def load(base: Path, tokenizer: Any, pad: int | None) -> Any:
     return model
 
 
-def main(out: Path, tokenizer_dir: Path) -> None:
+def main(out: Path, tokenizer_dir: Path, only: set[str] | None = None) -> None:
     from transformers import AutoTokenizer
+
+    def wanted(name: str) -> bool:
+        return only is None or name in only
 
     out.mkdir(parents=True, exist_ok=True)
     attention = ["q_proj", "k_proj", "v_proj", "o_proj"]
     saved = {"target_modules": attention, "modules_to_save": ["embed_tokens", "lm_head"]}
 
-    plain = make_base(out / "base-plain", tokenizer_dir)
-    without_chat_markers(plain)
-    tokenizer = AutoTokenizer.from_pretrained(plain)
-    add_tokens(tokenizer, chatml=True)
-    chat = tokenizer.apply_chat_template(
-        [{"role": "user", "content": TOOL_PROMPT}, {"role": "assistant", "content": TOOL_ANSWER}],
-        tokenize=False,
-    )
-    write(out, "chatml", plain, tokenizer, load(plain, tokenizer, 64), saved, [chat], steps=120, lr=1e-2)
+    if wanted("chatml"):
+        plain = make_base(out / "base-plain", tokenizer_dir)
+        without_chat_markers(plain)
+        tokenizer = AutoTokenizer.from_pretrained(plain)
+        add_tokens(tokenizer, chatml=True)
+        chat = tokenizer.apply_chat_template(
+            [{"role": "user", "content": TOOL_PROMPT}, {"role": "assistant", "content": TOOL_ANSWER}],
+            tokenize=False,
+        )
+        write(out, "chatml", plain, tokenizer, load(plain, tokenizer, 64), saved, [chat], steps=120, lr=1e-2)
 
-    untied = make_base(out / "base-untied", tokenizer_dir, tie=False)
-    tokenizer = AutoTokenizer.from_pretrained(untied)
-    add_tokens(tokenizer, chatml=False)
-    write(out, "untied", untied, tokenizer, load(untied, tokenizer, 64), saved, [TRAIN_TEXT])
+    untied = out / "base-untied"
+    if wanted("untied") or wanted("embed_lora"):
+        make_base(untied, tokenizer_dir, tie=False)
+    if wanted("untied"):
+        tokenizer = AutoTokenizer.from_pretrained(untied)
+        add_tokens(tokenizer, chatml=False)
+        write(out, "untied", untied, tokenizer, load(untied, tokenizer, 64), saved, [TRAIN_TEXT])
 
-    tied = make_base(out / "base-tied", tokenizer_dir)
-    tokenizer = AutoTokenizer.from_pretrained(tied)
-    add_tokens(tokenizer, chatml=False)
-    new_ids = tokenizer.convert_tokens_to_ids([*TOOL_TOKENS, PLAIN_TOKEN])
-    lora = {"target_modules": attention, "trainable_token_indices": new_ids}
-    write(out, "trainable", tied, tokenizer, load(tied, tokenizer, 64), lora, [TRAIN_TEXT])
+    if wanted("trainable"):
+        tied = make_base(out / "base-tied", tokenizer_dir)
+        tokenizer = AutoTokenizer.from_pretrained(tied)
+        add_tokens(tokenizer, chatml=False)
+        new_ids = tokenizer.convert_tokens_to_ids([*TOOL_TOKENS, PLAIN_TOKEN])
+        lora = {"target_modules": attention, "trainable_token_indices": new_ids}
+        write(out, "trainable", tied, tokenizer, load(tied, tokenizer, 64), lora, [TRAIN_TEXT])
 
-    padded = make_base(out / "base-padded", tokenizer_dir, rows=49216)
-    tokenizer = AutoTokenizer.from_pretrained(padded)
-    add_tokens(tokenizer, chatml=False)
-    lora = {"target_modules": [*attention, "embed_tokens"]}
-    write(out, "padded", padded, tokenizer, load(padded, tokenizer, None), lora, [TRAIN_TEXT])
+    if wanted("padded"):
+        padded = make_base(out / "base-padded", tokenizer_dir, rows=49216)
+        tokenizer = AutoTokenizer.from_pretrained(padded)
+        add_tokens(tokenizer, chatml=False)
+        lora = {"target_modules": [*attention, "embed_tokens"]}
+        write(out, "padded", padded, tokenizer, load(padded, tokenizer, None), lora, [TRAIN_TEXT])
 
-    tokenizer = AutoTokenizer.from_pretrained(untied)
-    add_tokens(tokenizer, chatml=False)
-    lora = {"target_modules": [*attention, "embed_tokens"]}
-    write(out, "embed_lora", untied, tokenizer, load(untied, tokenizer, 64), lora, [TRAIN_TEXT], steps=2)
+    if wanted("embed_lora"):
+        tokenizer = AutoTokenizer.from_pretrained(untied)
+        add_tokens(tokenizer, chatml=False)
+        lora = {"target_modules": [*attention, "embed_tokens"]}
+        write(out, "embed_lora", untied, tokenizer, load(untied, tokenizer, 64), lora, [TRAIN_TEXT], steps=2)
     shutil.copyfile(Path(__file__), out / "recipe.py")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    main(Path(sys.argv[1]), Path(sys.argv[2]), set(sys.argv[3].split(",")) if len(sys.argv) > 3 else None)

@@ -43,6 +43,7 @@ from exporter.stages.modelfiles import write_modelfiles, write_serve_configs
 from exporter.stages.qlora import QloraChoice, qlora_choice
 from exporter.stages.quality import QualitySummary, judged, reference_stage, score_stage, write_quality_report
 from exporter.stages.stops import stops_stage, stops_to_json
+from exporter.tokenizer_files import tokenizer_size
 from exporter.tokenizer_parity import ParityReport, check_embedded_chat_template
 from quant_profiles import ProfileRegistry, QuantProfile
 
@@ -276,7 +277,8 @@ class ExportGraph:
     def parity(self, r: Results) -> ParityReport:
         merged: MergedModel = r["merge"]
         f16: BuiltGGUF = r["convert"]
-        return parity_stage(self.run, f16.key, merged.path, f16.path)
+        new_from = tokenizer_size(self.inputs.base_dir)  # the tokens an adapter added come after the base's
+        return parity_stage(self.run, f16.key, merged.path, f16.path, new_from=new_from)
 
     def templates(self, r: Results) -> None:
         merged: MergedModel = r["merge"]

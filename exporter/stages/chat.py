@@ -148,10 +148,11 @@ def locate_llama_tools_commit() -> str:
 
 
 def parity_stage(
-    run: Run, convert_key: str, model_dir: Path, gguf: Path, name: str = "parity"
+    run: Run, convert_key: str, model_dir: Path, gguf: Path, name: str = "parity", new_from: int | None = None
 ) -> ParityReport:
     """Tokenizer parity of a merged folder and its 16-bit GGUF (every quantization carries the same
-    vocabulary, so one check covers them all)."""
+    vocabulary, so one check covers them all). An added token with an id from `new_from` on (the base
+    tokenizer's size: a token the adapter added) that llama.cpp loses fails the export."""
 
     def produce(staging: Path, meta: dict[str, Any]) -> None:
         meta.update(parity=check_tokenizer_parity(model_dir, gguf).to_json(), what="tokenizer parity")
@@ -159,7 +160,7 @@ def parity_stage(
     entry = run.stage(name, "parity", parity_key(convert_key, __version__, PARITY_CHECKS), produce)
     recorded = {k: v for k, v in entry.meta["parity"].items() if k != "passed"}
     report = ParityReport(**recorded)
-    error = report.added_token_error()
+    error = report.added_token_error(new_from)
     if error:
         raise StageError(f"{gguf.name}: {error}")
     return report
