@@ -14,6 +14,7 @@ from converters.llama_runtime import needs_extra_bufts_workaround
 from converters.llama_tools import LlamaToolsMissing, locate_llama_tools
 from converters.vendor import locate_vendored, pinned
 from exporter.errors import ExportError
+from exporter.memory import mem_available
 
 PACKAGES = ("torch", "transformers", "peft", "safetensors", "gguf", "typer", "rich", "pydantic")
 MIN_FREE_DISK = 2 << 30
@@ -26,17 +27,6 @@ class Check:
     ok: bool
     detail: str
     fix: str = ""
-
-
-def _available_ram() -> int | None:
-    try:
-        with open("/proc/meminfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def run_checks(work_dir: Path) -> list[Check]:
@@ -128,7 +118,7 @@ def _resource_checks(work_dir: Path) -> list[Check]:
             "free some space: an export needs about 3x the base model's size",
         )
     )
-    ram = _available_ram()
+    ram = mem_available()
     if ram is not None:
         checks.append(
             Check(

@@ -195,8 +195,8 @@ def estimate_stage(
     return PYTORCH_PROCESS  # a stage this table does not know: at least a process
 
 
-def available_memory() -> int:
-    """Memory this machine can give now (MemAvailable), or its total where that is not known."""
+def mem_available() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes, or None where there is no such file."""
     try:
         with open("/proc/meminfo", encoding="utf-8") as handle:
             for line in handle:
@@ -204,6 +204,11 @@ def available_memory() -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return None
+
+
+def available_memory() -> int:
+    """Memory this machine can give now (MemAvailable), or its total where that is not known."""
     import os
 
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return mem_available() or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
