@@ -64,7 +64,8 @@ def runtime_correction(adapter: LoraAdapter, base_dir: Path) -> ScaleCorrection:
 
     if adapter.peft_type != "LORA":
         raise refuse(f"the adapter is a {adapter.peft_type} adapter; runtime adapters must be LoRA")
-    changed = vocabulary_change(adapter, base_dir)
+    base_config = read_base_config(base_dir)
+    changed = vocabulary_change(adapter, base_dir, base_config)
     if changed:
         raise refuse(
             f"the adapter changes the vocabulary ({changed}): a runtime adapter cannot add tokens or rows"
@@ -84,7 +85,6 @@ def runtime_correction(adapter: LoraAdapter, base_dir: Path) -> ScaleCorrection:
     if config.get("layer_replication"):
         raise refuse("the adapter replicates layers (layer_replication)")
 
-    base_config = json.loads((base_dir / "config.json").read_text())
     # The merge planner checks names, shapes and the recorded base, exactly as for merge-quantize.
     plan, untied = plan_merge(BaseModel(base_dir), [adapter], base_config)
     if untied:
@@ -125,9 +125,9 @@ def _per_expert(
     return expanded, tuple(sorted(fused))
 
 
-def vocabulary_change(adapter: LoraAdapter, base_dir: Path) -> str | None:
+def vocabulary_change(adapter: LoraAdapter, base_dir: Path, base_config: dict[str, Any]) -> str | None:
     """How the adapter's vocabulary differs from the base's (resized matrices, added tokens), or None."""
-    base_rows = read_base_config(base_dir).get("vocab_size")
+    base_rows = base_config.get("vocab_size")
     rows = saved_vocab_rows(adapter)
     if rows is not None and base_rows is not None and rows != base_rows:
         return f"{rows} embedding rows where the base has {base_rows}"
