@@ -379,6 +379,16 @@ QLORA = OptionGroup(
             ),
             None,
         ),
+        Flag(
+            "dequantize_base",
+            _opt(
+                bool,
+                "--dequantize-base",
+                help="--base is a bitsandbytes 4-bit model with no 16-bit weights: merge onto its dequantized "
+                "weights (those the adapter was trained on). The 16-bit base it was made from is better.",
+            ),
+            False,
+        ),
     ),
     lambda v: QloraOptions(
         trained_on=v["trained_on"],
@@ -386,6 +396,7 @@ QLORA = OptionGroup(
         block_size=v["quant_block_size"],
         compute_dtype=v["quant_compute_dtype"],
         merge_base=v["merge_base"],
+        dequantize_base=v["dequantize_base"],
     ),
 )
 

@@ -170,6 +170,7 @@ class QloraOptions:
     block_size: int | None = None
     compute_dtype: str | None = None
     merge_base: str | None = None  # w16 | dequant | auto; None: auto for a QLoRA adapter
+    dequantize_base: bool = False  # a 4-bit-only base: merge onto its dequantized weights
 
     def __post_init__(self) -> None:
         if self.trained_on is not None and self.trained_on not in QUANT_TYPES:

@@ -163,18 +163,28 @@ def is_quantized_base(base_dir: Path) -> bool:
 
 def resolve_trained_on(options: QloraOptions, base_dir: Path, adapter_dirs: list[Path]) -> TrainedOn | None:
     """What the adapter was trained on: --trained-on (its settings over detected ones), else what the
-    inputs say, else None (a plain LoRA: nothing of this module applies)."""
+    inputs say, else None (a plain LoRA: nothing of this module applies). A 4-bit base is the training
+    base itself: taken only with --dequantize-base, and then its own quantization_config says it all."""
     detected = detect_trained_on(base_dir, adapter_dirs)
     if is_quantized_base(base_dir):
+        if options.dequantize_base:
+            return _four_bit_base(options, base_dir, detected)
         said = f"--trained-on {options.trained_on} was given, but " if options.trained_on else ""
         raise InputError(
             f"{said}{base_dir / 'config.json'} describes a quantized model (quantization_config), with no 16-bit "
             "weights to merge into or to rebuild the training base from. Pass the original fp16/bf16 base it was "
             "made from with --base"
             + (f" (the adapter was trained on {detected.describe()}: that is detected from this folder, or pass "
-               f"--trained-on {detected.quant_type}{' --double-quant' if detected.double_quant else ''})."
+               f"--trained-on {detected.quant_type}{' --double-quant' if detected.double_quant else ''}), or, "
+               "when only this 4-bit model exists, --dequantize-base to merge onto its dequantized weights."
                if detected else " and --trained-on nf4|fp4 to say how it was quantized in training.")
         )  # fmt: skip
+    if options.dequantize_base:
+        raise InputError(
+            f"--dequantize-base was given, but {base_dir / 'config.json'} has no quantization_config: the base is "
+            "already a 16-bit model. Leave --dequantize-base out (with --trained-on nf4|fp4 if the adapter is a "
+            "QLoRA adapter)."
+        )
     knobs = {
         "--double-quant": options.double_quant,
         "--quant-block-size": options.block_size,
@@ -198,6 +208,94 @@ def resolve_trained_on(options: QloraOptions, base_dir: Path, adapter_dirs: list
         skip_modules=start.skip_modules,
         source="--trained-on" if options.trained_on else start.source,
     )
+
+
+def _four_bit_base(options: QloraOptions, base_dir: Path, detected: TrainedOn | None) -> TrainedOn:
+    """--dequantize-base: the base is a bitsandbytes 4-bit model; its config says how it was quantized,
+    and no flag may say otherwise (the weights are already rounded)."""
+    config = base_dir / "config.json"
+    if detected is None or detected.source != str(config):
+        raise InputError(
+            f"--dequantize-base: {config}'s quantization_config is not a bitsandbytes 4-bit one (load_in_4bit), "
+            "the only quantized base edge-export can dequantize exactly. Pass the 16-bit base the model was made "
+            "from with --base."
+        )
+    if options.merge_base == "w16":
+        raise InputError(
+            f"--merge-base w16 needs the 16-bit weights, and {base_dir} holds only 4-bit ones (--dequantize-base). "
+            "Pass the 16-bit base with --base, or leave --merge-base out."
+        )
+    given = {
+        "--trained-on": (options.trained_on, detected.quant_type),
+        "--double-quant": (options.double_quant, detected.double_quant),
+        "--quant-compute-dtype": (options.compute_dtype, detected.compute_dtype),
+        "--quant-block-size": (options.block_size, None),
+    }
+    for flag, (value, actual) in given.items():
+        if value is not None and value != actual:
+            raise InputError(
+                f"{flag} {value} was given with --dequantize-base, but the 4-bit base in {base_dir} is already "
+                f"quantized ({detected.describe()}), and its saved blocks say how. Leave {flag} out."
+            )
+    return detected
+
+
+def unpack_four_bit_base(base_dir: Path, target: Path) -> dict[str, Any]:
+    """The 16-bit folder a bitsandbytes 4-bit model stands for: every packed weight dequantized by
+    bitsandbytes (dequantize_4bit with the quant state saved beside it, as Linear4bit does in training)
+    into the dtype it was quantized from, every other tensor and file as it is, the quantization_config
+    dropped from config.json. Returns counts for the record."""
+    import bitsandbytes.functional as bnb
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from exporter.safetensors_header import base_shard_files
+
+    target.mkdir(parents=True)
+    shards = base_shard_files(base_dir)
+    for item in base_dir.iterdir():
+        if item.is_file() and item not in shards and not item.name.endswith(".safetensors.index.json"):
+            shutil.copyfile(item, target / item.name)
+    config = json.loads((base_dir / "config.json").read_text())
+    config.pop("quantization_config", None)
+    (target / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    holder: dict[str, Path] = {}  # tensor name -> its shard (a weight's quant state may sit in another)
+    for shard in shards:
+        with safe_open(str(shard), "pt") as f:
+            holder.update(dict.fromkeys(f.keys(), shard))
+    packed = {n.split(".quant_state.")[0] for n in holder if ".quant_state.bitsandbytes__" in n}
+    state_parts = {
+        n for n in holder for w in [n.rsplit(".", 1)[0].removesuffix(".quant_state")] if w in packed
+    }
+
+    def read(name: str) -> Any:
+        with safe_open(str(holder[name]), "pt") as f:
+            return f.get_tensor(name)
+
+    unpacked = 0
+    weight_map: dict[str, str] = {}
+    for shard in shards:
+        tensors = {}
+        for name in [n for n, s in holder.items() if s == shard and n not in state_parts]:
+            tensor = read(name)
+            if name in packed:
+                parts = {p[len(name) + 1 :]: read(p) for p in state_parts if p.startswith(name + ".")}
+                state = bnb.QuantState.from_dict(parts, device=torch.device("cpu"))
+                tensor = bnb.dequantize_4bit(tensor, state).contiguous()
+                unpacked += 1
+            tensors[name] = tensor
+        save_file(tensors, str(target / shard.name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, shard.name))
+    if len(shards) > 1:
+        index = {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}
+        (target / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    if unpacked == 0:
+        raise InputError(
+            f"{base_dir}'s config.json says it is a bitsandbytes 4-bit model, but its safetensors hold no packed "
+            "4-bit weight (no '.quant_state.bitsandbytes__nf4/fp4' entries). Pass the 16-bit base with --base."
+        )
+    return {"unpacked_weights": unpacked}
 
 
 # --------------------------------------------------------------------------- the rounding

@@ -25,18 +25,22 @@ def merge_base_section(
 
 def merge_base_markdown(section: dict[str, Any]) -> list[str]:
     trained = section["trained_on"]
-    lines = [
-        "## QLoRA: the merge base",
-        "",
-        f"The adapter was trained on a 4-bit base ({trained['quant_type'].upper()}"
-        f"{', double quant' if trained['double_quant'] else ''}, blocks of {trained['block_size']}, compute "
-        f"{trained['compute_dtype']}; from {trained['source']}). Each candidate below is compared with the model "
-        "as trained (that 4-bit base + the adapter, unmerged) and with the 16-bit reference (the 16-bit base + "
-        "the adapter); eval loss is the GGUF's mean loss on the evaluation tokens (nats/token).",
-        "",
-        "| candidate | profile | KLD vs as trained | top-1 vs as trained | KLD vs 16-bit | eval loss | kept |",
-        "|---|---|---:|---:|---:|---:|---|",
-    ]
+    quantization = (
+        f"{trained['quant_type'].upper()}{', double quant' if trained['double_quant'] else ''}, blocks of "
+        f"{trained['block_size']}, compute {trained['compute_dtype']}; from {trained['source']}"
+    )
+    lines = ["## QLoRA: the merge base", ""]
+    if not section["candidates"]:
+        lines.append(f"The adapter was trained on a 4-bit base ({quantization}).")
+    else:
+        lines += [
+            f"The adapter was trained on a 4-bit base ({quantization}). Each candidate below is compared with "
+            "the model as trained (that 4-bit base + the adapter, unmerged) and with the 16-bit reference (the "
+            "16-bit base + the adapter); eval loss is the GGUF's mean loss on the evaluation tokens (nats/token).",
+            "",
+            "| candidate | profile | KLD vs as trained | top-1 vs as trained | KLD vs 16-bit | eval loss | kept |",
+            "|---|---|---:|---:|---:|---:|---|",
+        ]
     for row in section["candidates"]:
         lines.append(
             f"| {CANDIDATE_TITLES[row['candidate']]} | {row['profile']} | {row['kld_as_trained']:.5f} ± "

@@ -163,6 +163,17 @@ def dequantize_key(base_files: dict[str, str], trained_on: dict[str, Any], versi
     )
 
 
+def unpack_key(base_files: dict[str, str], versions: dict[str, str]) -> str:
+    """A bitsandbytes 4-bit base dequantized to the 16-bit folder it stands for (--dequantize-base)."""
+    return stage_key(
+        {
+            "stage": "unpack",
+            "base": base_files,
+            "versions": {k: versions[k] for k in ("edge-export", "torch", "bitsandbytes")},
+        }
+    )
+
+
 def losses_key(quality: str) -> str:
     """A GGUF's scoring that also keeps its per-token losses (the merge-base decision compares them)."""
     return stage_key({"stage": "losses", "quality": quality})

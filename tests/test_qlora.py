@@ -187,3 +187,72 @@ def _recomputed_losses(
     score_gguf(gguf, eval_data.sequences, reference, output, threads=1)
     with np.load(output) as scores:
         return scores["nll"].astype(np.float64)
+
+
+def test_a_4_bit_base_unpacks_to_exactly_the_rounded_16_bit_base(qlora_inputs: Path, demo_inputs: DemoInputs,
+                                                                  tmp_path: Path):  # fmt: skip
+    """bitsandbytes' saved 4-bit blocks, dequantized, are bit for bit dequant(NF4(W16)) of the 16-bit base:
+    --dequantize-base merges onto the very weights the adapter was trained on."""
+    import torch
+    from safetensors.torch import load_file
+
+    from exporter.qlora import detect_trained_on, round_trip, unpack_four_bit_base
+
+    counts = unpack_four_bit_base(qlora_inputs / "base-4bit", tmp_path / "unpacked")
+    assert "quantization_config" not in json.loads((tmp_path / "unpacked" / "config.json").read_text())
+    trained_on = detect_trained_on(qlora_inputs / "base-4bit", [])
+    assert trained_on is not None
+    unpacked = load_file(str(tmp_path / "unpacked" / "model.safetensors"))
+    original = load_file(str(demo_inputs.base / "model.safetensors"))
+    assert set(unpacked) == set(original) and counts["unpacked_weights"] == 210
+    for name, tensor in unpacked.items():
+        expected = round_trip(original[name], trained_on) if name.endswith("proj.weight") else original[name]
+        assert torch.equal(tensor, expected.to(tensor.dtype)), name
+
+
+def test_a_4_bit_only_base_with_dequantize_base(qlora_export: QloraExport, tmp_path: Path):
+    """--dequantize-base: the 4-bit base's own weights are the merge base and its reference is the model as
+    trained; the manifest names the 4-bit folder given and the folder it became."""
+    args = qlora_export.args(tmp_path / "out", "--dequantize-base")
+    four_bit = qlora_export.inputs / "base-4bit"
+    args[args.index("--base") + 1] = str(four_bit)
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    section = manifest["merge_base"]
+    assert (section["chosen"], section["mode"], section["candidates"]) == ("dequant", "4-bit base", [])
+    assert section["trained_on"]["quant_type"] == "nf4" and section["trained_on"]["double_quant"]
+    assert manifest["inputs"]["base"]["path"] == str(four_bit.resolve())
+    unpacked = Path(manifest["inputs"]["base"]["dequantized"]["path"])
+    assert "quantization_config" not in (unpacked / "config.json").read_text()
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    quality = {row["label"]: row["metrics"] for row in report["artifacts"]}
+    # the same model as the auto run's dequant candidate, judged against the same model as trained
+    auto = rows(qlora_export.manifest["merge_base"], "dequant")
+    assert quality["F16"]["mean_kld"] <= 1e-4 and auto["F16"]["kld_as_trained"] <= 1e-4
+    # (Q8_0 rounds a float32 merge here, the candidate's float16 one there: close, not equal)
+    assert quality["Q8_0"]["mean_kld"] < 2 * auto["Q8_0"]["kld_as_trained"]
+    assert report["passed"]
+    assert (
+        "reference:as-trained" in manifest["stage_seconds"] and "dequant:unpack" in manifest["stage_seconds"]
+    )
+    assert not any(p.is_relative_to(four_bit) for p in (tmp_path / "out").rglob("*"))
+
+
+@pytest.mark.parametrize(
+    ("base", "extra", "says"),
+    [
+        ("base-4bit", ["--merge-base", "w16"], "--merge-base w16 needs the 16-bit weights"),
+        ("base-4bit", ["--trained-on", "fp4"], "--trained-on fp4 was given with --dequantize-base"),
+        ("16-bit", [], "the base is already a 16-bit model"),
+    ],
+)
+def test_dequantize_base_refusals(qlora_export: QloraExport, tmp_path: Path, base: str, extra: list[str],
+                                  says: str):  # fmt: skip
+    args = qlora_export.args(tmp_path / "out", "--dequantize-base", *extra)
+    if base != "16-bit":
+        args[args.index("--base") + 1] = str(qlora_export.inputs / base)
+    proc = run_cli(*args)
+    assert proc.returncode == 2, proc.stderr + proc.stdout
+    assert says in " ".join(proc.stderr.split())
+    assert not (tmp_path / "out").exists()

@@ -6,7 +6,7 @@ merge ──▶ convert ──▶ quantize:<P> … ──▶ templates ──▶
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from exporter.stages.gguf import convert_merged, quantize_from
 from exporter.stages.imatrix import computed_imatrix_stage, given_imatrix_stage
 from exporter.stages.merge import MERGED_DIR, merge_stage
 from exporter.stages.modelfiles import write_modelfiles, write_serve_configs
-from exporter.stages.qlora import QloraChoice, qlora_choice
+from exporter.stages.qlora import QloraChoice, four_bit_choice, qlora_choice, unpacked_base
 from exporter.stages.quality import QualitySummary, judged, reference_stage, score_stage, write_quality_report
 from exporter.stages.stops import stops_stage, stops_to_json
 from exporter.tokenizer_files import tokenizer_size
@@ -108,6 +108,7 @@ class PreparedExport:
     base_dir: Path
     layout: ExportLayout
     trained_on: Any = None  # exporter.qlora.TrainedOn: the adapter is a QLoRA adapter
+    four_bit_base: Path | None = None  # --dequantize-base: the 4-bit base given; base_dir: its unpacking
 
     def check_output(self, force: bool) -> None:
         check_output(self.layout.out, self.layout.planned, force, MANIFEST)
@@ -137,7 +138,8 @@ def prepare_export(options: ExportOptions) -> PreparedExport:
         check_qlora_options(options, trained_on)
     name = sanitize_name(options.output.name or adapters[0].path.resolve().name)
     layout = ExportLayout(options.output.out, name, tuple(profiles), options.has_imatrix)
-    return PreparedExport(vendored, registry, profiles, adapters, base_dir, layout, trained_on)
+    four_bit = base_dir if options.qlora.dequantize_base else None
+    return PreparedExport(vendored, registry, profiles, adapters, base_dir, layout, trained_on, four_bit)
 
 
 def export_graph(
@@ -146,7 +148,9 @@ def export_graph(
     """The graph of one prepared export in an open run, checked with `quality` (what preflight returned)."""
     inputs = ModelInputs.hashed(prepared.base_dir, tuple(prepared.adapters), run.cache.hashes)
     choice = None
-    if prepared.trained_on is not None:  # both merge candidates are built and judged before the graph
+    if prepared.four_bit_base is not None:  # the base is the training base itself: one merge base
+        choice = four_bit_choice(prepared.four_bit_base, inputs, prepared.trained_on)
+    elif prepared.trained_on is not None:  # both merge candidates are built and judged before the graph
         layout = prepared.layout
         plan: dict[str, Any] = {"name": layout.name, "dtype": options.dtype, "profiles": layout.profiles}
         plan.update(registry=prepared.registry, quality=quality)
@@ -165,6 +169,9 @@ def merge_quantize(options: ExportOptions, report: Reporter = silent) -> ExportR
     with Run.open(
         out, options.run, report, before=lambda: prepared.check_output(force), vendored=prepared.vendored
     ) as run:
+        if prepared.four_bit_base is not None:  # from here on the base is its dequantized weights
+            unpacked = unpacked_base(run, ModelInputs.hashed(prepared.base_dir, (), run.cache.hashes))
+            prepared = replace(prepared, base_dir=unpacked)
         quality = preflight(
             options,
             prepared.base_dir,
@@ -324,6 +331,10 @@ class ExportGraph:
         self.run.report("checking quality against the unmerged reference")
         # A dequant merge base is the model as trained, so it is judged against that model's reference.
         kept = self.qlora.decision if self.qlora else None
+        if (
+            self.qlora is not None and self.qlora.four_bit_base is not None
+        ):  # its weights are those trained on
+            return reference_stage(self.run, self.inputs, merged.path, self.quality, "reference:as-trained")
         if kept is not None and kept.chosen == "dequant":
             return reference_stage(
                 self.run, self.inputs, merged.path, self.quality, "reference:as-trained", kept.trained_on
@@ -403,7 +414,7 @@ class ExportGraph:
             self.run.started_utc,
             self.run.versions,
             self.manifest_options(merged, artifacts),
-            self.inputs.to_json(),
+            self.inputs_record(),
             sections,
             dict(self.run.seconds),
             cached,
@@ -425,6 +436,15 @@ class ExportGraph:
             serve_configs,
         )
 
+    def inputs_record(self) -> dict[str, Any]:
+        """The manifest's "inputs": a 4-bit base (--dequantize-base) as given, with the folder it became."""
+        record = self.inputs.to_json()
+        four_bit = self.qlora.four_bit_base if self.qlora else None
+        if four_bit is not None:
+            given = ModelInputs.hashed(four_bit, (), self.run.cache.hashes)
+            record["base"] = {**given.to_json()["base"], "dequantized": record["base"]}
+        return record
+
     def manifest_options(self, merged: MergedModel, artifacts: list[GGUFArtifact]) -> dict[str, Any]:
         options = self.options
         return {
@@ -442,6 +462,8 @@ class ExportGraph:
 
 def check_qlora_options(options: ExportOptions, trained_on: TrainedOn) -> None:
     """What the merge-base choice cannot be combined with (yet), refused before any work."""
+    if options.qlora.dequantize_base:
+        return  # one merge base, the 4-bit base's own weights: the plain pipeline, nothing to choose
     mode = options.qlora.merge_base or "auto"
     if mode == "auto" and not options.check:
         raise InputError(

@@ -19,12 +19,18 @@ import numpy as np
 
 from exporter.errors import StageError
 from exporter.options import QualityOptions
-from exporter.qlora import MergeBaseDecision, TrainedOn, decide_merge_base, write_dequantized_base
+from exporter.qlora import (
+    MergeBaseDecision,
+    TrainedOn,
+    decide_merge_base,
+    unpack_four_bit_base,
+    write_dequantized_base,
+)
 from exporter.qlora_report import CANDIDATE_TITLES, merge_base_section
 from exporter.quality import Reference, evaluate_gguf
 from exporter.records import BuiltGGUF, MergedModel, ModelInputs
 from exporter.run import Run
-from exporter.stage_keys import convert_key, dequantize_key, losses_key, quality_key
+from exporter.stage_keys import convert_key, dequantize_key, losses_key, quality_key, unpack_key
 from exporter.stages.gguf import convert_stage, gguf_record, quantize_stage
 from exporter.stages.merge import merge_stage
 from exporter.stages.quality import reference_stage, score_stage
@@ -46,6 +52,30 @@ def dequantized_inputs(run: Run, inputs: ModelInputs, trained_on: TrainedOn) -> 
 
     entry = run.stage("dequant:dequantize", "dequantize", key, produce)
     return ModelInputs.hashed(entry.path / DEQUANTIZED_DIR, inputs.adapters, run.cache.hashes)
+
+
+def unpacked_base(run: Run, four_bit: ModelInputs) -> Path:
+    """--dequantize-base: the 16-bit folder a bitsandbytes 4-bit base stands for (in the stage cache)."""
+    key = unpack_key(four_bit.base_files, run.versions)
+
+    def produce(staging: Path, meta: dict[str, Any]) -> None:
+        run.report(f"dequantizing the 4-bit base {four_bit.base_dir} (bitsandbytes' dequantize_4bit)")
+        counts = unpack_four_bit_base(four_bit.base_dir, staging / DEQUANTIZED_DIR)
+        meta.update(counts, what=f"{four_bit.base_dir.name}'s 4-bit weights dequantized")
+
+    return run.stage("dequant:unpack", "dequantize", key, produce).path / DEQUANTIZED_DIR
+
+
+def four_bit_choice(four_bit_base: Path, inputs: ModelInputs, trained_on: TrainedOn) -> QloraChoice:
+    """A 4-bit-only base (--dequantize-base): its dequantized weights are exactly the ones the adapter was
+    trained on, so the merge base is dequant, the unmerged reference is the model as trained, and no 16-bit
+    reference exists to compare with."""
+    reason = (
+        f"only the 4-bit base {four_bit_base} was given (--dequantize-base): its dequantized weights, those the "
+        "adapter was trained on, are the merge base; no 16-bit base, so no W16 candidate and no 16-bit reference"
+    )
+    decision = MergeBaseDecision("dequant", "4-bit base", trained_on, {}, reason=reason)
+    return QloraChoice(decision, inputs, [], None, None, four_bit_base)
 
 
 def losses_stage(
@@ -191,6 +221,7 @@ class QloraChoice:
     candidates: list[Candidate]
     as_trained: Reference | None
     w16: Reference | None
+    four_bit_base: Path | None = None  # --dequantize-base: the 4-bit base the kept inputs unpack
 
     def second_seconds(self, seconds: dict[str, float]) -> dict[str, float]:
         """The dequant candidate's time per stage: what choosing by measurement costs over W16 alone."""
@@ -204,7 +235,10 @@ class QloraChoice:
             if reference is not None:
                 references[label] = {"cache_key": reference.key, "seconds": reference.seconds}
         rows = [row for c in self.candidates for row in c.rows]
-        return merge_base_section(self.decision.to_json(), rows, references, self.second_seconds(seconds))
+        section = merge_base_section(self.decision.to_json(), rows, references, self.second_seconds(seconds))
+        if self.four_bit_base is not None:
+            section["dequantized_from"] = str(self.four_bit_base.resolve())
+        return section
 
 
 def qlora_choice(
