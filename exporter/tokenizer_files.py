@@ -26,6 +26,44 @@ def tokenizer_size(folder: Path) -> int | None:
     return max(ids) + 1 if ids else None
 
 
+def token_texts(folder: Path) -> set[str] | None:
+    """Every token's text in a fast tokenizer (tokenizer.json: its vocabulary and added tokens)."""
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    vocab = (data.get("model") or {}).get("vocab") or {}
+    texts = set(vocab) if isinstance(vocab, dict) else {str(entry[0]) for entry in vocab}
+    return texts | {token["content"] for token in data.get("added_tokens") or []}
+
+
+# llama.cpp (llama-vocab.cpp, load) gives the tokens of a model whose general.name contains one of these
+# special attributes by looking each one up with unordered_map::at: a vocabulary without one of them cannot
+# be loaded at all ("error loading model vocabulary: unordered_map::at").
+NAME_QUIRKS = {("phi-3", "phi3"): ("</s>", "<unk>", "<s>", "<|endoftext|>")}
+
+
+def gguf_name_error(name: str, tokenizer_dirs: list[Path]) -> str | None:
+    """Why llama.cpp could not load a GGUF named `name` with this vocabulary (the first tokenizer.json of
+    `tokenizer_dirs`: an adapter's own tokenizer before the base's), or None."""
+    folder = next((d for d in tokenizer_dirs if (d / "tokenizer.json").is_file()), None)
+    texts = None if folder is None else token_texts(folder)
+    if texts is None:
+        return None
+    for fragments, needed in NAME_QUIRKS.items():
+        hit = next((f for f in fragments if f in name.lower()), None)
+        missing = [t for t in needed if t not in texts]
+        if hit is not None and missing:
+            return (
+                f"The export name {name!r} contains {hit!r}, and llama.cpp treats a GGUF whose name contains "
+                f"{' or '.join(repr(f) for f in fragments)} as Phi-3, looking up the tokens "
+                f"{', '.join(needed)} in its vocabulary; {folder / 'tokenizer.json'} has no "
+                f"{', '.join(missing)}, so llama.cpp and the runtimes built on it could not load the GGUF at all. "
+                "Pass --name with a name that does not contain it."
+            )
+    return None
+
+
 def special_token_ids(tokenizer_dir: Path) -> dict[str, int | None]:
     """The ids of the tokenizer's eos, bos and pad tokens, read from its files."""
     try:

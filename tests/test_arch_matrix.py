@@ -23,9 +23,6 @@ from tests.conftest import DEMO_EVAL, REPO, DemoInputs, run_cli
 
 TRAIN = REPO / "exporter" / "data" / "demo_train.jsonl"
 EVAL_CHATS = 3
-# Runtime LoRA runs in make test for Qwen3-MoE (per-expert LoRA made from a fused-expert adapter) and gpt-oss
-# (the refusal); the other rows, whose path the demo's runtime-LoRA tests exercise, in make test-all.
-RUNTIME_FAST = {"Qwen3-MoE", "gpt-oss"}
 
 
 def _ids(architecture: Architecture) -> str:
@@ -76,7 +73,7 @@ def test_merge_quantize_reproduces_the_unmerged_model(
     built = _built(architecture, demo_inputs)
     out = tmp_path / "export"
     proc = run_cli(
-        "merge-quantize", "--adapter", str(built.adapter), "--base", str(built.base), "--name", architecture.slug,
+        "merge-quantize", "--adapter", str(built.adapter), "--base", str(built.base), "--name", architecture.export,
         "--profile", "Q8_0", "--out", str(out), "--eval-data", str(eval_data),
         *(f"--gate={gate}" for gate in architecture.gates),
     )  # fmt: skip
@@ -104,7 +101,7 @@ def test_merge_quantize_reproduces_the_unmerged_model(
         missing = _expert_tensors(built) - merged
         assert not missing, f"{len(missing)} expert tensors not merged, e.g. {sorted(missing)[:3]}"
 
-    modelfile = out / f"{architecture.slug}-Q8_0.Modelfile"
+    modelfile = out / f"{architecture.export}-Q8_0.Modelfile"
     assert modelfile.is_file()
     record_result(
         architecture,
@@ -119,21 +116,14 @@ def test_merge_quantize_reproduces_the_unmerged_model(
     )
 
 
-@pytest.mark.parametrize(
-    "architecture",
-    [
-        a if a.name in RUNTIME_FAST else pytest.param(a, marks=pytest.mark.slow, id=a.slug)
-        for a in ARCHITECTURES
-    ],
-    ids=_ids,
-)
+@pytest.mark.parametrize("architecture", ARCHITECTURES, ids=_ids)
 def test_runtime_lora_applies_the_adapter_or_points_to_merge_quantize(
     architecture: Architecture, demo_inputs: DemoInputs, eval_data: Path, tmp_path: Path
 ) -> None:
     built = _built(architecture, demo_inputs)
     out = tmp_path / "runtime"
     proc = run_cli(
-        "runtime-lora", "--adapter", str(built.adapter), "--base", str(built.base), "--name", architecture.slug,
+        "runtime-lora", "--adapter", str(built.adapter), "--base", str(built.base), "--name", architecture.export,
         "--profile", "F16", "--out", str(out), "--eval-data", str(eval_data),
     )  # fmt: skip
     if architecture.name == "gpt-oss":
@@ -150,3 +140,18 @@ def test_runtime_lora_applies_the_adapter_or_points_to_merge_quantize(
     assert metrics["mean_kld"] <= 1e-4, metrics
     assert report["base_floor"][pair["adapter"]]["mean_kld"] > 0.1
     record_result(architecture, "runtime", {"supported": True, "f16_mean_kld": metrics["mean_kld"]})
+
+
+def test_a_phi_3_name_llama_cpp_cannot_load(demo_inputs: DemoInputs, tmp_path: Path) -> None:
+    """llama.cpp looks up </s>, <unk> and <s> in the vocabulary of any GGUF whose name contains "phi-3" or
+    "phi3", and cannot load one without them: such a name is refused before any work."""
+    built = _built(next(a for a in ARCHITECTURES if a.name == "Phi-3"), demo_inputs)
+    for command in ("merge-quantize", "runtime-lora"):
+        proc = run_cli(
+            command, "--adapter", str(built.adapter), "--base", str(built.base), "--name", "my-Phi3-pirate",
+            "--profile", "Q8_0", "--out", str(tmp_path / command), "--no-check",
+        )  # fmt: skip
+        assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+        message = " ".join(proc.stderr.split())
+        assert "contains 'phi3'" in message and "has no </s>, <unk>, <s>" in message and "--name" in message
+        assert not (tmp_path / command).exists()

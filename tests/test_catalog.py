@@ -249,6 +249,10 @@ def held_output(inputs: Inputs, tmp: Path) -> list[str]:
     return [*tiny_args(inputs), "--no-wait"]
 
 
+def phi_3_name(inputs: Inputs, tmp: Path) -> list[str]:
+    return [*tiny_args(inputs), "--name", "phi3-pirate"]
+
+
 CASES = [
     Case(
         "missing adapter_config.json", missing_config, ("adapter_config.json is missing", "Point --adapter")
@@ -274,6 +278,11 @@ CASES = [
         ("ExoticForCausalLM", "config.json", "not supported by llama.cpp 0c1e57098"),
     ),
     Case("unknown BPE pre-tokenizer", unknown_pre_tokenizer, ("BPE pre-tokenizer", "llama.cpp 0c1e57098")),
+    Case(
+        "export name llama.cpp cannot load with this vocabulary",
+        phi_3_name,
+        ("contains 'phi3'", "has no </s>, <unk>, <s>", "--name"),
+    ),
     Case("unknown profile name", unknown_profile, ("unknown profile 'Q4_K_XL'", "edge-export profiles")),
     Case(
         "profile that needs an importance matrix, without calibration data",

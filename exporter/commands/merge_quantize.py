@@ -43,7 +43,7 @@ from exporter.stages.modelfiles import write_modelfiles, write_serve_configs
 from exporter.stages.qlora import QloraChoice, four_bit_choice, qlora_choice, unpacked_base
 from exporter.stages.quality import QualitySummary, judged, reference_stage, score_stage, write_quality_report
 from exporter.stages.stops import stops_stage, stops_to_json
-from exporter.tokenizer_files import tokenizer_size
+from exporter.tokenizer_files import gguf_name_error, tokenizer_size
 from exporter.tokenizer_parity import ParityReport, check_embedded_chat_template
 from quant_profiles import ProfileRegistry, QuantProfile
 
@@ -137,6 +137,9 @@ def prepare_export(options: ExportOptions) -> PreparedExport:
     if trained_on is not None:
         check_qlora_options(options, trained_on)
     name = sanitize_name(options.output.name or adapters[0].path.resolve().name)
+    unloadable = gguf_name_error(name, [a.path for a in adapters] + [base_dir])
+    if unloadable:
+        raise InputError(unloadable)
     layout = ExportLayout(options.output.out, name, tuple(profiles), options.has_imatrix)
     four_bit = base_dir if options.qlora.dequantize_base else None
     return PreparedExport(vendored, registry, profiles, adapters, base_dir, layout, trained_on, four_bit)

@@ -45,6 +45,7 @@ from exporter.stages.lora import RuntimeAdapter, lora_stage
 from exporter.stages.merge import MERGED_DIR
 from exporter.stages.modelfiles import write_modelfiles, write_serve_configs
 from exporter.stages.quality import judged, reference_stage, score_stage
+from exporter.tokenizer_files import gguf_name_error
 from quant_profiles import ProfileRegistry, QuantProfile
 
 
@@ -151,6 +152,14 @@ def prepare_runtime(options: RuntimeLoraOptions) -> PreparedRuntime:
         names,
         tuple(profiles),
     )
+    # the base GGUF bears the export's name; --compare-merged's merged GGUFs each adapter's
+    named = [(layout.base_name, [base_dir])]
+    if options.compare_merged:
+        named += [(n, [a.path, base_dir]) for n, a in zip(names, adapters, strict=True)]
+    for name, tokenizers in named:
+        unloadable = gguf_name_error(name, tokenizers)
+        if unloadable:
+            raise InputError(unloadable)
     corrections = [runtime_correction(adapter, base_dir) for adapter in adapters]
     # The base converts as the merge would write it: float16 when it fits float16's range, else BF16
     # (a bfloat16 base holding larger values), never a silent overflow to Inf.
