@@ -58,7 +58,7 @@ demo-qlora: install vendor demo-inputs
 # having run first; the seed is printed first, and `make test SEED=N` replays that order.
 SHUFFLED = seed=$(or $(SEED),$$($(PY) -c 'import random; print(random.getrandbits(32))')); \
 	echo "Using --randomly-seed=$$seed (make test SEED=$$seed replays this order)"; \
-	$(PY) -m pytest -q -p randomly --randomly-seed=$$seed
+	$(PY) -m pytest -q -p randomly --randomly-seed=$$seed --durations=25
 
 test: install vendor
 	@$(SHUFFLED)

@@ -48,7 +48,7 @@ def gguf_name_error(name: str, tokenizer_dirs: list[Path]) -> str | None:
     `tokenizer_dirs`: an adapter's own tokenizer before the base's), or None."""
     folder = next((d for d in tokenizer_dirs if (d / "tokenizer.json").is_file()), None)
     texts = None if folder is None else token_texts(folder)
-    if texts is None:
+    if folder is None or texts is None:
         return None
     for fragments, needed in NAME_QUIRKS.items():
         hit = next((f for f in fragments if f in name.lower()), None)
