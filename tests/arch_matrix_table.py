@@ -27,10 +27,11 @@ def merge_cell(merge: dict[str, Any] | None, slow: str) -> str:
 
 def runtime_cell(runtime: dict[str, Any] | None) -> str:
     if not runtime:
-        return "not run (make test-all)"
+        return "not run"
     if not runtime["supported"]:
         return f"refused, exit 2 ({runtime['why']}): use merge-quantize"
-    return f"✓ F16 KLD {runtime['f16_mean_kld']:.1e}"
+    carried = f"; {runtime['coverage']}" if runtime.get("coverage") else ""
+    return f"✓ F16 KLD {runtime['f16_mean_kld']:.1e}{carried}"
 
 
 def render(results: dict[str, Any]) -> str:

@@ -134,12 +134,22 @@ def test_runtime_lora_applies_the_adapter_or_points_to_merge_quantize(
         record_result(architecture, "runtime", {"supported": False, "why": "fused 3-D experts"})
         return
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # The runtime ledger: the GGUF LoRA carries every targeted tensor (each expert of a stacked pair).
+    coverage = json.loads((out / "manifest.json").read_text())["adapters"][0]["coverage"]
+    assert coverage["carried_tensors"] == coverage["targeted_tensors"] > 0, coverage
+    if architecture.moe:
+        assert coverage["targeted_tensors"] > len(_expert_tensors(built)), coverage
+    assert coverage["summary"] in proc.stdout
     report = json.loads((out / "report.json").read_text())
     pair = report["pairs"][0]
     metrics = pair["runtime"]["metrics"]
     assert metrics["mean_kld"] <= 1e-4, metrics
     assert report["base_floor"][pair["adapter"]]["mean_kld"] > 0.1
-    record_result(architecture, "runtime", {"supported": True, "f16_mean_kld": metrics["mean_kld"]})
+    record_result(
+        architecture,
+        "runtime",
+        {"supported": True, "f16_mean_kld": metrics["mean_kld"], "coverage": coverage["summary"]},
+    )
 
 
 def test_a_phi_3_name_llama_cpp_cannot_load(demo_inputs: DemoInputs, tmp_path: Path) -> None:

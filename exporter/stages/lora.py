@@ -6,8 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from converters.gguf_header import read_gguf_metadata
 from converters.lora_to_gguf import KEY_PREFIX, convert_lora_to_gguf
 from exporter.adapter import LoraAdapter
+from exporter.errors import StageError
 from exporter.run import Run
 from exporter.runtime_adapter import ScaleCorrection, describe_correction
 from exporter.stage_keys import lora_key
@@ -25,6 +27,7 @@ class RuntimeAdapter:
     sha256: str
     size_bytes: int
     correction: ScaleCorrection
+    coverage: dict[str, Any]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -35,7 +38,29 @@ class RuntimeAdapter:
             "sha256": self.sha256,
             "scale_correction": describe_correction(self.correction),
             "corrected_modules": self.correction.corrected_modules,
+            "coverage": self.coverage,
         }
+
+
+def lora_coverage(gguf: Path, correction: ScaleCorrection, weights: Path) -> dict[str, Any]:
+    """The runtime ledger: every base tensor the adapter targets carried by the GGUF LoRA, none dropped by
+    the converter. A stacked expert pair (blk.N.ffn_*_exps) carries one targeted tensor per expert."""
+    _, tensors = read_gguf_metadata(gguf, ())
+    pairs = [dims for name, dims in tensors.items() if name.endswith(".lora_a")]
+    carried = sum(dims[2] if len(dims) == 3 else 1 for dims in pairs)
+    targeted = len(correction.factors)
+    if carried != targeted:
+        raise StageError(
+            f"llama.cpp's LoRA converter wrote {len(pairs)} LoRA pairs carrying {carried} base tensors, but "
+            f"{weights} targets {targeted}: the GGUF LoRA would not apply the whole adapter. This is a bug to "
+            "report; merge-quantize merges the adapter instead."
+        )
+    return {
+        "targeted_tensors": targeted,
+        "carried_tensors": carried,
+        "lora_pairs": len(pairs),
+        "summary": f"carries {carried} of {targeted} targeted tensors in {len(pairs)} GGUF LoRA pairs",
+    }
 
 
 def lora_stage(
@@ -68,9 +93,12 @@ def lora_stage(
             expanded=correction.expanded,
             dropped=correction.dropped,
         )
-        meta.update(what=f"{name} GGUF LoRA")
+        coverage = lora_coverage(staging / LORA_FILE, correction, adapter.weights)
+        meta.update(what=f"{name} GGUF LoRA", coverage=coverage)
 
     entry = run.stage(f"lora:{name}", "lora", key, produce, {LORA_FILE: target})
+    coverage = entry.meta.get("coverage") or lora_coverage(target, correction, adapter.weights)
+    run.report(f"lora:{name}: {coverage['summary']}")
     return RuntimeAdapter(
-        name, adapter, target, entry.meta["files"][LORA_FILE], target.stat().st_size, correction
+        name, adapter, target, entry.meta["files"][LORA_FILE], target.stat().st_size, correction, coverage
     )
