@@ -31,12 +31,10 @@ class QloraExport:
         return json.loads((self.out / "manifest.json").read_text())
 
     def args(self, out: Path, *extra: str) -> list[str]:
-        # One thread: on 2 cores shared with other work, llama.cpp's and torch's thread pools wait on each
-        # other (an evaluation took 7 min with 2 threads under load, 1 min with one).
         # fmt: off
         return ["merge-quantize", "--adapter", str(self.inputs / "adapter"), "--base", str(self.base),
                 "--name", NAME, "--profile", "Q8_0", "--out", str(out), "--eval-data", str(self.eval_data),
-                "--threads", "1", *extra]
+                *extra]
         # fmt: on
 
 
