@@ -179,3 +179,61 @@ def test_a_phi_3_name_llama_cpp_cannot_load(demo_inputs: DemoInputs, tmp_path: P
         message = " ".join(proc.stderr.split())
         assert "contains 'phi3'" in message and "has no </s>, <unk>, <s>" in message and "--name" in message
         assert not (tmp_path / command).exists()
+
+
+@pytest.fixture(scope="module")
+def per_expert(demo_inputs: DemoInputs) -> Path:
+    """A tiny Qwen3-MoE and a LoRA on its experts one by one, written by transformers 4.57 + PEFT 0.21
+    (tests/per_expert_writer.py), cached by recipe."""
+    import hashlib
+    import shutil
+
+    from tests.sideenv import cache_dir, side_env
+
+    writer = REPO / "tests" / "per_expert_writer.py"
+    tokenizer, template = demo_inputs.base / "tokenizer.json", demo_inputs.base / "chat_template.jinja"
+    files = (writer, tokenizer, template, TRAIN)
+    key = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
+    target = cache_dir() / "arch-matrix" / f"qwen3-moe-per-expert-t4-{key}"
+    if not (target / "written.json").is_file():
+        staging = target.with_name(f".{target.name}.partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        side_env("4.57.6", "0.21.2").run(str(writer), str(staging), str(tokenizer), str(template), str(TRAIN))
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+    return target
+
+
+def test_per_expert_lora_of_transformers_4_merges_into_every_expert(
+    per_expert: Path, eval_data: Path, tmp_path: Path
+) -> None:
+    """An adapter trained when experts were nn.Linear layers (transformers 4, "all-linear": every expert and
+    the router) merges into the base's per-expert tensors and matches the unmerged model, which transformers
+    5 and PEFT 0.21 build from the same adapter."""
+    from safetensors import safe_open
+
+    with safe_open(str(per_expert / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        assert any(".mlp.experts.3.down_proj.lora_A" in name for name in f.keys())  # noqa: SIM118
+    out = tmp_path / "export"
+    proc = run_cli(
+        "merge-quantize", "--adapter", str(per_expert / "adapter"), "--base", str(per_expert / "base"),
+        "--name", "qwen3-moe-t4", "--profile", "Q8_0", "--out", str(out), "--eval-data", str(eval_data),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    f16 = _artifact(report, "F16")["metrics"]
+    assert report["base_floor"]["metrics"]["mean_kld"] > 0.1
+    assert f16["mean_kld"] <= 1e-4 and f16["adapter_effect_kept"] > 0.99, f16
+    assert report["passed"]
+    coverage = json.loads((out / "manifest.json").read_text())["merge"]["coverage"]
+    # 2 layers: q/k/v/o, the router, and gate/up/down of each of 4 experts
+    assert coverage["summary"] == "merged 34 of 34 targeted tensors", coverage
+    merged = set(json.loads((out / "merged" / "edge-export-merge.json").read_text())["merged_tensors"])
+    experts = {
+        f"model.layers.{layer}.mlp.experts.{expert}.{proj}.weight"
+        for layer in range(2)
+        for expert in range(4)
+        for proj in ("gate_proj", "up_proj", "down_proj")
+    }
+    assert experts <= merged, sorted(experts - merged)[:3]
