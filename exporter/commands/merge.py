@@ -9,6 +9,7 @@ from exporter.manifest import merge_provenance
 from exporter.memory import fit_merge
 from exporter.options import MergeOptions
 from exporter.preflight import check_writable
+from exporter.qlora import detect_trained_on
 from exporter.records import ModelInputs, read_inputs
 from exporter.run import Reporter, silent, utc_now
 
@@ -33,6 +34,12 @@ def merge_model(options: MergeOptions, report: Reporter = silent) -> MergeResult
             estimate = fit_merge(base_dir, adapters, options.run.max_memory, itemsize)
             report(f"memory: the merge needs about {estimate.peak_bytes >> 20} MiB ({estimate.detail})")
         report(f"merging {len(adapters)} adapter(s) into {base_dir}")
+        trained_on = detect_trained_on(base_dir, [a.path for a in adapters])
+        if trained_on is not None:
+            report(
+                f"note: a QLoRA adapter (trained on {trained_on.describe()}), merged onto the 16-bit base; "
+                "merge-quantize checks it against the model as trained and compares both merge bases"
+            )
         inputs = ModelInputs.hashed(base_dir, tuple(adapters))
         return merge_adapters(
             base_dir,

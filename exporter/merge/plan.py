@@ -40,7 +40,8 @@ def check_configs(adapter: LoraAdapter, base_config: dict[str, Any], base_dir: P
     """Refuse an adapter whose recorded base differs in shape from this base; warn about QLoRA."""
     where = adapter.path / ADAPTER_CONFIG
     hint = adapter.base_model_name_or_path
-    if hint and QUANTIZED_BASE_HINT.search(hint):
+    # A recorded 4-bit base whose config is on this machine is a QLoRA adapter merge-quantize handles as one.
+    if hint and QUANTIZED_BASE_HINT.search(hint) and not _known_four_bit(hint):
         log.warning(
             "%s says the adapter was trained on %s, a quantized base (QLoRA), and it is merged onto the 16-bit "
             "base %s. merge-quantize checks it against the model as trained and compares both merge bases when "
@@ -64,6 +65,14 @@ def check_configs(adapter: LoraAdapter, base_config: dict[str, Any], base_dir: P
                     f"{where} was trained on {hint} ({key}={trained[key]}), but the base {base_dir} has "
                     f"{key}={base_config[key]}. Pass the base the adapter was trained on."
                 )
+
+
+def _known_four_bit(hint: str) -> bool:
+    config = _recorded_base_config(hint)
+    if config is None:
+        return False
+    quantization = json.loads(config.read_text()).get("quantization_config") or {}
+    return str(quantization.get("load_in_4bit")).lower() == "true"
 
 
 def _recorded_base_config(hint: str | None) -> Path | None:
