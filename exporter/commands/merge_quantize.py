@@ -334,9 +334,8 @@ class ExportGraph:
         self.run.report("checking quality against the unmerged reference")
         # A dequant merge base is the model as trained, so it is judged against that model's reference.
         kept = self.qlora.decision if self.qlora else None
-        if (
-            self.qlora is not None and self.qlora.four_bit_base is not None
-        ):  # its weights are those trained on
+        # --dequantize-base: the unpacked 4-bit base's weights are those the adapter was trained on.
+        if self.qlora is not None and self.qlora.four_bit_base is not None:
             return reference_stage(self.run, self.inputs, merged.path, self.quality, "reference:as-trained")
         if kept is not None and kept.chosen == "dequant":
             return reference_stage(
