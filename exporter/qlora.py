@@ -136,15 +136,22 @@ def detect_trained_on(base_dir: Path, adapter_dirs: list[Path]) -> TrainedOn | N
 
 
 def _recorded_base_config(adapter_dir: Path) -> Path | None:
-    """config.json of the base adapter_config.json names, when it is a folder or in the Hub cache here."""
+    """config.json of the base adapter_config.json names, when it is on this machine."""
     try:
         hint = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
     except (OSError, ValueError):
         return None
-    if not isinstance(hint, str) or not hint:
+    return recorded_base_config(hint if isinstance(hint, str) else None)
+
+
+def recorded_base_config(hint: str | None) -> Path | None:
+    """config.json of the base an adapter recorded (base_model_name_or_path), when it is on this machine:
+    a folder, or a download in the Hub cache."""
+    if not hint:
         return None
     if Path(hint).is_dir():
-        return Path(hint) / "config.json"
+        path = Path(hint) / "config.json"
+        return path if path.is_file() else None
     try:
         from huggingface_hub import try_to_load_from_cache
 
@@ -152,6 +159,16 @@ def _recorded_base_config(adapter_dir: Path) -> Path | None:
     except Exception:  # noqa: BLE001 - an id that is not a valid repo name is simply not cached
         return None
     return Path(cached) if isinstance(cached, str) else None
+
+
+def recorded_four_bit(hint: str | None) -> bool:
+    """Whether the recorded base is a bitsandbytes 4-bit model whose config is on this machine (a QLoRA
+    adapter merge-quantize recognises)."""
+    config = recorded_base_config(hint)
+    if config is None:
+        return False
+    quantization = read_base_config(config.parent).get("quantization_config") or {}
+    return trained_on_from_quantization_config(quantization, str(config)) is not None
 
 
 def is_quantized_base(base_dir: Path) -> bool:

@@ -46,14 +46,16 @@ NAME_QUIRKS = {("phi-3", "phi3"): ("</s>", "<unk>", "<s>", "<|endoftext|>")}
 def gguf_name_error(name: str, tokenizer_dirs: list[Path]) -> str | None:
     """Why llama.cpp could not load a GGUF named `name` with this vocabulary (the first tokenizer.json of
     `tokenizer_dirs`: an adapter's own tokenizer before the base's), or None."""
-    folder = next((d for d in tokenizer_dirs if (d / "tokenizer.json").is_file()), None)
-    texts = None if folder is None else token_texts(folder)
-    if folder is None or texts is None:
-        return None
     for fragments, needed in NAME_QUIRKS.items():
         hit = next((f for f in fragments if f in name.lower()), None)
+        if hit is None:
+            continue  # the usual case: the tokenizer is not read at all
+        folder = next((d for d in tokenizer_dirs if (d / "tokenizer.json").is_file()), None)
+        texts = None if folder is None else token_texts(folder)
+        if folder is None or texts is None:
+            return None
         missing = [t for t in needed if t not in texts]
-        if hit is not None and missing:
+        if missing:
             return (
                 f"The export name {name!r} contains {hit!r}, and llama.cpp treats a GGUF whose name contains "
                 f"{' or '.join(repr(f) for f in fragments)} as Phi-3, looking up the tokens "

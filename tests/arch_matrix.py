@@ -53,12 +53,7 @@ GEMMA_TEMPLATE = (
 )
 
 
-CHECK_ONLY = (
-    "f16_max_kld",
-    "gates",
-    "slow",
-    "export_name",
-)  # Architecture fields that do not change what is built
+CHECK_ONLY = ("f16_max_kld", "gates", "export_name")  # Architecture fields that do not change what is built
 
 
 @dataclass(frozen=True)
@@ -79,8 +74,6 @@ class Architecture:
     # routers flip top-1 tokens (95-99 % agree), so its top-1 gates are lowered.
     f16_max_kld: float = 1e-4
     gates: tuple[str, ...] = ()  # --gate overrides merge-quantize is run with
-    # Why the row runs only in make test-all, if it does.
-    slow: str = ""
     export_name: str = ""  # --name of its exports, where the slug will not do
 
     @property

@@ -16,9 +16,9 @@ from typing import Any
 from tests.arch_matrix import ARCHITECTURES, results_file
 
 
-def merge_cell(merge: dict[str, Any] | None, slow: str) -> str:
+def merge_cell(merge: dict[str, Any] | None) -> str:
     if not merge:
-        return f"not run (make test-all only: {slow})" if slow else "not run"
+        return "not run"
     return (
         f"✓ F16 KLD {merge['f16_mean_kld']:.1e}, Q8_0 {merge['q8_0_mean_kld']:.1e} "
         f"(base alone {merge['base_mean_kld']:.2f}); {merge['coverage']}"
@@ -44,7 +44,7 @@ def render(results: dict[str, Any]) -> str:
         merge = row.get("merge")
         modelfile = f"✓ ({merge['modelfile']})" if merge else "not run"
         lines.append(
-            f"| {architecture.name} | {row.get('adapter', '')} | {merge_cell(merge, architecture.slow)} | "
+            f"| {architecture.name} | {row.get('adapter', '')} | {merge_cell(merge)} | "
             f"{runtime_cell(row.get('runtime'))} | {modelfile} |"
         )
     return "\n".join(lines)

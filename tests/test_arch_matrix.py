@@ -62,11 +62,7 @@ def _expert_tensors(built: Built) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize(
-    "architecture",
-    [pytest.param(a, marks=pytest.mark.slow, id=a.slug) if a.slow else a for a in ARCHITECTURES],
-    ids=_ids,
-)
+@pytest.mark.parametrize("architecture", ARCHITECTURES, ids=_ids)
 def test_merge_quantize_reproduces_the_unmerged_model(
     architecture: Architecture, demo_inputs: DemoInputs, eval_data: Path, tmp_path: Path
 ) -> None:

@@ -14,6 +14,7 @@ from exporter.merge.adapter_plan import plan_adapter
 from exporter.merge.lora_layout import CONV1D_MODEL_TYPES
 from exporter.merge.updates import MergePlan, Replacement
 from exporter.merge.vocab import EMBEDDING_NAMES, OUTPUT_NAME, check_vocab_complete, same_updates
+from exporter.qlora import recorded_base_config, recorded_four_bit
 from exporter.safetensors_header import base_shard_files
 from exporter.safetensors_io import TensorEntry, read_header
 
@@ -41,7 +42,7 @@ def check_configs(adapter: LoraAdapter, base_config: dict[str, Any], base_dir: P
     where = adapter.path / ADAPTER_CONFIG
     hint = adapter.base_model_name_or_path
     # A recorded 4-bit base whose config is on this machine is a QLoRA adapter merge-quantize handles as one.
-    if hint and QUANTIZED_BASE_HINT.search(hint) and not _known_four_bit(hint):
+    if hint and QUANTIZED_BASE_HINT.search(hint) and not recorded_four_bit(hint):
         log.warning(
             "%s says the adapter was trained on %s, a quantized base (QLoRA), and it is merged onto the 16-bit "
             "base %s. merge-quantize checks it against the model as trained and compares both merge bases when "
@@ -56,7 +57,7 @@ def check_configs(adapter: LoraAdapter, base_config: dict[str, Any], base_dir: P
             f"{base_dir / 'config.json'} describes a {method} model; merging needs the original 16-bit base "
             "(fp16/bf16 safetensors) the quantized one was made from. Pass that with --base."
         )
-    trained_config = _recorded_base_config(hint)
+    trained_config = recorded_base_config(hint)
     if trained_config is not None:
         trained = json.loads(trained_config.read_text())
         for key in ("vocab_size", "hidden_size", "num_hidden_layers"):
@@ -65,30 +66,6 @@ def check_configs(adapter: LoraAdapter, base_config: dict[str, Any], base_dir: P
                     f"{where} was trained on {hint} ({key}={trained[key]}), but the base {base_dir} has "
                     f"{key}={base_config[key]}. Pass the base the adapter was trained on."
                 )
-
-
-def _known_four_bit(hint: str) -> bool:
-    config = _recorded_base_config(hint)
-    if config is None:
-        return False
-    quantization = json.loads(config.read_text()).get("quantization_config") or {}
-    return str(quantization.get("load_in_4bit")).lower() == "true"
-
-
-def _recorded_base_config(hint: str | None) -> Path | None:
-    """config.json of the base the adapter recorded, when it is on this machine (folder or HF cache)."""
-    if not hint:
-        return None
-    if Path(hint).is_dir():
-        path = Path(hint) / "config.json"
-        return path if path.is_file() else None
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(hint, "config.json")
-    except Exception:  # noqa: BLE001 - an id that is not a valid repo name is simply not cached
-        return None
-    return Path(cached) if isinstance(cached, str) else None
 
 
 def plan_merge(
