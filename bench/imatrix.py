@@ -38,10 +38,10 @@ from converters.hf_to_gguf import convert_hf_to_gguf  # noqa: E402
 from converters.llama_runtime import score_gguf  # noqa: E402
 from converters.quantize import quantize_gguf  # noqa: E402
 from converters.vendor import locate_vendored  # noqa: E402
-from exporter.adapter import read_adapter  # noqa: E402
-from exporter.imatrix import compute_imatrix  # noqa: E402
-from exporter.options import QualityOptions  # noqa: E402
-from exporter.records import ModelInputs  # noqa: E402
+from exporter.inputs.adapter import read_adapter  # noqa: E402
+from exporter.inputs.options import QualityOptions  # noqa: E402
+from exporter.inputs.records import ModelInputs  # noqa: E402
+from exporter.quality.imatrix import compute_imatrix  # noqa: E402
 from exporter.stages.quality import reference_for  # noqa: E402
 from quant_profiles import builtin_profiles  # noqa: E402
 

@@ -88,7 +88,9 @@ def layer_shapes(config: dict[str, Any] = CONFIG) -> list[tuple[str, tuple[int, 
             (f"{p}.mlp.up_proj.weight", (i, h)),
             (f"{p}.mlp.down_proj.weight", (h, i)),
         ]
-    shapes += [("model.norm.weight", (h,)), ("lm_head.weight", (config["vocab_size"], h))]
+    shapes.append(("model.norm.weight", (h,)))
+    if not config.get("tie_word_embeddings"):
+        shapes.append(("lm_head.weight", (config["vocab_size"], h)))
     return shapes
 
 

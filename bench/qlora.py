@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """bench/qlora: what a QLoRA adapter's merge base does to quality, and what measuring both costs.
 
-On `--model demo` (default) the demo's QLoRA adapter (exporter/demo_qlora.py: SmolLM2-135M rounded to
+On `--model demo` (default) the demo's QLoRA adapter (demos/qlora.py: SmolLM2-135M rounded to
 NF4 with double quant by bitsandbytes, r=16 LoRA on every linear layer, trained on CPU); on `--model 1b`
 bench/pipeline.py's synthetic 1.2B fp16 Llama (random weights) and its r=16 LoRA, declared trained on
 NF4 + double quant (--trained-on nf4 --double-quant): random weights make its KLDs a measure of the
@@ -33,9 +33,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from exporter.demo import build_demo  # noqa: E402
-from exporter.demo_qlora import ADAPTER, build_qlora_demo  # noqa: E402
-from exporter.qlora_report import CANDIDATE_TITLES  # noqa: E402
+from demos.inputs import build_demo  # noqa: E402
+from demos.qlora import ADAPTER, build_qlora_demo  # noqa: E402
+from exporter.qlora.report import CANDIDATE_TITLES  # noqa: E402
 
 PIPELINE_1B = ROOT / "bench" / ".work" / "pipeline-1b"  # bench/pipeline.py's 1.2B inputs
 

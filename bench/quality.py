@@ -27,9 +27,9 @@ sys.path.insert(0, str(ROOT))
 
 from converters.child import run_child  # noqa: E402
 from converters.llama_runtime import score_gguf  # noqa: E402
-from exporter.adapter import read_adapter  # noqa: E402
-from exporter.options import QualityOptions  # noqa: E402
-from exporter.records import ModelInputs  # noqa: E402
+from exporter.inputs.adapter import read_adapter  # noqa: E402
+from exporter.inputs.options import QualityOptions  # noqa: E402
+from exporter.inputs.records import ModelInputs  # noqa: E402
 from exporter.stages.quality import reference_for  # noqa: E402
 
 

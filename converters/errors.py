@@ -1,6 +1,6 @@
 """The one error family library code raises; only the CLI turns these into messages and exit codes.
 
-Defined here, at the bottom layer, because the converters raise it too; exporter.errors re-exports it.
+Defined here, at the bottom layer, because the converters raise it too; exporter.core.errors re-exports it.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """sha256 of files, including one another process is still writing (the converter's F16 GGUF).
 
-exporter.hashing builds its memo of file hashes on these.
+exporter.core.hashing builds its memo of file hashes on these.
 """
 
 from __future__ import annotations

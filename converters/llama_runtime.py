@@ -66,7 +66,7 @@ def score_gguf(
     device: str = "cpu",
     lora: Path | None = None,
 ) -> dict[str, Any]:
-    """Evaluate `gguf` on the sequences against a reference file (exporter.quality's format).
+    """Evaluate `gguf` on the sequences against a reference file (exporter.quality.reference's format).
 
     With `lora`, a GGUF LoRA is applied at run time on top of `gguf` (scale 1), as Ollama's ADAPTER does.
 

@@ -98,6 +98,32 @@ def summarize(
     }
 
 
+def greedy_divergence(
+    top: np.ndarray, prompt_length: int, continuation: list[int], max_new_tokens: int, stops: set[int]
+) -> int | None:
+    """Where a model's greedy continuation of a prompt first leaves the reference's (None: never), read
+    from the model's top tokens over the prompt followed by the reference's continuation (teacher-forced:
+    `top[i]` is its top token after position i). Decoding the model and comparing gives the same answer:
+    both agree up to the first position where its top token is not the reference's. A reference that
+    stopped before `max_new_tokens` must be matched by a stop token (one of `stops`) there too."""
+    for step, token in enumerate(continuation):
+        if int(top[prompt_length - 1 + step]) != token:
+            return step
+    if len(continuation) < max_new_tokens and int(top[prompt_length - 1 + len(continuation)]) not in stops:
+        return len(continuation)
+    return None
+
+
+def greedy_summary(first_divergence: list[int | None]) -> dict[str, Any]:
+    """How many greedy continuations match the reference's exactly, and where each first diverges."""
+    matched = sum(d is None for d in first_divergence)
+    return {
+        "greedy_match": matched / len(first_divergence) if first_divergence else None,
+        "greedy_prompts": len(first_divergence),
+        "first_divergence": first_divergence,
+    }
+
+
 def greedy_agreement(reference: list[list[int]], test: list[list[int]]) -> dict[str, Any]:
     """How many greedy continuations match exactly, and where each first diverges (None: never)."""
     first_divergence: list[int | None] = []
@@ -106,9 +132,4 @@ def greedy_agreement(reference: list[list[int]], test: list[list[int]]) -> dict[
         if diverged is None and len(ref) != len(ours):
             diverged = min(len(ref), len(ours))
         first_divergence.append(diverged)
-    matched = sum(d is None for d in first_divergence)
-    return {
-        "greedy_match": matched / len(reference) if reference else None,
-        "greedy_prompts": len(reference),
-        "first_divergence": first_divergence,
-    }
+    return greedy_summary(first_divergence)

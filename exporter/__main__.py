@@ -1,3 +1,5 @@
-from exporter.cli import main
+"""`python -m exporter`: the edge-export command line."""
+
+from exporter.cli.app import main
 
 main()

@@ -130,7 +130,7 @@ class DemoInputs:
 
 @pytest.fixture(scope="session")
 def demo_inputs() -> DemoInputs:
-    from exporter.demo import build_demo
+    from demos.inputs import build_demo
 
     base, adapter = build_demo(DEMO_DIR)
     return DemoInputs(base, adapter)
@@ -237,7 +237,7 @@ class Reference:
     peft_model: Any
 
     def prompt_ids(self, question: str) -> list[int]:
-        from exporter.dialects import chat_token_ids
+        from exporter.inputs.dialects import chat_token_ids
 
         return chat_token_ids(
             self.tokenizer, [{"role": "user", "content": question}], add_generation_prompt=True

@@ -7,7 +7,7 @@ is written by the release it stands for:
 
 OUT receives base/ (a small Llama with SmolLM2's tokenizer and rope_theta 100000, saved in float16),
 adapter/ (LoRA r=8 on every linear layer, trained a few steps, with the trainer's tokenizer beside it),
-reference.npz (exporter.quality's reference format: top-64 log-probs per position of the unmerged model,
+reference.npz (exporter.quality.reference's reference format: top-64 log-probs per position of the unmerged model,
 in float32) and eval.json (the token ids it was computed on, and the versions that wrote everything).
 """
 

@@ -1,11 +1,11 @@
-"""The demo's real QLoRA adapter (exporter/demo_qlora.py: bitsandbytes NF4 on CPU, a few LoRA steps),
+"""The demo's real QLoRA adapter (demos/qlora.py: bitsandbytes NF4 on CPU, a few LoRA steps),
 built once per recipe and cached outside the checkout (EDGE_EXPORT_TEST_CACHE)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from exporter.demo_qlora import build_qlora_demo, recipe_key
+from demos.qlora import build_qlora_demo, recipe_key
 from tests.sideenv import cache_dir
 
 

@@ -197,7 +197,7 @@ def test_runtime_lora_refuses_a_changed_vocabulary(vocab_inputs: Path, tmp_path:
 
 def test_parity_fails_a_gguf_that_lost_the_added_tokens(vocab_inputs: Path, demo_export: DemoExport):
     """The adapter's tokenizer against a GGUF converted without its tokens: every new token is caught."""
-    from exporter.tokenizer_parity import check_tokenizer_parity
+    from exporter.quality.tokenizer_parity import check_tokenizer_parity
 
     report = check_tokenizer_parity(vocab_inputs / "untied", demo_export.gguf("Q8_0"))
     lost = {m["token"] for m in report.added_mismatches}
@@ -206,8 +206,8 @@ def test_parity_fails_a_gguf_that_lost_the_added_tokens(vocab_inputs: Path, demo
 
 
 def test_a_vocabulary_change_is_merged_only_on_its_own(vocab_inputs: Path, tmp_path: Path):
-    from exporter.adapter import read_adapter
-    from exporter.errors import InputError
+    from exporter.core.errors import InputError
+    from exporter.inputs.adapter import read_adapter
     from exporter.merge import merge_adapters
 
     adapter = read_adapter(vocab_inputs / "untied")
@@ -219,8 +219,8 @@ def test_a_vocabulary_change_is_merged_only_on_its_own(vocab_inputs: Path, tmp_p
 def test_a_tokenizer_with_more_tokens_than_rows_is_refused(vocab_inputs: Path, tmp_path: Path):
     from transformers import AutoTokenizer
 
-    from exporter.adapter import read_adapter
-    from exporter.errors import InputError
+    from exporter.core.errors import InputError
+    from exporter.inputs.adapter import read_adapter
     from exporter.merge import merge_adapters
 
     adapter_dir = Path(shutil.copytree(vocab_inputs / "padded", tmp_path / "adapter"))

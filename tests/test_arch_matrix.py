@@ -48,7 +48,7 @@ def _artifact(report: dict[str, Any], label: str) -> dict[str, Any]:
 
 def _expert_tensors(built: Built) -> set[str]:
     """Every stored expert tensor of every layer that the adapter's target_parameters train."""
-    from exporter.merge.experts import fused_layouts
+    from exporter.inputs.fused_experts import fused_layouts
 
     config = json.loads((built.base / "config.json").read_text())
     layout = fused_layouts()[config["model_type"]]

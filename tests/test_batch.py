@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from exporter.errors import InputError
-from exporter.plan import load_plan
+from exporter.core.errors import InputError
+from exporter.inputs.batch_plan import load_plan
 from tests.conftest import DEMO_EVAL, REPO, DemoInputs, _variant, run_cli
 
 CLUSTER = REPO / "bench" / "local_ray_cluster.sh"

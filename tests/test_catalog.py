@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from exporter.locks import LockPolicy, hold_lock, output_lock_path
+from exporter.core.locks import LockPolicy, hold_lock, output_lock_path
 from tests.conftest import REPO, DemoInputs
 from tests.tiny import copy_tokenizer, make_adapter, make_tiny_llama
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from converters.chat_template import (
+from exporter.deploy.chat_template import (
     VERIFY_CONVERSATIONS,
     ChatTemplateError,
     TemplateTranslation,
@@ -18,9 +18,9 @@ from converters.chat_template import (
     special_token_strings,
     translate_chat_template,
 )
-from converters.gotemplate import GoTemplateError, render_go_template
-from exporter.modelfile import spec_from_translation, write_modelfile
-from exporter.modelfile_check import parse_modelfile
+from exporter.deploy.gotemplate import GoTemplateError, render_go_template
+from exporter.deploy.modelfile import spec_from_translation, write_modelfile
+from exporter.deploy.modelfile_check import parse_modelfile
 
 CORPUS = Path(
     os.environ.get(

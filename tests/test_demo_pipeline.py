@@ -9,7 +9,8 @@ import pytest
 
 from converters.gguf_header import read_gguf_header
 from converters.llama_runtime import greedy_generate
-from exporter.hashing import sha256_file
+from converters.metrics import greedy_agreement
+from exporter.core.hashing import sha256_file
 from tests.conftest import DEMO_PROMPTS, DemoExport, Reference, copy_export, export_args
 
 NEW_TOKENS = 24
@@ -163,3 +164,84 @@ def test_modelfile_from_gguf_matches_the_exported_one(demo_export: DemoExport, t
             x for x in exported.splitlines() if x.startswith(line)
         ], line
     assert run_cli("modelfile", "--check", str(tmp_path / "model.Modelfile")).returncode == 0
+
+
+def test_the_base_floor_greedy_read_teacher_forced_is_what_decoding_finds(
+    demo_export: DemoExport, demo_inputs, reference: Reference
+):
+    """The base floor's greedy figures come from feeding the base the reference's continuations; decoding the
+    base freely in PyTorch and comparing finds the same first divergences. The GGUFs' figures are their own
+    greedy decodes in llama.cpp against the same continuations."""
+    import torch
+
+    from exporter.inputs.adapter import read_adapter
+    from exporter.inputs.options import QualityOptions
+    from exporter.inputs.records import ModelInputs
+    from exporter.stages.quality import reference_for
+    from tests.conftest import DEMO_EVAL
+
+    inputs = ModelInputs.hashed(demo_inputs.base, (read_adapter(demo_inputs.adapter),))
+    options = QualityOptions(eval_data=DEMO_EVAL)
+    ours = reference_for(inputs, demo_export.out / "merged", options)
+    eos = reference.peft_model.generation_config.eos_token_id
+    stops = {*(eos if isinstance(eos, list) else [eos]), reference.tokenizer.eos_token_id}
+    decoded = []
+    with torch.no_grad(), reference.peft_model.disable_adapter():
+        for prompt in ours.eval.prompts:
+            ids = torch.tensor([prompt])
+            out = reference.peft_model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=options.max_new_tokens,
+                do_sample=False,
+            )[0, len(prompt) :].tolist()
+            decoded.append(out[: next((i for i, t in enumerate(out) if t in stops), len(out))])
+    found = greedy_agreement(ours.greedy, decoded)["first_divergence"]
+    assert demo_export.report["base_floor"]["metrics"]["first_divergence"] == found
+    # the F16 GGUF answers as the reference does, so its drafts were all confirmed in the one pass
+    assert demo_export.report["reference"]["greedy_answers"].endswith(
+        "0 of 6 decoded on by the reference from the draft's first wrong token"
+    )
+    rows = {row["label"]: row["metrics"] for row in demo_export.report["artifacts"]}
+    for label in ("F16", "Q2_K"):
+        decoded = greedy_generate(
+            demo_export.gguf(label), ours.eval.prompts, options.max_new_tokens, n_ctx=1024
+        )
+        found = greedy_agreement(ours.greedy, decoded)["first_divergence"]
+        assert rows[label]["first_divergence"] == found, label
+
+
+def test_a_teacher_forced_greedy_divergence_is_where_decoding_diverges(reference: Reference):
+    """The adapter at half strength shares some tokens of the full adapter's answers, then leaves them: its
+    top tokens on the full adapter's continuations put each divergence where its own decode puts it."""
+    import numpy as np
+    import torch
+    from peft.tuners.lora.layer import LoraLayer
+
+    from converters.metrics import greedy_divergence
+
+    model, new_tokens = reference.peft_model, 16
+    stops = {reference.tokenizer.eos_token_id}
+    prompts = [reference.prompt_ids(q) for q in DEMO_PROMPTS]
+    full = [reference.greedy(q, new_tokens) for q in DEMO_PROMPTS]
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    for layer in layers:
+        layer.scale_layer(0.5)
+    try:
+        half = [reference.greedy(q, new_tokens) for q in DEMO_PROMPTS]
+        with torch.no_grad():
+            tops = [
+                model(input_ids=torch.tensor([[*p, *c]])).logits[0].argmax(-1).numpy()
+                for p, c in zip(prompts, full, strict=True)
+            ]
+    finally:
+        for layer in layers:
+            layer.unscale_layer(0.5)
+    expected = greedy_agreement(full, half)["first_divergence"]
+    found = [
+        greedy_divergence(np.asarray(top), len(p), c, new_tokens, stops)
+        for top, p, c in zip(tops, prompts, full, strict=True)
+    ]
+    assert found == expected
+    assert any(d is None or d > 0 for d in expected), "half strength never shared a token: nothing compared"
+    assert any(d is not None for d in expected), "half strength never diverged: nothing compared"

@@ -1,4 +1,4 @@
-"""exporter.dialects on files the real releases write: transformers 4.57.6 (side env) and 5.23 (this one)."""
+"""exporter.inputs.dialects on files the real releases write: transformers 4.57.6 (side env) and 5.23 (this one)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter.dialects import (
+from exporter.inputs.dialects import (
     Rope,
     classify_full_key,
     portable_config,

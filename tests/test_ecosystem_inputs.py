@@ -94,7 +94,7 @@ def test_an_internal_error_is_not_a_failed_gate(tmp_path: Path):
         "import sys, exporter.commands.merge_quantize as p\n"
         "def broken(*a, **k): raise RuntimeError('simulated bug')\n"
         "p.merge_quantize = broken\n"
-        "from exporter.cli import main\n"
+        "from exporter.cli.app import main\n"
         f"sys.argv = ['edge-export', 'merge-quantize', '--adapter', {str(tmp_path)!r}, '--profile', 'Q8_0',"
         f" '--out', {str(tmp_path / 'out')!r}]\n"
         "main()\n"

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from exporter.graph import Budget, BudgetedExecutor, LocalExecutor, StageGraph
+from exporter.engine.graph import Budget, BudgetedExecutor, LocalExecutor, StageGraph
 
 
 def overlapping(log: list[tuple[str, str]], heavy: set[str]) -> int:
@@ -77,6 +77,29 @@ def test_a_graph_refuses_unknown_needs_and_duplicates():
         graph.add("convert", lambda _: None, ("merged",))
     with pytest.raises(ValueError, match="already has"):
         graph.add("merge", lambda _: None)
+
+
+def test_an_included_graph_takes_its_inputs_from_the_including_one_under_its_own_names():
+    """A QLoRA candidate's sub-graph: its nodes become `<label>:<name>`, need the references of the graph
+    that includes it, and the batch includes the lot again under the export's name."""
+    candidate = StageGraph(inputs=("ref",))
+    candidate.add("merge", lambda _: 1, memory=5)
+    candidate.add("score", lambda r: (r["merge"], r["ref"]), ("merge", "ref"), memory=7)
+    export = StageGraph()
+    export.add("reference", lambda _: "R")
+    export.include("w16", candidate, sep=":", inputs={"ref": "reference"})
+    export.add("choose", lambda r: r["w16:score"], ("w16:score",), heavy=False)
+    assert export.nodes["w16:score"].needs == ("w16:merge", "reference")
+    assert export.nodes["w16:score"].memory == 7  # no estimator: the estimate the node had
+    batch = StageGraph()
+    batch.include("job", export, lambda name: len(name))
+    assert batch.nodes["job/w16:score"].needs == ("job/w16:merge", "job/reference")
+    assert batch.nodes["job/w16:merge"].memory == len("w16:merge")
+    assert LocalExecutor().run(batch)["job/choose"] == (1, "R")
+    with pytest.raises(ValueError, match=r"needs \['ref'\], which no node gives it"):
+        StageGraph().include("w16", candidate, sep=":")
+    with pytest.raises(ValueError, match="not in the graph"):
+        candidate.add("convert", lambda _: None, ("reference",))
 
 
 def test_the_budgeted_executor_holds_a_stage_whose_memory_does_not_fit_and_logs_why():

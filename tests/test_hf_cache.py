@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from exporter.adapter import read_adapter, resolve_base
-from exporter.errors import InputError
+from exporter.core.errors import InputError
+from exporter.inputs.adapter import read_adapter, resolve_base
 from exporter.merge import merge_adapters
 from tests.conftest import run_cli
 from tests.tiny import make_adapter, make_tiny_llama

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from exporter.imatrix import activation_dtype, collect_activations
+from exporter.quality.imatrix import activation_dtype, collect_activations
 from tests.conftest import REPO, DemoExport, DemoInputs, export_args, run_cli, session_output
 from tests.tiny import make_tiny_llama
 
@@ -164,7 +164,7 @@ def test_a_given_matrix_quantizes_like_the_computed_one(
 ):
     from gguf import GGUFReader
 
-    from exporter.hashing import sha256_file
+    from exporter.core.hashing import sha256_file
 
     computed_out, _ = imatrix_export
     given = computed_out / "smollm2-pirate.imatrix.gguf"

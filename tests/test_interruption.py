@@ -1,4 +1,4 @@
-"""Kill -9 at the fault points of every stage (exporter/faults.py), then run again: the same bytes as an
+"""Kill -9 at the fault points of every stage (exporter/core/faults.py), then run again: the same bytes as an
 uninterrupted run, and no temporary files left anywhere.
 
 A run is killed when it reaches a point, never after a delay: `<stage>` before a stage starts,
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from exporter.faults import KILL_ENV
-from exporter.hashing import sha256_file
+from exporter.core.faults import KILL_ENV
+from exporter.core.hashing import sha256_file
 from tests.conftest import REPO, DemoExport, DemoInputs, RuntimeExport, export_args, runtime_lora_args
 
 

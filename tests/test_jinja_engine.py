@@ -18,16 +18,17 @@ from pathlib import Path
 import pytest
 
 from converters.chat_probes import template_capabilities
-from converters.chat_template import (
+from converters.llama_tools import LlamaTools, locate_llama_tools
+from converters.template_parity import TemplateParity, compare_probes, hf_template_render
+from exporter.core.errors import InputError
+from exporter.deploy.chat_template import (
     ChatTemplateError,
     jinja_render,
     special_token_strings,
     translate_chat_template,
 )
-from converters.llama_tools import LlamaTools, locate_llama_tools
-from converters.template_parity import TemplateParity, compare_probes, hf_template_render
-from exporter.errors import InputError
-from exporter.ollama_targets import CURRENT_OLLAMA, TemplateChoice, choose_template, ollama_target
+from exporter.deploy.ollama_targets import TemplateChoice, choose_template
+from exporter.inputs.ollama_version import CURRENT_OLLAMA, ollama_target
 from tests.conftest import DemoExport, DemoInputs, run_cli
 from tests.test_chat_template import CORPUS, corpus_templates
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from exporter.errors import BusyError
-from exporter.locks import LockPolicy, hold_lock, output_lock_path
+from exporter.core.errors import BusyError
+from exporter.core.locks import LockPolicy, hold_lock, output_lock_path
 from tests.conftest import EXPORT_STAGES, REPO, DemoExport, DemoInputs, export_args
 
 WAITING = "waiting for another edge-export run"

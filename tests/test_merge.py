@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from exporter.adapter import read_adapter
-from exporter.hashing import sha256_file
+from exporter.core.hashing import sha256_file
+from exporter.inputs.adapter import read_adapter
 from exporter.merge import merge_adapters
 from tests.tiny import make_adapter, make_ia3_adapter, make_tiny_gpt2, make_tiny_llama
 

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import torch
 
-from exporter.adapter import read_adapter
-from exporter.errors import InputError
+from exporter.core.errors import InputError
+from exporter.inputs.adapter import read_adapter
 from exporter.merge import merge_adapters
 from tests.tiny import make_adapter, make_tiny_gpt2, make_tiny_llama
 
@@ -188,7 +188,7 @@ def test_names_that_match_nothing_are_diagnosed(tmp_path: Path) -> None:
 def test_a_fused_expert_adapter_on_a_base_that_stores_experts_fused_is_refused_at_runtime(
     tmp_path: Path,
 ) -> None:
-    from exporter.runtime_adapter import runtime_correction
+    from exporter.merge.runtime_adapter import runtime_correction
 
     config_class, config, lora = CASES["gpt_oss"]
     base = _make_moe(tmp_path / "base", config_class, config)

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from exporter.adapter import read_adapter
-from exporter.errors import InputError
+from exporter.core.errors import InputError
+from exporter.inputs.adapter import read_adapter
 from exporter.merge import merge_adapters
 from tests.tiny import make_adapter, make_tiny_llama
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter.modelfile_check import parse_modelfile
+from exporter.deploy.modelfile_check import parse_modelfile
 from tests.conftest import DemoExport, run_cli
 
 GOOD = '''# comment

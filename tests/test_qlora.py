@@ -170,8 +170,8 @@ def _recomputed_losses(
     import os
 
     from converters.llama_runtime import score_gguf
-    from exporter.evaldata import load_eval_data
-    from exporter.quality import load_tokenizer
+    from exporter.inputs.evaldata import load_eval_data
+    from exporter.inputs.tokenizer import load_tokenizer
 
     stages = Path(os.environ["EDGE_EXPORT_CACHE_DIR"]) / "stages"
     gguf = next(
@@ -194,7 +194,9 @@ def test_a_4_bit_base_unpacks_to_exactly_the_rounded_16_bit_base(qlora_inputs: P
     import torch
     from safetensors.torch import load_file
 
-    from exporter.qlora import detect_trained_on, round_trip, unpack_four_bit_base
+    from exporter.inputs.trained_on import detect_trained_on
+    from exporter.qlora.round_trip import round_trip
+    from exporter.qlora.unpack import unpack_four_bit_base
 
     counts = unpack_four_bit_base(qlora_inputs / "base-4bit", tmp_path / "unpacked")
     assert "quantization_config" not in json.loads((tmp_path / "unpacked" / "config.json").read_text())
@@ -254,3 +256,120 @@ def test_dequantize_base_refusals(qlora_export: QloraExport, tmp_path: Path, bas
     assert proc.returncode == 2, proc.stderr + proc.stdout
     assert says in " ".join(proc.stderr.split())
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ the candidates as stages of a batch
+
+CHOICE_STAGES = (
+    "reference:as-trained",
+    "reference:16-bit",
+    *(f"{c}:{s}" for c in ("w16", "dequant") for s in ("merge", "convert", "quantize:Q8_0", "candidate")),
+    "dequant:dequantize",
+    "choose",
+)
+
+
+def test_the_merge_base_choice_is_a_graph_of_both_candidates_stages():
+    """Built without running a stage: each candidate a sub-graph under its label, each score needing its
+    reference, the dequant candidate's record its dequantized inputs, and the choice both candidates."""
+    from types import SimpleNamespace
+
+    from exporter.stages.qlora import CHOOSE, CandidatePlan, qlora_graph
+
+    nothing: Any = None
+    plan = CandidatePlan(NAME, None, (SimpleNamespace(name="Q8_0"),), nothing, nothing)
+    graph = qlora_graph(nothing, nothing, nothing, "auto", True, plan)
+    assert set(CHOICE_STAGES) <= set(graph.nodes)
+    needs = {name: node.needs for name, node in graph.nodes.items()}
+    assert needs["dequant:merge"] == ("dequant:dequantize",) and needs["w16:merge"] == ()
+    assert needs["w16:quality:Q8_0"] == ("reference:as-trained", "w16:quantize:Q8_0")
+    assert needs["dequant:quality-16:source"] == ("reference:16-bit", "dequant:convert")
+    # a candidate's record reads its inputs, merge, convert, every quantization and every score
+    assert set(needs["dequant:candidate"]) == {n for n in graph.nodes if n.startswith("dequant:")} - {
+        "dequant:candidate"
+    }
+    assert needs[CHOOSE] == ("reference:as-trained", "reference:16-bit", "w16:candidate", "dequant:candidate")
+    assert not graph.nodes[CHOOSE].heavy and graph.nodes["w16:quantize:Q8_0"].shared
+    forced = qlora_graph(nothing, nothing, nothing, "dequant", False, plan)  # --no-check: nothing measured
+    assert {name: node.needs for name, node in forced.nodes.items()} == {
+        "dequant:dequantize": (),
+        CHOOSE: ("dequant:dequantize",),
+    }
+    assert list(qlora_graph(nothing, nothing, nothing, "w16", False, plan).nodes) == [CHOOSE]
+
+
+def write_batch_plan(folder: Path, export: QloraExport) -> Path:
+    """A batch of the QLoRA export merge-quantize made: the same adapter, base, profile and evaluation data."""
+    plan = folder / "plan.toml"
+    plan.write_text(
+        f'out = "out"\nprofiles = ["Q8_0"]\ncheck = true\neval_data = "{export.eval_data}"\n\n'
+        f'[bases.smollm2]\npath = "{export.base}"\n\n'
+        f'[[adapters]]\npath = "{export.inputs / "adapter"}"\nname = "{NAME}"\n'
+    )
+    return plan
+
+
+def check_scheduled_choice(export: QloraExport, out: Path) -> list[dict[str, Any]]:
+    """Both candidates' stages were nodes of the batch graph, the export's merge waited for the choice,
+    and the batch kept what merge-quantize kept: its schedule's events."""
+    from tests.test_batch import read_events
+
+    events = read_events(out / "batch-schedule.jsonl")
+    at = {(e["event"], e["stage"]): i for i, e in enumerate(events)}
+    for stage in CHOICE_STAGES:
+        assert ("start", f"{NAME}/{stage}") in at and ("end", f"{NAME}/{stage}") in at, stage
+    assert at[("start", f"{NAME}/merge")] > at[("end", f"{NAME}/choose")]
+    manifest = json.loads((out / NAME / "manifest.json").read_text())
+    section, expected = manifest["merge_base"], export.manifest["merge_base"]
+    assert (section["mode"], section["chosen"]) == ("auto", expected["chosen"])
+
+    def artifacts(s: dict[str, Any]) -> dict[tuple[str, str], str]:
+        return {(r["candidate"], r["profile"]): r["sha256"] for r in s["candidates"]}
+
+    assert artifacts(section) == artifacts(expected)
+    assert manifest["artifacts"][0]["sha256"] == export.manifest["artifacts"][0]["sha256"]
+    # the candidates' stage times reached the export's run (from the Ray workers too)
+    assert {"w16:merge", "dequant:merge", "dequant:total"} <= set(manifest["stage_seconds"])
+    assert section["second_candidate_seconds"]["merge"] == manifest["stage_seconds"]["dequant:merge"]
+    return events
+
+
+def test_a_local_batch_schedules_both_candidates_within_its_memory_budget(qlora_export: QloraExport,
+                                                                          tmp_path: Path):  # fmt: skip
+    plan = write_batch_plan(tmp_path, qlora_export)
+    proc = run_cli("batch", str(plan), "--cores", "2", "--max-memory", "3GB")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    events = check_scheduled_choice(qlora_export, tmp_path / "out")
+    budget = 3 * 2**30
+    assert all(e["memory_budget"] == budget and e["memory_in_use"] <= budget for e in events)
+    memory = {e["stage"].split("/", 1)[1]: e["memory"] for e in events if e["event"] == "start"}
+    # each candidate stage is estimated as the export's stage of its kind; the choice itself is light
+    for stage in ("merge", "convert", "quantize:Q8_0", "quality:Q8_0"):
+        assert memory[f"w16:{stage}"] == memory[f"dequant:{stage}"] == memory[stage] > 0, stage
+    assert memory["dequant:quality-16:Q8_0"] == memory["quality:Q8_0"]
+    assert memory["reference:as-trained"] == memory["reference:16-bit"] == memory["reference"] > 0
+    assert memory["dequant:dequantize"] > 0 and memory["choose"] == memory["w16:candidate"] == 0
+    assert f"{NAME}: merge base: " in proc.stdout
+
+
+def test_a_ray_batch_schedules_both_candidates_as_tasks(qlora_export: QloraExport, tmp_path: Path):
+    """The two-node loopback cluster of the batch tests, on this session's stage cache (the candidates are
+    reused there, so this checks the scheduling, not the numbers again)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    from tests.test_batch import CLUSTER, _namespaces_work
+
+    if not _namespaces_work():
+        pytest.skip("needs unprivileged user and network namespaces (unshare)")
+    plan = write_batch_plan(tmp_path, qlora_export)
+    python = sys.executable
+    batch = f"{python} -m exporter batch {plan} --executor ray --ray-address 127.0.0.1:6380"
+    env = dict(os.environ, PYTHONPATH=str(REPO), RAY=str(Path(python).parent / "ray"), COLUMNS="200")
+    proc = subprocess.run(
+        [str(CLUSTER), "1", "bash", "-c", batch], capture_output=True, text=True, env=env, timeout=540
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    check_scheduled_choice(qlora_export, tmp_path / "out")

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from converters.metrics import compare_rows, log_softmax, reference_rows, summarize
-from exporter.errors import InputError
-from exporter.evaldata import load_eval_data
-from exporter.options import parse_gate_overrides
-from exporter.quality import apply_gates
+from exporter.core.errors import InputError
+from exporter.inputs.evaldata import load_eval_data
+from exporter.inputs.options import parse_gate_overrides
+from exporter.quality.reference import apply_gates
 from quant_profiles import builtin_profiles
 from tests.conftest import DemoExport, copy_export, run_cli
 
@@ -192,3 +192,34 @@ def test_a_failed_f16_gate_blames_the_merge_or_conversion(demo_export: DemoExpor
     message = " ".join(proc.stderr.split())
     assert "F16: The F16 GGUF is not quantized" in message and "the merge, the conversion" in message, message
     assert "Q8_0:" not in message
+
+
+def test_eval_tokens_auto_keeps_the_whole_set_up_to_1_5b_weights_and_scales_down_above():
+    from exporter.inputs.evaldata import EvalData, token_budget
+
+    assert token_budget("auto", 1_200_000_000, 2418) is None
+    assert token_budget("auto", 3_200_000_000, 2418) == 2418 * 15 // 32
+    assert token_budget("auto", 8_000_000_000, 2418) == 512  # never fewer
+    assert token_budget("all", 8_000_000_000, 2418) is None
+    assert token_budget("700", 135_000_000, 2418) == 700
+    windows = tuple(tuple(range(n, n + 65)) for n in range(40))  # 40 windows of 64 scored tokens
+    data = EvalData("built-in", windows, ((1, 2),))
+    assert data.within(None) is data and data.within(4000) is data
+    chosen = data.within(600)
+    assert chosen.sequences == windows[::4]  # spread over the set, not its first windows
+    assert chosen.n_scored == 640 and chosen.prompts == data.prompts
+    assert chosen.source == "built-in, one window in 4: 640 of 2560 tokens"
+    assert chosen.fingerprint() != data.fingerprint()
+
+
+def test_eval_tokens_scores_a_spread_subset_and_says_so(demo_export: DemoExport, tmp_path: Path):
+    proc = run_check(demo_export, tmp_path, "--eval-tokens", "300")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads((tmp_path / "export" / "report.json").read_text())
+    full = demo_export.report["reference"]["scored_tokens"]
+    assert 300 <= report["reference"]["scored_tokens"] < full
+    assert f"of {full} tokens" in report["reference"]["eval_data"]
+    for row in report["artifacts"]:
+        assert row["metrics"]["tokens"] == report["reference"]["scored_tokens"], row["label"]
+    bad = run_check(demo_export, tmp_path / "bad", "--eval-tokens", "lots")
+    assert bad.returncode == 2 and "--eval-tokens 'lots'" in bad.stderr

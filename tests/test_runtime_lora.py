@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from exporter.adapter import read_adapter
-from exporter.errors import InputError
-from exporter.runtime_adapter import check_pair, runtime_correction
+from exporter.core.errors import InputError
+from exporter.inputs.adapter import read_adapter
+from exporter.merge.runtime_adapter import check_pair, runtime_correction
 from tests.conftest import DEMO_EVAL, DemoExport, DemoInputs, RuntimeExport, run_cli, runtime_lora_args
 from tests.tiny import make_adapter, make_tiny_llama
 
@@ -125,7 +125,7 @@ def test_two_adapters_share_one_base_file_per_profile(runtime_export: RuntimeExp
 def test_adapter_modelfiles_for_ollama_before_0_34_1(
     runtime_export: RuntimeExport, demo_inputs: DemoInputs, tmp_path: Path
 ) -> None:
-    from exporter.modelfile_check import parse_modelfile
+    from exporter.deploy.modelfile_check import parse_modelfile
 
     out = tmp_path / "out"
     args = runtime_lora_args(demo_inputs, runtime_export.adapters, out)
@@ -147,10 +147,10 @@ def _uncorrected_kld(
     """What llama.cpp's converter alone gives: the same adapter converted without our correction."""
     from converters.lora_to_gguf import convert_lora_to_gguf
     from converters.vendor import locate_vendored
-    from exporter.options import QualityOptions, RunOptions
-    from exporter.quality import evaluate_gguf
-    from exporter.records import ModelInputs
-    from exporter.run import Run
+    from exporter.engine.run import Run
+    from exporter.inputs.options import QualityOptions, RunOptions
+    from exporter.inputs.records import ModelInputs
+    from exporter.quality.reference import evaluate_gguf
     from exporter.stages.quality import reference_stage
 
     adapter = read_adapter(runtime_export.adapters[name])

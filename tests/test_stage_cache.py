@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from converters.hashing import AppendHasher
-from exporter import hashing
-from exporter.faults import KILL_ENV
-from exporter.hashing import RACY_NS, HashMemo, sha256_file
-from exporter.stage_cache import StageCache, link_into, stage_key
+from exporter.core import hashing
+from exporter.core.faults import KILL_ENV
+from exporter.core.hashing import RACY_NS, HashMemo, sha256_file
+from exporter.engine.stage_cache import StageCache, link_into, stage_key
 from tests.conftest import EXPORT_STAGES, REPO, DemoExport, DemoInputs, copy_export, export_args, run_cli
 
 
@@ -224,9 +224,9 @@ def test_unchanged_rerun_takes_gguf_headers_from_the_cache(
     demo_export: DemoExport, demo_inputs: DemoInputs, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ):
     """A GGUF header is read by walking the whole vocabulary; cached GGUFs carry theirs in the entry."""
-    from exporter import tokenizer_parity
     from exporter.commands.merge_quantize import merge_quantize
-    from exporter.options import ExportOptions, InputOptions, OutputOptions, ProfileOptions
+    from exporter.inputs.options import ExportOptions, InputOptions, OutputOptions, ProfileOptions
+    from exporter.quality import tokenizer_parity
     from exporter.stages import gguf
 
     def refuse(path: Path) -> None:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 
-from exporter import stage_keys as keys
-from exporter.stage_cache import stage_key
+from exporter.engine import stage_keys as keys
+from exporter.engine.stage_cache import stage_key
 
 VERSIONS = {
     "edge-export": "0.1.0",

@@ -1,6 +1,6 @@
 """`edge-export batch PLAN.toml`: every export of a plan as one stage graph, run here or on a Ray cluster.
 
-    plan ──▶ one run per export (its folder locked, checked, preflighted) ──▶ one graph (batch_graph.py)
+    plan ──▶ one run per export (its folder locked, checked, preflighted) ──▶ one graph (exporter.graphs.batch)
          ──▶ executor: local (cores × memory budget) or Ray (a task per heavy stage)
          ──▶ each export that finished: its manifest, Modelfiles, report (as merge-quantize / runtime-lora)
          ──▶ <out>/batch-report.{json,md}, batch.png, batch-junit.xml, batch-schedule.jsonl
@@ -20,27 +20,20 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from exporter.atomic import write_text_atomic
-from exporter.batch_report import BATCH_PLAN, BATCH_SCHEDULE, BatchRow, write_batch_reports
-from exporter.commands.batch_graph import (
-    BatchGraph,
-    JobSpec,
-    absorb,
-    job_options,
-    prepare,
-    remote_stage,
-)
-from exporter.commands.merge_quantize import ExportResult
-from exporter.commands.runtime_lora import RuntimeLoraResult
-from exporter.errors import INTERNAL_ERROR_EXIT, ExportError, InputError
-from exporter.faults import KILL_ENV, kill_point
-from exporter.graph import Budget, BudgetedExecutor, Event, Outcome
-from exporter.memory import available_memory
-from exporter.options import BatchOptions, ExportOptions
-from exporter.plan import load_plan
-from exporter.preflight import preflight
-from exporter.run import Reporter, Run, silent
-from exporter.stage_cache import cache_root
+from exporter.core.atomic import write_text_atomic
+from exporter.core.errors import INTERNAL_ERROR_EXIT, ExportError, InputError
+from exporter.core.faults import KILL_ENV, kill_point
+from exporter.engine.command import open_command
+from exporter.engine.graph import Budget, BudgetedExecutor, Event, Outcome
+from exporter.engine.memory import available_memory
+from exporter.engine.run import Reporter, Run, silent
+from exporter.engine.stage_cache import cache_root
+from exporter.graphs.batch import BatchGraph, JobSpec, absorb, job_options, prepare, remote_stage
+from exporter.graphs.export_manifest import ExportResult
+from exporter.graphs.runtime_manifest import RuntimeLoraResult
+from exporter.inputs.batch_plan import load_plan
+from exporter.inputs.options import BatchOptions
+from exporter.quality.batch_report import BATCH_PLAN, BATCH_SCHEDULE, BatchRow, write_batch_reports
 
 
 @dataclass
@@ -92,27 +85,11 @@ def batch(
         runs: dict[str, Run] = {}
         resolved = []
         for spec in specs:
-            ready, name = prepared[spec.job.name], spec.job.name
-            check = functools.partial(ready.check_output, force)
-            out = spec.options.output.out
+            name = spec.job.name
             says = functools.partial(_prefixed, report, name)  # which export a stage's message is about
-            runs[name] = run = stack.enter_context(
-                Run.open(out, spec.options.run, says, before=check, vendored=ready.vendored)
+            runs[name], prepared[name], quality = stack.enter_context(
+                open_command(prepared[name], report, says)
             )
-            merged = isinstance(spec.options, ExportOptions)
-            dtype = spec.options.dtype if isinstance(spec.options, ExportOptions) else None
-            quality = preflight(
-                spec.options,
-                ready.base_dir,
-                ready.adapters,
-                ready.profiles,
-                run.vendored,
-                report,
-                dtype,
-                merged,
-            )
-            if force:
-                run.replace_finished(ready.finished_files)
             resolved.append(JobSpec(spec.job, spec.options, quality))
         graph = BatchGraph(tuple(resolved), prepared, runs)
         write_text_atomic(plan.out / BATCH_PLAN, json.dumps({"plan": str(plan.source.resolve())}) + "\n")
@@ -197,7 +174,7 @@ def _on_ray(
     report: Reporter,
     record: Callable[[Event], None],
 ) -> Outcome:
-    from exporter.graph_ray import RayExecutor
+    from exporter.engine.graph_ray import RayExecutor
 
     package_root = str(Path(__file__).resolve().parents[2])
     env = {

@@ -5,21 +5,22 @@ from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from exporter.adapter import LoraAdapter, read_adapter
-from exporter.atomic import atomic_target
-from exporter.errors import InputError
-from exporter.graph import LocalExecutor, Results, StageGraph
-from exporter.hashing import hash_files, sha256_file
-from exporter.manifest import Manifest
-from exporter.memory import fit_check
-from exporter.options import CheckOptions, ProfileOptions
-from exporter.profiles import resolve_profiles
-from exporter.quality import ArtifactQuality, gate_diagnosis
-from exporter.records import ModelInputs, input_files
-from exporter.run import Reporter, Run, silent
+from exporter.core.atomic import atomic_target
+from exporter.core.errors import InputError
+from exporter.core.hashing import hash_files, sha256_file
+from exporter.engine.graph import LocalExecutor, Results, StageGraph
+from exporter.engine.memory import fit_check
+from exporter.engine.run import Reporter, Run, silent
+from exporter.inputs.adapter import LoraAdapter, read_adapter
+from exporter.inputs.manifest import Manifest
+from exporter.inputs.options import CheckOptions, ProfileOptions
+from exporter.inputs.profiles import resolve_profiles
+from exporter.inputs.records import ModelInputs, input_files
+from exporter.quality.reference import ArtifactQuality, gate_diagnosis
 from exporter.stages.merge import MERGED_DIR
 from exporter.stages.quality import QualitySummary, judged, reference_stage, score_stage, write_quality_report
 
@@ -102,25 +103,22 @@ def check_manifest(options: CheckOptions, report: Reporter = silent) -> CheckRes
     # The reports are written into the export's folder, which is locked meanwhile like any output.
     with Run.open(root, options.run, report) as run:
         graph = StageGraph()
-        graph.add("reference", lambda _: reference_stage(run, inputs, tokenizer_dir, quality))
+        reference = graph.add("reference", lambda _: reference_stage(run, inputs, tokenizer_dir, quality))
 
-        def scorer(label: str) -> object:
+        def scorer(label: str) -> Callable[[Results], ArtifactQuality]:
             def score(r: Results) -> ArtifactQuality:
                 record = records[label]
                 path = root / record["path"]
-                metrics = score_stage(
-                    run, f"quality:{label}", r["reference"], path, record["sha256"], quality
-                )
+                metrics = score_stage(run, f"quality:{label}", r[reference], path, record["sha256"], quality)
                 size, bits = record["size_bytes"], record["bits_per_weight"]
                 return judged(label, path, size, bits, metrics, registry.get(label), quality)
 
             return score
 
-        for label in records:
-            graph.add(f"quality:{label}", scorer(label), ("reference",))  # type: ignore[arg-type]
-        results = LocalExecutor(1).run(graph)
-        items = sorted((results[f"quality:{label}"] for label in records), key=lambda item: -item.size_bytes)
-        summary = write_quality_report(run, manifest.name, inputs, results["reference"], quality, items)
+        scored = [graph.add(f"quality:{label}", scorer(label), (reference,)) for label in records]
+        results = Results(LocalExecutor(1).run(graph))
+        items = sorted((results[node] for node in scored), key=lambda item: -item.size_bytes)
+        summary = write_quality_report(run, manifest.name, inputs, results[reference], quality, items)
         run.guard.paths.clear()  # the reports replace the export's earlier ones: nothing to roll back
     comparisons = compare_with_baseline(summary, options) if options.baseline else []
     junit = write_junit(options.junit, summary, comparisons) if options.junit else None

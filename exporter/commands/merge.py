@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from exporter.artifacts import MergeResult
-from exporter.errors import InputError
-from exporter.locks import hold_lock, output_lock_path
-from exporter.manifest import merge_provenance
-from exporter.memory import fit_merge
-from exporter.options import MergeOptions
-from exporter.preflight import check_writable
-from exporter.qlora import detect_trained_on
-from exporter.records import ModelInputs, read_inputs
-from exporter.run import Reporter, silent, utc_now
+from exporter.core.errors import InputError
+from exporter.core.locks import hold_lock, output_lock_path
+from exporter.engine.memory import fit_merge
+from exporter.engine.preflight import check_writable
+from exporter.engine.run import Reporter, silent, utc_now
+from exporter.inputs.artifacts import MergeResult
+from exporter.inputs.manifest import merge_provenance
+from exporter.inputs.options import MergeOptions
+from exporter.inputs.records import ModelInputs, read_inputs
+from exporter.inputs.trained_on import detect_trained_on
 
 
 def merge_model(options: MergeOptions, report: Reporter = silent) -> MergeResult:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from exporter import __version__
-from exporter.errors import InputError
-from exporter.modelfile import ChatSpec, chat_spec_from_gguf, write_modelfile
+from exporter.core.errors import InputError
+from exporter.core.version import __version__
+from exporter.deploy.modelfile import ChatSpec, chat_spec_from_gguf, write_modelfile
 
 
 def modelfile_for_gguf(

@@ -14,17 +14,18 @@ were given, and the result is cast to the output dtype:
 - a changed vocabulary (added tokens, resized embeddings, trainable_token_indices): see merge.vocab.
 
 Tensors are read with plain file reads and written into shards whose headers are planned up
-front (exporter.safetensors_io), so the working set is a few copies of the largest tensor,
+front (exporter.inputs.safetensors_io), so the working set is a few copies of the largest tensor,
 whatever the model's size. Everything is checked before any output is written, every merged
 tensor must be finite and must differ from the base where its update is non-zero, and the output folder
 appears only when complete.
 
 The package, in the order a merge runs:
 
-- updates: the kinds of update (LoRA, DoRA, KaSA, LoRA bias, IA3, replacement) and the MergePlan;
+- updates: the kinds of update (LoRA, DoRA, KaSA, LoRA bias, IA3, replacement), the MergePlan and the
+  record of where each adapter's tensors went;
 - lora_layout: PEFT's scaling, Conv1D orientation and BD-LoRA packing of a LoRA's matrices;
 - experts: fused MoE expert parameters mapped onto the tensors on disk (data/fused_experts.toml);
-- coverage: the ledger of where every adapter tensor went, checked as the merge writes;
+- coverage: the check, as the merge writes, that every targeted tensor changed, and the ledger it keeps;
 - adapter_plan: one adapter's updates, checked against the base's tensor names and shapes;
 - plan: the base (BaseModel) and plan_merge over every adapter, with tied embeddings;
 - vocab: resized vocabularies and trained token rows;

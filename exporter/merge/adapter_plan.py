@@ -12,15 +12,23 @@ from typing import Any
 
 import torch
 
-from exporter.adapter import ADAPTER_CONFIG, LoraAdapter
-from exporter.dialects import classify_full_key
-from exporter.errors import InputError
-from exporter.merge.coverage import AdapterCoverage, missing_target_error
+from exporter.core.errors import InputError
+from exporter.inputs.adapter import ADAPTER_CONFIG, LoraAdapter
+from exporter.inputs.dialects import classify_full_key
+from exporter.inputs.safetensors_io import iter_tensors, read_header
+from exporter.merge.coverage import missing_target_error
 from exporter.merge.experts import is_fused_module, layout_for, plan_fused_experts
 from exporter.merge.lora_layout import lora_scale, stored_transposed, unpack_block_diagonal
-from exporter.merge.updates import AddUpdate, KasaUpdate, LoraUpdate, MergePlan, Replacement, ScaleUpdate
+from exporter.merge.updates import (
+    AdapterCoverage,
+    AddUpdate,
+    KasaUpdate,
+    LoraUpdate,
+    MergePlan,
+    Replacement,
+    ScaleUpdate,
+)
 from exporter.merge.vocab import OUTPUT_NAME, pop_token_rows, resize_vocab, token_rows_update
-from exporter.safetensors_io import iter_tensors, read_header
 
 PEFT_PREFIX = "base_model.model."
 MERGEABLE_TYPES = ("LORA", "IA3")

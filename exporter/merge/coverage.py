@@ -11,15 +11,15 @@ another size) rather than a bare "different base".
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from exporter.adapter import LoraAdapter
-from exporter.errors import InputError
+from exporter.core.errors import InputError
+from exporter.inputs.adapter import LoraAdapter
 from exporter.merge.experts import describe_layouts, is_fused_module, unwrapped
 from exporter.merge.updates import (
+    AdapterCoverage,
     AddUpdate,
     ExpertsLoraUpdate,
     KasaUpdate,
@@ -31,40 +31,6 @@ from exporter.merge.updates import (
 )
 
 _INDEX = re.compile(r"\.\d+\.")
-
-
-@dataclass
-class AdapterCoverage:
-    """Where one adapter's tensors went."""
-
-    weights: str
-    tensors: int  # tensors in the adapter file
-    placed: dict[str, list[str]] = field(
-        default_factory=dict
-    )  # module or full tensor → base tensors it changes
-    placed_tensors: int = 0  # adapter tensors that went into the merge
-    skipped: dict[str, str] = field(default_factory=dict)  # adapter tensor → why it changes nothing
-
-    def place(self, source: str, targets: list[str], tensors: int) -> None:
-        self.placed.setdefault(source, []).extend(targets)
-        self.placed_tensors += tensors
-
-    def check_complete(self) -> None:
-        """Every tensor in the file is either merged or skipped for a stated reason."""
-        if self.placed_tensors + len(self.skipped) != self.tensors:
-            raise RuntimeError(
-                f"{self.weights}: {self.tensors} tensors, of which {self.placed_tensors} were merged and "
-                f"{len(self.skipped)} skipped; the rest were lost. This is a bug in edge-export's merge."
-            )
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "weights": self.weights,
-            "tensors": self.tensors,
-            "merged_tensors": self.placed_tensors,
-            "skipped": self.skipped,
-            "targets": sum(len(t) for t in self.placed.values()),
-        }
 
 
 def update_changes(update: Update, base: torch.Tensor) -> bool:

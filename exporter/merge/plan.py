@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
 from typing import Any
 
-from exporter.adapter import ADAPTER_CONFIG, LoraAdapter
-from exporter.errors import InputError
+from exporter.core.errors import InputError
+from exporter.inputs.adapter import ADAPTER_CONFIG, LoraAdapter
+from exporter.inputs.base_config import read_base_config, recorded_base_config
+from exporter.inputs.safetensors_header import base_shard_files
+from exporter.inputs.safetensors_io import TensorEntry, read_header
+from exporter.inputs.trained_on import recorded_four_bit
 from exporter.merge.adapter_plan import plan_adapter
 from exporter.merge.lora_layout import CONV1D_MODEL_TYPES
 from exporter.merge.updates import MergePlan, Replacement
 from exporter.merge.vocab import EMBEDDING_NAMES, OUTPUT_NAME, check_vocab_complete, same_updates
-from exporter.qlora import recorded_base_config, recorded_four_bit
-from exporter.safetensors_header import base_shard_files
-from exporter.safetensors_io import TensorEntry, read_header
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def check_configs(adapter: LoraAdapter, base_config: dict[str, Any], base_dir: P
         )
     trained_config = recorded_base_config(hint)
     if trained_config is not None:
-        trained = json.loads(trained_config.read_text())
+        trained = read_base_config(trained_config.parent)
         for key in ("vocab_size", "hidden_size", "num_hidden_layers"):
             if key in trained and key in base_config and trained[key] != base_config[key]:
                 raise InputError(

@@ -1,4 +1,5 @@
-"""What a merge does to one tensor: the update kinds, and the plan that maps output tensors to them.
+"""What a merge does to one tensor: the update kinds, and the plan that maps output tensors to them, with
+the record of where each adapter's tensors went (checked by exporter.merge.coverage as the merge writes).
 
 Each update applies in float32 to a working copy of the base tensor, in the order the adapters were given.
 """
@@ -6,12 +7,9 @@ Each update applies in float32 to a working copy of the base tensor, in the orde
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-
-if TYPE_CHECKING:
-    from exporter.merge.coverage import AdapterCoverage
 
 
 @dataclass(frozen=True)
@@ -131,6 +129,40 @@ class TokenRows:
 
 
 Update = LoraUpdate | ExpertsLoraUpdate | KasaUpdate | AddUpdate | ScaleUpdate | Replacement | TokenRows
+
+
+@dataclass
+class AdapterCoverage:
+    """Where one adapter's tensors went."""
+
+    weights: str
+    tensors: int  # tensors in the adapter file
+    placed: dict[str, list[str]] = field(
+        default_factory=dict
+    )  # module or full tensor → base tensors it changes
+    placed_tensors: int = 0  # adapter tensors that went into the merge
+    skipped: dict[str, str] = field(default_factory=dict)  # adapter tensor → why it changes nothing
+
+    def place(self, source: str, targets: list[str], tensors: int) -> None:
+        self.placed.setdefault(source, []).extend(targets)
+        self.placed_tensors += tensors
+
+    def check_complete(self) -> None:
+        """Every tensor in the file is either merged or skipped for a stated reason."""
+        if self.placed_tensors + len(self.skipped) != self.tensors:
+            raise RuntimeError(
+                f"{self.weights}: {self.tensors} tensors, of which {self.placed_tensors} were merged and "
+                f"{len(self.skipped)} skipped; the rest were lost. This is a bug in edge-export's merge."
+            )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "weights": self.weights,
+            "tensors": self.tensors,
+            "merged_tensors": self.placed_tensors,
+            "skipped": self.skipped,
+            "targets": sum(len(t) for t in self.placed.values()),
+        }
 
 
 @dataclass

@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from exporter.adapter import ADAPTER_CONFIG, LoraAdapter
-from exporter.errors import InputError
+from exporter.core.errors import InputError
+from exporter.inputs.adapter import ADAPTER_CONFIG, LoraAdapter
+from exporter.inputs.tokenizer_files import special_token_ids, tokenizer_size
 from exporter.merge.updates import MergePlan, Replacement, TokenRows, Update
-from exporter.tokenizer_files import special_token_ids, tokenizer_size
 
 EMBEDDING_NAMES = (
     "model.embed_tokens.weight",

@@ -16,22 +16,28 @@ from typing import Any
 
 import torch
 
-from exporter.adapter import LICENSE_PATTERN, LoraAdapter, tokenizer_source
-from exporter.artifacts import MergeResult
-from exporter.dialects import (
+from exporter.core.errors import InputError
+from exporter.inputs.adapter import LICENSE_PATTERN, LoraAdapter, tokenizer_source
+from exporter.inputs.artifacts import MergeResult
+from exporter.inputs.base_config import read_base_config
+from exporter.inputs.dialects import (
     CHAT_TEMPLATE_FILES,
     portable_config,
     portable_tokenizer_config,
     read_chat_template,
 )
-from exporter.errors import InputError
+from exporter.inputs.safetensors_header import (
+    DEFAULT_SHARD_BYTES,
+    DTYPE_ALIASES,
+    DtypeChoice,
+    choose_merge_dtype,
+)
+from exporter.inputs.safetensors_io import DTYPES as SAFETENSORS_DTYPES
+from exporter.inputs.safetensors_io import PlannedTensor, StreamingShardWriter, iter_tensors
 from exporter.merge.coverage import CoverageCheck
 from exporter.merge.plan import BaseModel, plan_merge
 from exporter.merge.updates import MergePlan
 from exporter.merge.vocab import EMBEDDING_NAMES, check_tokenizer_fits, special_token_changes
-from exporter.safetensors_header import DEFAULT_SHARD_BYTES, DTYPE_ALIASES, DtypeChoice, choose_merge_dtype
-from exporter.safetensors_io import DTYPES as SAFETENSORS_DTYPES
-from exporter.safetensors_io import PlannedTensor, StreamingShardWriter, iter_tensors
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +72,7 @@ def merge_adapters(
     Without `dtype`, a bfloat16 base is written as float16 when it fits float16's range
     (choose_merge_dtype); should the merged values then overflow, the merge is redone in bfloat16.
     """
-    base_config = json.loads((base_dir / "config.json").read_text())
+    base_config = read_base_config(base_dir)
     base = BaseModel(base_dir)
     plan, untied = plan_merge(base, adapters, base_config)
     tokenizer_dir = tokenizer_source(adapters, base_dir)

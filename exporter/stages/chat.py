@@ -11,14 +11,15 @@ from typing import Any
 from converters.llama_tools import LlamaToolsMissing, locate_llama_tools
 from converters.stop_tokens import turn_terminator
 from converters.template_parity import ProbeResult, TemplateParity, compare_probes, hf_tokenizer_render
-from exporter import __version__
-from exporter.errors import EnvironmentSetupError, StageError
-from exporter.hf_tokenizer import load_tokenizer
-from exporter.modelfile import ChatSpec, adds_bos, chat_spec_or_error
-from exporter.ollama_targets import OllamaTarget, TemplateChoice, choose_template
-from exporter.run import Run
-from exporter.stage_keys import chat_key, parity_key
-from exporter.tokenizer_parity import PARITY_CHECKS, ParityReport, check_tokenizer_parity
+from exporter.core.errors import EnvironmentSetupError, StageError
+from exporter.core.version import __version__
+from exporter.deploy.modelfile import ChatSpec, adds_bos, chat_spec_or_error
+from exporter.deploy.ollama_targets import TemplateChoice, choose_template
+from exporter.engine.run import Run
+from exporter.engine.stage_keys import chat_key, parity_key
+from exporter.inputs.ollama_version import OllamaTarget
+from exporter.inputs.tokenizer import load_tokenizer
+from exporter.quality.tokenizer_parity import PARITY_CHECKS, ParityReport, check_tokenizer_parity
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,13 @@ from typing import Any
 from converters.gguf_header import GGUFHeader, read_gguf_header
 from converters.hf_to_gguf import convert_hf_to_gguf
 from converters.quantize import quantize_gguf
-from exporter.artifacts import GGUFArtifact
-from exporter.errors import StageError
-from exporter.imatrix import ImatrixStage
-from exporter.records import BuiltGGUF, MergedModel
-from exporter.run import Run
-from exporter.stage_cache import CacheEntry, link_into
-from exporter.stage_keys import convert_key, quantize_key
+from exporter.core.errors import StageError
+from exporter.engine.run import Run
+from exporter.engine.stage_cache import CacheEntry, link_into
+from exporter.engine.stage_keys import convert_key, quantize_key
+from exporter.inputs.artifacts import GGUFArtifact
+from exporter.inputs.records import BuiltGGUF, MergedModel
+from exporter.quality.imatrix import ImatrixStage
 from quant_profiles import QuantProfile
 
 GGUF_FILE = "model.gguf"

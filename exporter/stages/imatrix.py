@@ -8,9 +8,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from exporter.imatrix import ImatrixStage, activation_dtype, compute_imatrix, read_imatrix_file
-from exporter.run import Run
-from exporter.stage_keys import given_imatrix_key, imatrix_key
+from exporter.engine.run import Run
+from exporter.engine.stage_keys import given_imatrix_key, imatrix_key
+from exporter.quality.imatrix import ImatrixStage, activation_dtype, compute_imatrix, read_imatrix_file
 
 IMATRIX_FILE = "imatrix.gguf"
 # What the manifest records of an importance matrix ("dataset" only for a given one).

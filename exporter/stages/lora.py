@@ -8,11 +8,11 @@ from typing import Any
 
 from converters.gguf_header import read_gguf_metadata
 from converters.lora_to_gguf import KEY_PREFIX, convert_lora_to_gguf
-from exporter.adapter import LoraAdapter
-from exporter.errors import StageError
-from exporter.run import Run
-from exporter.runtime_adapter import ScaleCorrection, describe_correction
-from exporter.stage_keys import lora_key
+from exporter.core.errors import StageError
+from exporter.engine.run import Run
+from exporter.engine.stage_keys import lora_key
+from exporter.inputs.adapter import LoraAdapter
+from exporter.merge.runtime_adapter import ScaleCorrection, describe_correction
 
 LORA_FILE = "adapter.gguf"
 

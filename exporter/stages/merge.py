@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from exporter.artifacts import MergeResult
-from exporter.manifest import merge_provenance
-from exporter.records import MergedModel, ModelInputs
-from exporter.run import Run
-from exporter.stage_keys import merge_key
+from exporter.core.errors import InputError
+from exporter.engine.run import Run
+from exporter.engine.stage_keys import merge_key
+from exporter.inputs.artifacts import MergeResult
+from exporter.inputs.manifest import merge_provenance
+from exporter.inputs.records import MergedModel, ModelInputs
+from quant_profiles import QuantProfile
 
 MERGED_DIR = "merged"
 
@@ -63,3 +65,26 @@ def merge_stage(
         coverage=meta.get("coverage", {}),
     )
     return MergedModel(result, key)
+
+
+def check_float16_range(merged: MergedModel, profiles: tuple[QuantProfile, ...], base_dir: Path) -> None:
+    """A float16 GGUF made from a bfloat16 or float32 merge must not overflow to Inf."""
+    result = merged.result
+    if result.gguf_ftype == "F16" and not result.fits_float16:  # a --dtype float32 merge
+        raise InputError(
+            f"The merged model holds values up to {result.max_abs:.6g}, beyond float16's range (±65504), and "
+            f"the converter writes {result.dtype} merges as F16, which would hold Inf there. Pass --dtype "
+            "bfloat16 (or leave --dtype out: a bfloat16 base that does not fit float16 stays bfloat16)."
+        )
+    wanted = [
+        p.name
+        for p in profiles
+        if not p.is_source(result.gguf_ftype)
+        and (p.ftype == "F16" or "F16" in p.overrides.tensor_types.values())
+    ]
+    if wanted and not result.fits_float16:
+        raise InputError(
+            f"The merged model holds values up to {result.max_abs:.6g}, beyond float16's range (±65504), so "
+            f"{', '.join(wanted)} would hold Inf where the model has large weights (the base {base_dir} is "
+            f"{result.dtype}). Ask for BF16 instead, or a quantized profile (Q8_0, Q4_K_M, …), which keep the range."
+        )

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from exporter import __version__
-from exporter.modelfile import ChatSpec, model_license, write_modelfile
-from exporter.ollama_targets import TemplateChoice
-from exporter.run import Run
-from exporter.serve_config import ServeConfig, write_serve_config
+from exporter.core.version import __version__
+from exporter.deploy.modelfile import ChatSpec, model_license, write_modelfile
+from exporter.deploy.ollama_targets import TemplateChoice
+from exporter.deploy.serve_config import ServeConfig, write_serve_config
+from exporter.engine.run import Run
 
 
 def write_modelfiles(
@@ -42,5 +42,5 @@ def write_modelfiles(
 
 
 def write_serve_configs(run: Run, configs: dict[Path, ServeConfig]) -> list[Path]:
-    """A llama-server launch config per target (see exporter.serve_config)."""
+    """A llama-server launch config per target (see exporter.deploy.serve_config)."""
     return [write_serve_config(run.guard.claim(target), config) for target, config in configs.items()]

@@ -12,22 +12,24 @@ from typing import Any
 import numpy as np
 
 from converters.metrics import TOP_K
-from exporter.errors import StageError
-from exporter.evaldata import load_eval_data
-from exporter.options import QualityOptions, RunOptions
-from exporter.quality import (
+from exporter.core.errors import StageError
+from exporter.engine.run import Run
+from exporter.engine.stage_keys import quality_key, reference_key
+from exporter.inputs.evaldata import EvalData, load_eval_data, token_budget
+from exporter.inputs.options import QualityOptions, RunOptions
+from exporter.inputs.records import ModelInputs
+from exporter.inputs.safetensors_header import stored_weights
+from exporter.inputs.tokenizer import load_tokenizer
+from exporter.quality.greedy import DECODED
+from exporter.quality.reference import (
     ArtifactQuality,
     GateResult,
     Reference,
     apply_gates,
     compute_reference,
     evaluate_gguf,
-    load_tokenizer,
 )
-from exporter.records import ModelInputs
-from exporter.report import REPORT_FILES, report_data, write_reports
-from exporter.run import Run
-from exporter.stage_keys import quality_key, reference_key
+from exporter.quality.report import REPORT_FILES, report_data, write_reports
 from quant_profiles import QuantProfile
 
 REFERENCE_FILE = "reference.npz"
@@ -40,10 +42,16 @@ def reference_stage(
     options: QualityOptions,
     name: str = "reference",
     trained_on: Any = None,
+    draft: Path | None = None,
 ) -> Reference:
     """The reference for these inputs and this evaluation data, computed once and cached; with
-    `trained_on` (exporter.qlora.TrainedOn), the model as trained: its base rounded to 4 bits."""
+    `trained_on` (exporter.inputs.trained_on.TrainedOn), the model as trained: its base rounded to 4 bits.
+    `draft`: a 16-bit GGUF of the merged model whose greedy continuations (llama.cpp) the reference
+    confirms instead of decoding its own token by token (the same tokens; the key does not depend on it)."""
     eval_data = load_eval_data(options.eval_data, load_tokenizer(tokenizer_dir), n_prompts=options.n_prompts)
+    eval_data = eval_data.within(
+        token_budget(options.eval_tokens, stored_weights(inputs.base_dir), eval_data.n_scored)
+    )
     key = reference_key(
         inputs.content(),
         eval_data.fingerprint(),
@@ -58,12 +66,14 @@ def reference_stage(
         model = "unmerged reference" if trained_on is None else "reference as trained (4-bit base)"
         run.report(f"computing the {model} on {eval_data.n_scored} tokens of {eval_data.source}")
         start = time.perf_counter()
-        arrays, greedy, base_metrics = compute_reference(
-            inputs.base_dir, list(inputs.adapters), eval_data, options, trained_on
+        drafter = None if draft is None else (lambda: _drafts(run, draft, eval_data, options))
+        arrays, greedy, base_metrics, how = compute_reference(
+            inputs.base_dir, list(inputs.adapters), eval_data, options, trained_on, drafter
         )
         np.savez(staging / REFERENCE_FILE, idx=arrays["idx"], lp=arrays["lp"], nll=arrays["nll"])
         meta.update(
             greedy=greedy,
+            greedy_how=how,
             base_metrics=base_metrics,
             seconds=round(time.perf_counter() - start, 3),
             eval_source=eval_data.source,
@@ -84,11 +94,26 @@ def reference_stage(
         eval_data,
         nll,
         meta["greedy"],
+        meta.get("greedy_how", DECODED),  # entries cached before the drafts were kept with it
         meta["base_metrics"],
         key,
         meta["seconds"],
         cached=cached,
     )
+
+
+def _drafts(run: Run, gguf: Path, eval_data: EvalData, options: QualityOptions) -> list[list[int]] | None:
+    """The 16-bit GGUF's greedy continuations of the evaluation prompts, as drafts; None (the reference
+    then decodes its own) when llama.cpp fails on it: the quality stage of that file reports why."""
+    from converters.llama_runtime import greedy_generate
+
+    run.report(f"drafting greedy answers with {gguf.name}")
+    n_ctx = max(len(p) for p in eval_data.prompts) + options.max_new_tokens
+    try:
+        return greedy_generate(gguf, eval_data.prompts, options.max_new_tokens, n_ctx, options.threads)
+    except StageError as exc:
+        run.report(f"drafting with {gguf.name} failed ({exc}); the reference decodes its own answers")
+        return None
 
 
 def score_stage(

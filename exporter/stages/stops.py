@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from converters.stop_tokens import StopCheck, check_stops
-from exporter import __version__
-from exporter.run import Run
-from exporter.stage_keys import stops_key
+from exporter.core.version import __version__
+from exporter.engine.run import Run
+from exporter.engine.stage_keys import stops_key
 
 STOP_MAX_TOKENS = 64
 

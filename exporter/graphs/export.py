@@ -1,0 +1,148 @@
+"""One merged export before its run opens: where its outputs go, and the checks that need no run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from converters.vendor import VendoredLlamaCpp, locate_vendored
+from exporter.core.errors import InputError
+from exporter.deploy.serve_config import SERVE_SUFFIX
+from exporter.engine.preflight import preflight
+from exporter.engine.run import Reporter, Run, check_output
+from exporter.inputs.adapter import LoraAdapter
+from exporter.inputs.manifest import MANIFEST
+from exporter.inputs.options import ExportOptions, QualityOptions
+from exporter.inputs.profiles import requested_profiles
+from exporter.inputs.records import ModelInputs, read_inputs, sanitize_name
+from exporter.inputs.tokenizer_files import gguf_name_error
+from exporter.inputs.trained_on import TrainedOn, resolve_trained_on
+from exporter.quality.report import REPORT_FILES
+from exporter.stages.chat import locate_llama_tools_commit
+from exporter.stages.merge import MERGED_DIR
+from exporter.stages.qlora import unpacked_base
+from quant_profiles import ProfileRegistry, QuantProfile
+
+SOURCE_FTYPES = ("F16", "BF16")
+
+
+@dataclass(frozen=True)
+class ExportLayout:
+    """Where each output of one export goes: <out>/<name>-<PROFILE>.gguf, .Modelfile, merged/, …"""
+
+    out: Path
+    name: str
+    profiles: tuple[QuantProfile, ...]
+    has_imatrix: bool
+
+    def gguf(self, label: str) -> Path:
+        return self.out / f"{self.name}-{label}.gguf"
+
+    def modelfile(self, label: str) -> Path:
+        return self.out / f"{self.name}-{label}.Modelfile"
+
+    def serve_config(self, label: str) -> Path:
+        return self.out / f"{self.name}-{label}{SERVE_SUFFIX}"
+
+    def other_sources(self, ftype: str) -> list[Path]:
+        """The 16-bit GGUFs of the other source type, which an earlier export of this name may have
+        converted to (and no profile asks for): a forced run removes them."""
+        asked = {p.name for p in self.profiles}
+        return [self.gguf(other) for other in SOURCE_FTYPES if other != ftype and other not in asked]
+
+    @property
+    def planned(self) -> list[Path]:
+        return [
+            self.out / MANIFEST,
+            self.out / MERGED_DIR,
+            *(self.gguf(ftype) for ftype in SOURCE_FTYPES),
+            *(self.gguf(p.name) for p in self.profiles),
+            *(self.modelfile(p.name) for p in self.profiles),
+            *(self.serve_config(p.name) for p in self.profiles),
+            *(self.out / name for name in REPORT_FILES),
+            *([self.out / f"{self.name}.imatrix.gguf"] if self.has_imatrix else []),
+        ]
+
+
+@dataclass(frozen=True)
+class PreparedExport:
+    """What an export is, read and checked before its run opens: profiles, inputs, output layout."""
+
+    options: ExportOptions
+    vendored: VendoredLlamaCpp
+    registry: ProfileRegistry
+    profiles: list[QuantProfile]
+    adapters: list[LoraAdapter]
+    base_dir: Path
+    layout: ExportLayout
+    trained_on: TrainedOn | None = None  # the adapter is a QLoRA adapter
+    four_bit_base: Path | None = None  # --dequantize-base: the 4-bit base given; base_dir: its unpacking
+
+    def check_output(self) -> None:
+        check_output(self.layout.out, self.layout.planned, self.options.output.force, MANIFEST)
+
+    @property
+    def finished_files(self) -> list[Path]:
+        """What a finished export's run replaces with --force: the manifest and the reports."""
+        return [self.layout.out / MANIFEST, *(self.layout.out / name for name in REPORT_FILES)]
+
+    def in_run(self, run: Run) -> PreparedExport:
+        """The export in its open run: with --dequantize-base, the base is its dequantized weights."""
+        if self.four_bit_base is None:
+            return self
+        unpacked = unpacked_base(run, ModelInputs.hashed(self.base_dir, (), run.cache.hashes))
+        return replace(self, base_dir=unpacked)
+
+    def preflight(self, run: Run, report: Reporter) -> QualityOptions:
+        """Every check before any work (see exporter.engine.preflight); the quality options it chose."""
+        options = self.options
+        return preflight(
+            options, self.base_dir, self.adapters, self.profiles, run.vendored, report, options.dtype
+        )
+
+
+def prepare_export(options: ExportOptions) -> PreparedExport:
+    """The checks of an export that need no run: the installation, the profiles, the inputs."""
+    vendored = locate_vendored()  # a broken installation is reported before anything about the inputs
+    locate_llama_tools_commit()  # llama.cpp's chat-template renderer checks every export's template
+    registry, profiles = requested_profiles(options.profiles)
+    for profile in profiles:
+        if profile.needs_imatrix and not options.has_imatrix:
+            raise InputError(
+                f"Profile {profile.name} needs an importance matrix, and none can be computed without "
+                "calibration data. Pass --calibration FILE (plain text, or JSONL chats from the adapter's "
+                "domain) or --imatrix FILE (a matrix computed earlier), or choose a profile that does not "
+                "need one (e.g. Q4_K_M; see `edge-export profiles`)."
+            )
+    adapters, base_dir = read_inputs(options.inputs)
+    trained_on = resolve_trained_on(options.qlora, base_dir, [a.path for a in adapters])
+    if trained_on is not None:
+        check_qlora_options(options, trained_on)
+    name = sanitize_name(options.output.name or adapters[0].path.resolve().name)
+    unloadable = gguf_name_error(name, [a.path for a in adapters] + [base_dir])
+    if unloadable:
+        raise InputError(unloadable)
+    layout = ExportLayout(options.output.out, name, tuple(profiles), options.has_imatrix)
+    four_bit = base_dir if options.qlora.dequantize_base else None
+    return PreparedExport(
+        options, vendored, registry, profiles, adapters, base_dir, layout, trained_on, four_bit
+    )
+
+
+def check_qlora_options(options: ExportOptions, trained_on: TrainedOn) -> None:
+    """What the merge-base choice cannot be combined with (yet), refused before any work."""
+    if options.qlora.dequantize_base:
+        return  # one merge base, the 4-bit base's own weights: the plain pipeline, nothing to choose
+    mode = options.qlora.merge_base or "auto"
+    if mode == "auto" and not options.check:
+        raise InputError(
+            f"The adapter was trained on a 4-bit base ({trained_on.describe()}), and --merge-base auto chooses "
+            "between merging onto the 16-bit and onto the dequantized 4-bit base by their loss on the evaluation "
+            "data, which --no-check skips. Drop --no-check, or pass --merge-base w16 (or dequant)."
+        )
+    if options.has_imatrix:
+        raise InputError(
+            f"The adapter was trained on a 4-bit base ({trained_on.describe()}); its merge candidates are not yet "
+            "quantized with an importance matrix, so --calibration and --imatrix are refused for a QLoRA adapter. "
+            "Leave them out (and choose a profile that needs no importance matrix)."
+        )

@@ -1,0 +1,160 @@
+"""The graph of one merged export.
+
+merge ──▶ convert ──▶ quantize:<P> … ──▶ templates ──▶ modelfiles ──▶ reference ──▶ quality:<P> … ──▶ report
+  └──▶ chat ─────────────────────────────┘     └──▶ parity        (imatrix between convert and quantize)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from converters.stop_tokens import StopCheck
+from exporter.engine.graph import Results, Stage, StageGraph
+from exporter.engine.run import Run
+from exporter.graphs.export import PreparedExport
+from exporter.graphs.export_manifest import ExportRecords, ExportResult, finish_export
+from exporter.graphs.export_stages import Deployed, ExportStages
+from exporter.inputs.options import QualityOptions
+from exporter.inputs.records import BuiltGGUF, MergedModel, ModelInputs
+from exporter.quality.imatrix import ImatrixStage
+from exporter.quality.reference import ArtifactQuality, Reference
+from exporter.quality.tokenizer_parity import ParityReport
+from exporter.stages.chat import ChatRecord
+from exporter.stages.qlora import CHOOSE, CandidatePlan, QloraChoice, four_bit_graph, qlora_graph
+from exporter.stages.quality import QualitySummary
+from quant_profiles import QuantProfile
+
+
+@dataclass(frozen=True)
+class ExportNodes:
+    """The handles of one merged export's nodes (each reads as its stage's record)."""
+
+    choose: Stage[QloraChoice] | None  # a QLoRA adapter's merge-base choice
+    merge: Stage[MergedModel]
+    chat: Stage[ChatRecord]
+    convert: Stage[BuiltGGUF]
+    imatrix: Stage[ImatrixStage] | None
+    quantized: dict[str, Stage[BuiltGGUF]]  # profile name -> its quantize node
+    parity: Stage[ParityReport]
+    modelfiles: Stage[Deployed]
+    stops: Stage[dict[str, StopCheck]]
+    report: Stage[QualitySummary] | None
+
+    def records(self, r: Results) -> ExportRecords:
+        return ExportRecords(
+            r.optional(self.choose),
+            r[self.merge],
+            r[self.chat],
+            r[self.convert],
+            r.optional(self.imatrix),
+            {label: r[node] for label, node in self.quantized.items()},
+            r[self.parity],
+            r[self.modelfiles],
+            r[self.stops],
+            r.optional(self.report),
+        )
+
+
+def wire_export(g: StageGraph, s: ExportStages, qlora: StageGraph | None) -> ExportNodes:
+    """Add the stages of one merged export to `g` (names as in the module's docstring). `qlora`: the stages
+    of a QLoRA adapter's merge-base choice (exporter/stages/qlora.py), included under their own names;
+    the merge, the reference and the report need its node CHOOSE."""
+    choose: Stage[QloraChoice] | None = None
+    if qlora is not None:
+        g.include("", qlora)
+        choose = Stage(CHOOSE)
+    chosen = () if choose is None else (choose,)
+    merge = g.add("merge", lambda r: s.merge(r.optional(choose)), chosen)
+    chat = g.add("chat", lambda r: s.chat(r[merge]), (merge,), heavy=False)
+    convert = g.add("convert", lambda r: s.convert(r[merge]), (merge,))
+    imatrix = None
+    if s.options.has_imatrix:
+        imatrix = g.add("imatrix", lambda r: s.imatrix(r[merge], r[convert]), (merge, convert))
+    source = (convert,) if imatrix is None else (convert, imatrix)
+    quantized = {
+        p.name: g.add(f"quantize:{p.name}", _quantize(s, p, convert, imatrix), source, shared=True)
+        for p in s.layout.profiles
+    }
+    builds = tuple(quantized.values())
+
+    def gathered(r: Results) -> dict[str, BuiltGGUF]:
+        return {label: r[node] for label, node in quantized.items()}
+
+    parity = g.add("parity", lambda r: s.parity(r[merge], r[convert]), (merge, convert), heavy=False)
+    templates = g.add(
+        "templates",
+        lambda r: s.templates(r[merge], r[chat], [r[convert], *gathered(r).values()]),
+        (merge, chat, convert, *builds),
+        heavy=False,
+    )
+    needs = (chat, templates, *builds)
+    modelfiles = g.add("modelfiles", lambda r: s.modelfiles(r[chat], gathered(r)), needs, heavy=False)
+    stops = g.add("stops", lambda r: s.stops(r[chat], gathered(r)), (chat, *builds))
+    report = None
+    if s.options.check:
+        reference = g.add(
+            "reference",
+            lambda r: s.reference(r[merge], r[convert], r.optional(choose)),
+            (merge, convert, modelfiles, *chosen),
+        )
+        scored = [g.add("quality:source", _score(s, None, reference, convert, None), (reference, convert))]
+        scored += [
+            g.add(f"quality:{p.name}", _score(s, p, reference, convert, node), (reference, convert, node))
+            for p, node in zip(s.layout.profiles, builds, strict=True)
+        ]
+        report = g.add(
+            "report",
+            lambda r: s.report(r[reference], [r[q] for q in scored], r.optional(choose)),
+            (reference, *scored, *chosen),
+            heavy=False,
+        )
+    return ExportNodes(choose, merge, chat, convert, imatrix, quantized, parity, modelfiles, stops, report)
+
+
+def _quantize(
+    s: ExportStages, profile: QuantProfile, convert: Stage[BuiltGGUF], imatrix: Stage[ImatrixStage] | None
+) -> Callable[[Results], BuiltGGUF]:
+    return lambda r: s.quantize(profile, r[convert], r.optional(imatrix))
+
+
+def _score(
+    s: ExportStages,
+    profile: QuantProfile | None,
+    reference: Stage[Reference],
+    convert: Stage[BuiltGGUF],
+    built: Stage[BuiltGGUF] | None,
+) -> Callable[[Results], ArtifactQuality | None]:
+    return lambda r: s.score(profile, r[reference], r[convert], r.optional(built))
+
+
+class ExportGraph:
+    """The stage graph of one merged export, and its finish: the manifest from its stages' records."""
+
+    def __init__(self, stages: ExportStages, qlora: StageGraph | None = None):
+        self.stages = stages
+        self.graph = StageGraph()
+        self.nodes = wire_export(self.graph, stages, qlora)
+        # the merge-base choice's stages are not the export's own: left out of its cached stages
+        self.choice_stages = set(qlora.nodes) if qlora is not None else set()
+
+    def finish(self, r: Results) -> ExportResult:
+        order = [n for n in self.graph.order if n not in self.choice_stages]
+        return finish_export(self.stages, self.nodes.records(r), order)
+
+
+def export_graph(run: Run, prepared: PreparedExport, quality: QualityOptions) -> ExportGraph:
+    """The graph of one prepared export in an open run, checked with `quality` (what preflight returned)."""
+    options = prepared.options
+    inputs = ModelInputs.hashed(prepared.base_dir, tuple(prepared.adapters), run.cache.hashes)
+    choice, trained_on = None, prepared.trained_on
+    if trained_on is not None and prepared.four_bit_base is not None:
+        # the base is the training base itself: one merge base
+        choice = four_bit_graph(prepared.four_bit_base, inputs, trained_on)
+    elif trained_on is not None:  # the merge candidates: stages that the export's merge waits for
+        layout = prepared.layout
+        plan = CandidatePlan(layout.name, options.dtype, layout.profiles, prepared.registry, quality)
+        mode = options.qlora.merge_base or "auto"
+        choice = qlora_graph(run, inputs, trained_on, mode, options.check, plan)
+    stages = ExportStages(run, inputs, prepared.layout, prepared.registry, options, quality)
+    return ExportGraph(stages, choice)
