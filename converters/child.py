@@ -85,6 +85,10 @@ def child_main(handler: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
         response = {"error": str(exc), "kind": "input"}
     except Exception as exc:  # noqa: BLE001 - reported to the parent as a stage failure
         response = {"error": f"{type(exc).__name__}: {exc}"}
+        if "Shared library with base name" in str(exc) or "Failed to load shared library" in str(exc):
+            from converters.llama_tools import FIX
+
+            response["error"] += f". llama-cpp-python has no working llama.cpp libraries; {FIX}."
     response_file.write_text(json.dumps(response))
 
 

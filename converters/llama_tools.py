@@ -1,13 +1,16 @@
-"""llama.cpp's own programs, built from the pinned sources: llama-server and render_chat_template.
+"""llama.cpp built once per machine: the library llama-cpp-python loads, llama-server and render_chat_template.
 
-llama-server is the runtime Ollama 0.30+ hands GGUF models to, and a deployment target of its own;
-render_chat_template (vendor/llama_tools/render_chat_template.cpp) renders chat requests through
-llama.cpp's C++ Jinja engine exactly as llama-server's /apply-template does. Both are built once per
-machine from the full llama.cpp sources inside the pinned llama-cpp-python sdist (the same commit as the
-converter, quantizer and runtime), with cmake and the C++ compiler, into a cache folder outside the
-checkout keyed by the commit and the build flags: `~/.cache/edge-export/llama.cpp-<commit>/`, or
-$EDGE_EXPORT_LLAMA_TOOLS_DIR. `python -m converters.llama_tools` (part of `make vendor`) builds them;
-about 15 minutes on 2 cores, then nothing.
+Every native piece of edge-export comes from one CMake build of the full llama.cpp sources inside the
+pinned llama-cpp-python sdist (the same commit as the vendored converter): libllama and ggml, which
+llama-cpp-python's ctypes bindings load for quantizing and evaluating (the Makefile installs those
+bindings without compiling anything, `CMAKE_ARGS=-DLLAMA_BUILD=OFF`, and this module copies the
+built libraries into the package); llama-server, the runtime Ollama 0.30+ hands GGUF models to and a
+deployment target of its own; and render_chat_template (vendor/llama_tools/render_chat_template.cpp),
+which renders chat requests through llama.cpp's C++ Jinja engine exactly as llama-server's
+/apply-template does. The build lands in a cache folder outside the checkout keyed by the commit and
+the build flags, `~/.cache/edge-export/llama.cpp-<commit>/` (or $EDGE_EXPORT_LLAMA_TOOLS_DIR), so every
+checkout on the machine reuses it. `python -m converters.llama_tools` (part of `make vendor`) builds
+what is missing (about 10 minutes on 2 cores, with its progress printed) and installs the libraries.
 
 Standard library only, like vendor/fetch_llama_cpp.py: it runs right after the install.
 """
@@ -15,13 +18,16 @@ Standard library only, like vendor/fetch_llama_cpp.py: it runs right after the i
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,8 +47,14 @@ CMAKE_FLAGS = (
     "-DLLAMA_BUILD_APP=OFF",
     "-DLLAMA_BUILD_UI=OFF",
     "-DLLAMA_USE_PREBUILT_UI=OFF",
+    # $ORIGIN run paths: the libraries work wherever they are copied (into llama-cpp-python's package).
+    "-DCMAKE_BUILD_RPATH_USE_ORIGIN=ON",
 )
-FIX = "run `make vendor` in the edge-export checkout (it builds llama.cpp's tools once, about 15 minutes on 2 cores)"
+# llama-server links libllama, ggml, mtmd and common, so its target builds every library that
+# llama-cpp-python loads (llama, ggml*, mtmd) and the renderer links (common).
+TARGETS = ("llama-server", "llama-common")
+BINDINGS_STAMP = "edge-export-llama.cpp.json"
+FIX = "run `make vendor` in the edge-export checkout (it builds llama.cpp once, about 10 minutes on 2 cores)"
 
 
 class LlamaToolsMissing(RuntimeError):
@@ -132,6 +144,27 @@ def _run(command: list[str], log: Path) -> None:
         )
 
 
+def _build_with_progress(command: list[str], log: Path, what: str) -> None:
+    """Run a CMake build, its output to the log, and print how far it is every tenth of the way."""
+    print(" ".join(command), flush=True)
+    start = time.monotonic()
+    shown = -1
+    with log.open("a") as handle:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert process.stdout is not None
+        for line in process.stdout:
+            handle.write(line)
+            match = re.match(r"\[\s*(\d+)%\]", line)
+            if match and int(match.group(1)) // 10 > shown:
+                shown = int(match.group(1)) // 10
+                minutes, seconds = divmod(int(time.monotonic() - start), 60)
+                print(f"  {what}: {match.group(1)}% after {minutes}:{seconds:02d}", flush=True)
+        returncode = process.wait()
+    if returncode != 0:
+        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-30:])
+        sys.exit(f"error: building {what} failed ({' '.join(command[:3])} …); the log is {log}:\n{tail}")
+
+
 def _compile_renderer(source_dir: Path, build: Path, renderer: Path, log: Path) -> None:
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or "c++"
     partial = renderer.with_name(renderer.name + ".partial")
@@ -164,9 +197,19 @@ def build_llama_tools(jobs: int | None = None) -> LlamaTools:
             raise LlamaToolsMissing(f"{sdist} is missing; run `make vendor` first, which downloads it.")
         _extract_sources(sdist, source_dir)
     if not server.is_file():
+        cores = jobs or os.cpu_count() or 2
+        print(
+            f"Building llama.cpp {commit[:9]} once for this machine with {cores} cores (about "
+            f"{max(3, 20 // cores)} minutes): the library llama-cpp-python loads, llama-server and the "
+            f"chat-template renderer, into {build}; the full log is {log}",
+            flush=True,
+        )
         _run(["cmake", "-S", str(source_dir), "-B", str(build), *CMAKE_FLAGS], log)
-        cores = str(jobs or os.cpu_count() or 2)
-        _run(["cmake", "--build", str(build), "--target", "llama-server", "llama-common", "-j", cores], log)
+        _build_with_progress(
+            ["cmake", "--build", str(build), "--target", *TARGETS, "-j", str(cores)],
+            log,
+            f"llama.cpp {commit[:9]}",
+        )
     if not renderer.is_file():
         _compile_renderer(source_dir, build, renderer, log)
     (root / "BUILT.json").write_text(
@@ -175,12 +218,65 @@ def build_llama_tools(jobs: int | None = None) -> LlamaTools:
     return locate_llama_tools()
 
 
+def bindings_lib_dir() -> Path | None:
+    """The folder llama-cpp-python loads its shared libraries from (None when it is not installed);
+    found without importing the package, which fails while the folder is empty."""
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or spec.origin is None:
+        return None
+    return Path(spec.origin).parent / "lib"
+
+
+def _libraries(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.iterdir() if p.name.startswith("lib") and (".so" in p.name or p.suffix == ".dylib")
+    )
+
+
+def bindings_build() -> dict[str, str] | None:
+    """The build whose libraries llama-cpp-python loads, as recorded when they were installed; None when
+    they are llama-cpp-python's own (or absent)."""
+    lib_dir = bindings_lib_dir()
+    stamp = lib_dir / BINDINGS_STAMP if lib_dir else None
+    if stamp is None or not stamp.is_file():
+        return None
+    recorded: dict[str, str] = json.loads(stamp.read_text())
+    return recorded
+
+
+def install_bindings_libraries(tools: LlamaTools) -> Path:
+    """Copy the build's shared libraries into llama-cpp-python's package (replacing whatever is there),
+    unless they are there already; the package then loads the same llama.cpp as llama-server."""
+    lib_dir = bindings_lib_dir()
+    if lib_dir is None:
+        raise LlamaToolsMissing(
+            "llama-cpp-python is not installed in this Python; run `make install` (or `make vendor`) in the "
+            "edge-export checkout."
+        )
+    wanted = {"commit": tools.commit, "flags": flags_key()}
+    if bindings_build() == wanted and (lib_dir / "libllama.so").exists():
+        return lib_dir
+    staging = Path(tempfile.mkdtemp(prefix=".lib-", dir=lib_dir.parent))
+    try:
+        for library in _libraries(tools.lib_dir):
+            shutil.copy2(library, staging / library.name, follow_symlinks=False)
+        (staging / BINDINGS_STAMP).write_text(json.dumps(wanted, indent=2) + "\n")
+        if lib_dir.exists():
+            shutil.rmtree(lib_dir)
+        staging.rename(lib_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return lib_dir
+
+
 def main() -> None:
     try:
         tools = build_llama_tools()
+        lib_dir = install_bindings_libraries(tools)
     except LlamaToolsMissing as exc:
         sys.exit(f"error: {exc}")
-    print(f"llama.cpp {tools.commit[:9]} tools: {tools.server}, {tools.renderer}")
+    print(f"llama.cpp {tools.commit[:9]}: {tools.server}, {tools.renderer}; llama-cpp-python loads {lib_dir}")
 
 
 if __name__ == "__main__":

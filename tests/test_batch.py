@@ -178,6 +178,26 @@ def test_plan_errors_name_the_file_and_line(demo_inputs: DemoInputs, tmp_path: P
     assert not (tmp_path / "out").exists()
 
 
+# A bound for a hung cluster, not a speed requirement: generous enough for a machine shared with other work.
+CLUSTER_LIMIT_S = 3600
+
+
+def run_on_local_ray_cluster(script: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run a bash script beside a two-node Ray cluster on loopback; a hang fails with "timed out"."""
+    try:
+        return subprocess.run(
+            [str(CLUSTER), "1", "bash", "-c", script],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=CLUSTER_LIMIT_S,
+        )
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(
+            f"the Ray cluster run timed out after {CLUSTER_LIMIT_S} s (hung, not slow): {exc.output!r}"
+        )
+
+
 def _namespaces_work() -> bool:
     probe = ["unshare", "--user", "--map-root-user", "--net", "true"]
     return shutil.which("unshare") is not None and subprocess.run(probe, capture_output=True).returncode == 0
@@ -215,9 +235,7 @@ def test_ray_batch_survives_a_lost_worker_and_resumes_to_the_sequential_files(
         EDGE_EXPORT_CACHE_DIR=str(tmp_path / "shared-cache"),
         COLUMNS="200",
     )
-    proc = subprocess.run(
-        [str(CLUSTER), "1", "bash", "-c", script], capture_output=True, text=True, env=env, timeout=540
-    )
+    proc = run_on_local_ray_cluster(script, env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
     assert [line.split()[1] for line in (tmp_path / "interfaces.txt").read_text().splitlines()] == [

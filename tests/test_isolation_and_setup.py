@@ -125,3 +125,18 @@ def test_tests_use_their_own_caches():
 
     assert cache_root() == Path(os.environ["EDGE_EXPORT_CACHE_DIR"])
     assert "pytest" in str(cache_root())
+
+
+def test_llama_cpp_python_loads_the_projects_one_llama_cpp_build():
+    """`make vendor` builds llama.cpp once and llama-cpp-python loads that build's libraries: the same
+    files llama-server and the renderer run on, not a second compilation of the same sources."""
+    from converters import llama_tools
+
+    tools = llama_tools.locate_llama_tools()
+    lib_dir = llama_tools.bindings_lib_dir()
+    assert lib_dir is not None
+    assert llama_tools.bindings_build() == {"commit": tools.commit, "flags": llama_tools.flags_key()}
+    for name in ("libllama.so", "libggml.so", "libggml-base.so", "libggml-cpu.so", "libmtmd.so"):
+        assert (lib_dir / name).read_bytes() == (tools.lib_dir / name).read_bytes(), name
+    proc = run_cli("doctor")
+    assert "OK   llama.cpp libraries" in proc.stdout and tools.commit[:9] in proc.stdout, proc.stdout

