@@ -10,7 +10,7 @@ which renders chat requests through llama.cpp's C++ Jinja engine exactly as llam
 /apply-template does. The build lands in a cache folder outside the checkout keyed by the commit and
 the build flags, `~/.cache/edge-export/llama.cpp-<commit>/` (or $EDGE_EXPORT_LLAMA_TOOLS_DIR), so every
 checkout on the machine reuses it. `python -m converters.llama_tools` (part of `make vendor`) builds
-what is missing (about 10 minutes on 2 cores, with its progress printed) and installs the libraries.
+what is missing (4 to 10 minutes on 2 cores, its progress printed) and installs the libraries.
 
 Standard library only, like vendor/fetch_llama_cpp.py: it runs right after the install.
 """
@@ -54,7 +54,7 @@ CMAKE_FLAGS = (
 # llama-cpp-python loads (llama, ggml*, mtmd) and the renderer links (common).
 TARGETS = ("llama-server", "llama-common")
 BINDINGS_STAMP = "edge-export-llama.cpp.json"
-FIX = "run `make vendor` in the edge-export checkout (it builds llama.cpp once, about 10 minutes on 2 cores)"
+FIX = "run `make vendor` in the edge-export checkout (it builds llama.cpp once, 4 to 10 minutes on 2 cores)"
 
 
 class LlamaToolsMissing(RuntimeError):
@@ -199,8 +199,8 @@ def build_llama_tools(jobs: int | None = None) -> LlamaTools:
     if not server.is_file():
         cores = jobs or os.cpu_count() or 2
         print(
-            f"Building llama.cpp {commit[:9]} once for this machine with {cores} cores (about "
-            f"{max(3, 20 // cores)} minutes): the library llama-cpp-python loads, llama-server and the "
+            f"Building llama.cpp {commit[:9]} once for this machine with {cores} cores (4 to 10 minutes "
+            f"on 2 cores): the library llama-cpp-python loads, llama-server and the "
             f"chat-template renderer, into {build}; the full log is {log}",
             flush=True,
         )
