@@ -200,7 +200,7 @@ def build_llama_tools(jobs: int | None = None) -> LlamaTools:
         cores = jobs or os.cpu_count() or 2
         print(
             f"Building llama.cpp {commit[:9]} once for this machine with {cores} cores (4 to 10 minutes "
-            f"on 2 cores): the library llama-cpp-python loads, llama-server and the "
+            f"with 2): the library llama-cpp-python loads, llama-server and the "
             f"chat-template renderer, into {build}; the full log is {log}",
             flush=True,
         )
