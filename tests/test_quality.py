@@ -221,5 +221,7 @@ def test_eval_tokens_scores_a_spread_subset_and_says_so(demo_export: DemoExport,
     assert f"of {full} tokens" in report["reference"]["eval_data"]
     for row in report["artifacts"]:
         assert row["metrics"]["tokens"] == report["reference"]["scored_tokens"], row["label"]
+    # check drafts the reference's greedy answers with the export's F16 GGUF, as merge-quantize does
+    assert report["reference"]["greedy_answers"].startswith("drafted by llama.cpp from the 16-bit GGUF")
     bad = run_check(demo_export, tmp_path / "bad", "--eval-tokens", "lots")
     assert bad.returncode == 2 and "--eval-tokens 'lots'" in bad.stderr

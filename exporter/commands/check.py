@@ -20,7 +20,7 @@ from exporter.inputs.manifest import Manifest
 from exporter.inputs.options import CheckOptions, ProfileOptions
 from exporter.inputs.profiles import resolve_profiles
 from exporter.inputs.records import ModelInputs, input_files
-from exporter.quality.reference import ArtifactQuality, gate_diagnosis
+from exporter.quality.reference import UNQUANTIZED_LABELS, ArtifactQuality, gate_diagnosis
 from exporter.stages.merge import MERGED_DIR
 from exporter.stages.quality import QualitySummary, judged, reference_stage, score_stage, write_quality_report
 
@@ -103,7 +103,11 @@ def check_manifest(options: CheckOptions, report: Reporter = silent) -> CheckRes
     # The reports are written into the export's folder, which is locked meanwhile like any output.
     with Run.open(root, options.run, report) as run:
         graph = StageGraph()
-        reference = graph.add("reference", lambda _: reference_stage(run, inputs, tokenizer_dir, quality))
+        # The export's 16-bit GGUF drafts the reference's greedy answers, as in merge-quantize.
+        draft = next((root / r["path"] for label, r in records.items() if label in UNQUANTIZED_LABELS), None)
+        reference = graph.add(
+            "reference", lambda _: reference_stage(run, inputs, tokenizer_dir, quality, draft=draft)
+        )
 
         def scorer(label: str) -> Callable[[Results], ArtifactQuality]:
             def score(r: Results) -> ArtifactQuality:
