@@ -17,7 +17,9 @@ from typing import Any
 import pytest
 
 from exporter.core.errors import InputError
+from exporter.graphs.batch import job_options
 from exporter.inputs.batch_plan import load_plan
+from exporter.inputs.options import RunOptions
 from tests.conftest import DEMO_EVAL, REPO, DemoInputs, _variant, run_cli
 
 CLUSTER = REPO / "bench" / "local_ray_cluster.sh"
@@ -168,6 +170,20 @@ def test_plan_errors_name_the_file_and_line(demo_inputs: DemoInputs, tmp_path: P
     assert ":5: adapters.0.path: " in refused('[[adapters]]\npath = "nowhere/*"\n')
     assert ":6: adapters.0.base: no base named 'x'" in refused(adapter + 'base = "x"\n')
     assert ":6: adapters.0.gates: " in refused(adapter + "gates = ['max_kld=1']\n")
+    assert ":6: adapters.0.eval_tokens: eval_tokens 'lots' is not a setting" in refused(
+        adapter + "eval_tokens = 'lots'\n"
+    )
+    plan_file = tmp_path / "plan.toml"
+    plan_file.write_text(
+        f'out = "out"\neval_tokens = 600\n[bases.b]\npath = "{demo_inputs.base}"\n'
+        + adapter
+        + adapter.replace("[[adapters]]", "[[adapters]]\nname = 'all'\neval_tokens = 'all'")
+    )
+    plan = load_plan(plan_file)
+    assert [job_options(plan, job, RunOptions(), False).quality.eval_tokens for job in plan.jobs] == [
+        "600",
+        "all",
+    ]
     assert "two exports are named 'adapter'" in refused(adapter + adapter)
     assert ":6: runtime_lora.0.adapters: " in refused("[[runtime_lora]]\nname = 'g'\nadapters = 3\n")
 

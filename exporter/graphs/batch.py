@@ -56,7 +56,9 @@ def job_options(plan: Plan, job: PlanJob, run: RunOptions, force: bool) -> Expor
     inputs = InputOptions(adapters=job.adapters, base=str(job.base))
     output = OutputOptions(plan.out / job.name, job.name, force)
     profiles = ProfileOptions(job.profiles, plan.profile_files)
-    quality = QualityOptions(eval_data=job.eval_data, gates=job.gates, threads=run.threads)
+    quality = QualityOptions(
+        eval_data=job.eval_data, eval_tokens=job.eval_tokens, gates=job.gates, threads=run.threads
+    )
     if job.kind == "runtime":
         return RuntimeLoraOptions(inputs, output, profiles, run, quality, job.check)
     return ExportOptions(inputs, output, profiles, run, quality, job.check, job.dtype)

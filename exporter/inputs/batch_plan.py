@@ -2,7 +2,8 @@
 
     out = "batch-out"                      # relative paths are relative to the plan file
     profiles = ["Q4_K_M", "Q8_0"]          # every export's, unless one overrides them
-    eval_data = "eval.jsonl"               # check, eval_data, gates, dtype: defaults, overridable
+    eval_data = "eval.jsonl"               # check, eval_data, eval_tokens, gates, dtype: defaults,
+    eval_tokens = "auto"                   # overridable by an entry
     [bases.smollm2]
     path = "models/smollm2"
     [[adapters]]                           # one merged export per matching folder
@@ -30,6 +31,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from exporter.core.errors import InputError
+from exporter.inputs.evaldata import check_eval_tokens
 from exporter.inputs.options import parse_gate_overrides
 
 
@@ -43,6 +45,7 @@ class _Settings(_Strict):
     profiles: list[str] | None = None
     check: bool | None = None
     eval_data: str | None = None
+    eval_tokens: int | str | None = None
     gates: list[str] | None = None
     dtype: str | None = None
 
@@ -90,6 +93,7 @@ class PlanJob:
     eval_data: Path | None
     gates: tuple[str, ...]
     dtype: str | None
+    eval_tokens: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -219,6 +223,11 @@ def _job(
         return own if own is not None else getattr(plan, key)
 
     eval_data = setting("eval_data")
+    eval_tokens = str(setting("eval_tokens") or "auto")
+    try:
+        check_eval_tokens(eval_tokens)
+    except InputError as exc:
+        raise checker.error((*loc, "eval_tokens"), str(exc).replace("--eval-tokens", "eval_tokens")) from exc
     gates = tuple(setting("gates") or ())
     try:
         parse_gate_overrides(gates)
@@ -235,6 +244,7 @@ def _job(
         checker.file(root / eval_data, (*loc, "eval_data"), "evaluation data") if eval_data else None,
         gates,
         setting("dtype"),
+        eval_tokens,
     )
 
 
