@@ -33,7 +33,7 @@ install: $(INSTALLED)
 $(VENDORED): vendor/llama_cpp.toml vendor/fetch_llama_cpp.py | $(PY)
 	$(PY) vendor/fetch_llama_cpp.py
 
-# llama.cpp built once per machine from the same sdist (about 10 minutes on 2 cores, progress shown):
+# llama.cpp built once per machine from the same sdist (4 to 10 minutes on 2 cores, progress shown):
 # the library llama-cpp-python loads, llama-server and the chat-template renderer, cached outside the
 # checkout (~/.cache/edge-export/llama.cpp-<commit>/); a no-op when built.
 vendor: install $(VENDORED)

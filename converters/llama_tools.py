@@ -254,7 +254,7 @@ def install_bindings_libraries(tools: LlamaTools) -> Path:
             "edge-export checkout."
         )
     wanted = {"commit": tools.commit, "flags": flags_key()}
-    if bindings_build() == wanted and (lib_dir / "libllama.so").exists():
+    if bindings_build() == wanted and any(lib_dir.glob("libllama.*")):
         return lib_dir
     staging = Path(tempfile.mkdtemp(prefix=".lib-", dir=lib_dir.parent))
     try:
