@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -10,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from exporter.core.errors import InputError
+from exporter.core.jsonfile import read_json_object
 from exporter.inputs.adapter_keys import check_adapter_keys
 
 log = logging.getLogger(__name__)
@@ -52,12 +52,7 @@ def read_adapter(path: Path, weight: float = 1.0, allow_pickle: bool = False) ->
             f"{config_file} is missing, so {path} is not a PEFT adapter folder. Point --adapter at the "
             "folder PEFT's save_pretrained wrote (it holds adapter_config.json and adapter_model.safetensors)."
         )
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{config_file} is not valid JSON ({exc}); re-save the adapter with PEFT.") from exc
-    if not isinstance(config, dict):
-        raise InputError(f"{config_file} must hold a JSON object; re-save the adapter with PEFT.")
+    config = read_json_object(config_file, "re-save the adapter with PEFT.")
     weights = path / SAFETENSORS_WEIGHTS
     if not weights.is_file():
         pickled = path / PICKLE_WEIGHTS

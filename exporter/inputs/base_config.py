@@ -6,25 +6,17 @@ same message (the file, what is wrong, the fix) wherever it is first read.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from exporter.core.errors import InputError
+from exporter.core.jsonfile import read_json_object
 
 CONFIG_FILE = "config.json"
 
 
 def read_base_config(base_dir: Path) -> dict[str, Any]:
     """config.json of the model folder `base_dir` as a dict; InputError when it is not a JSON object."""
-    path = base_dir / CONFIG_FILE
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path} is not valid JSON ({exc}); restore the base model's config.json.") from exc
-    if not isinstance(config, dict):
-        raise InputError(f"{path} must hold a JSON object; restore the base model's config.json.")
-    return config
+    return read_json_object(base_dir / CONFIG_FILE, "restore the base model's config.json.")
 
 
 def recorded_base_config(hint: str | None) -> Path | None:
