@@ -133,19 +133,9 @@ def _extract_sources(sdist: Path, target: Path) -> None:
             shutil.rmtree(staging)
 
 
-def _run(command: list[str], log: Path) -> None:
-    print(" ".join(command), flush=True)
-    with log.open("a") as handle:
-        result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, check=False)
-    if result.returncode != 0:
-        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-30:])
-        sys.exit(
-            f"error: building llama.cpp's tools failed ({' '.join(command[:3])} …); the log is {log}:\n{tail}"
-        )
-
-
-def _build_with_progress(command: list[str], log: Path, what: str) -> None:
-    """Run a CMake build, its output to the log, and print how far it is every tenth of the way."""
+def _run(command: list[str], log: Path, what: str = "llama.cpp's tools") -> None:
+    """Run a build command, its output to the log; where the output counts a CMake build's progress
+    ("[ 45%] …"), print how far it is every tenth of the way. A failure exits with the log's tail."""
     print(" ".join(command), flush=True)
     start = time.monotonic()
     shown = -1
@@ -205,7 +195,7 @@ def build_llama_tools(jobs: int | None = None) -> LlamaTools:
             flush=True,
         )
         _run(["cmake", "-S", str(source_dir), "-B", str(build), *CMAKE_FLAGS], log)
-        _build_with_progress(
+        _run(
             ["cmake", "--build", str(build), "--target", *TARGETS, "-j", str(cores)],
             log,
             f"llama.cpp {commit[:9]}",
