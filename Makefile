@@ -84,9 +84,13 @@ bench-merge: install
 bench-quality: demo
 	$(PY) bench/quality.py --export $(DEMO_OUT)
 
-bench-imatrix: demo
-	$(PY) bench/imatrix.py --export $(DEMO_OUT)
-	$(PY) bench/imatrix.py --export $(DEMO_OUT) --aligned
+# bench/imatrix.py reads the merged weights: the demo export again (from the stage cache), keeping them.
+bench-imatrix: install vendor demo-inputs
+	$(VENV)/bin/edge-export merge-quantize --adapter $(DEMO_DIR)/adapter --base $(DEMO_DIR)/base \
+		--name smollm2-pirate --profile Q4_K_M --profile Q8_0 --out bench/.work/imatrix-export --force \
+		--eval-data exporter/data/demo_eval.jsonl --keep-merged
+	$(PY) bench/imatrix.py --export bench/.work/imatrix-export
+	$(PY) bench/imatrix.py --export bench/.work/imatrix-export --aligned
 
 bench-pipeline: install vendor demo-inputs
 	$(PY) bench/pipeline.py --runs 2

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """bench/imatrix: does an importance matrix from the adapter's own data lower quantization error?
 
-On an export (default: `make demo`'s demo-out/), computes the importance matrix from --calibration
+On an export that kept its merged weights (default: bench/.work/imatrix-export/, the demo export
+`make bench-imatrix` writes with --keep-merged), computes the importance matrix from --calibration
 (default: the demo adapter's training chats), quantizes the export's F16 GGUF to each profile with
 and without it, and scores every GGUF on held-out chats of the same domain (the demo's evaluation
 set, not used for calibration) against the unmerged reference: mean KL divergence ± standard error,
@@ -14,7 +15,7 @@ computes the same function (zero-padded hidden size 576 -> 768, one zero attenti
 group of query heads sharing a key/value head, norm weights and epsilon rescaled for the longer mean),
 which the F16 row of its table confirms against the same unmerged reference.
 
-    .venv/bin/python bench/imatrix.py [--export demo-out] [--aligned] [--profile Q4_K_M --profile IQ4_XS ...]
+    .venv/bin/python bench/imatrix.py [--export bench/.work/imatrix-export] [--aligned] [--profile Q4_K_M --profile IQ4_XS ...]
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ Row = tuple[str, bool, int, dict[str, np.ndarray], dict[str, np.ndarray] | None]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--export", type=Path, default=ROOT / "demo-out")
+    parser.add_argument("--export", type=Path, default=ROOT / "bench" / ".work" / "imatrix-export")
     parser.add_argument("--calibration", type=Path, default=DATA / "demo_train.jsonl")
     parser.add_argument("--eval-data", type=Path, default=DATA / "demo_eval.jsonl")
     parser.add_argument("--profile", action="append", default=None)
@@ -137,11 +138,16 @@ def main() -> None:
     profiles = args.profile or ["Q4_K_M", "IQ4_XS", "Q3_K_M", "Q2_K"]
     manifest_file = args.export / "manifest.json"
     if not manifest_file.is_file():
-        raise SystemExit(f"{manifest_file} is missing: run `make demo` first")
+        raise SystemExit(f"{manifest_file} is missing: run `make bench-imatrix`")
     manifest = json.loads(manifest_file.read_text())
     adapters = [read_adapter(Path(a["path"]), a["weight"]) for a in manifest["inputs"]["adapters"]]
     base = Path(manifest["inputs"]["base"]["path"])
     merged = args.export / "merged"
+    if not list(merged.glob("*.safetensors")):
+        raise SystemExit(
+            f"{merged} holds no weights (released once the F16 GGUF was written): export again with "
+            "--keep-merged (`make bench-imatrix` does)"
+        )
     f16 = args.export / manifest["intermediates"][0]["path"]
     reference = reference_for(
         ModelInputs.hashed(base, tuple(adapters)), merged, QualityOptions(eval_data=args.eval_data)

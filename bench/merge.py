@@ -111,23 +111,30 @@ def build_inputs(
     base.mkdir(parents=True)
     adapter.mkdir(parents=True)
     generator = torch.Generator().manual_seed(0)
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    # shards planned first, then each generated and written alone: an 8B body never sits whole in memory
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
     size = 0
     for name, shape in layer_shapes(config):
-        tensor = (torch.randn(shape, generator=generator) * 0.02).to(torch.float16)
-        if name.endswith("norm.weight"):
-            tensor = torch.ones(shape, dtype=torch.float16)
-        if size + tensor.numel() * 2 > SHARD_BYTES and shards[-1]:
-            shards.append({})
+        nbytes = math.prod(shape) * 2
+        if size + nbytes > SHARD_BYTES and shards[-1]:
+            shards.append([])
             size = 0
-        shards[-1][name] = tensor
-        size += tensor.numel() * 2
+        shards[-1].append((name, shape))
+        size += nbytes
     weight_map = {}
-    for number, shard in enumerate(shards, start=1):
+    total = 0
+    for number, planned in enumerate(shards, start=1):
+        shard = {}
+        for name, shape in planned:
+            if name.endswith("norm.weight"):
+                shard[name] = torch.ones(shape, dtype=torch.float16)
+            else:
+                shard[name] = (torch.randn(shape, generator=generator) * 0.02).to(torch.float16)
+            total += shard[name].numel() * 2
         file = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, str(base / file), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, file))
-    total = sum(t.numel() * 2 for s in shards for t in s.values())
+        del shard
     (base / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
     )

@@ -265,7 +265,7 @@ def print_table(results: dict[str, dict[str, dict[str, Any]]]) -> None:
     )
     for size, result in results.items():
         params, costs = result["params"], result["runs"]
-        unchecked = costs["unchecked"]["wall"]
+        unchecked = costs["unchecked"]["wall"] if "unchecked" in costs else float("nan")
         for name in (n for n in CONTENDERS if n in costs):
             cost = costs[name]
             stages = ", ".join(f"{k} {v:.0f}" for k, v in cost["stages"].items() if v >= 1)

@@ -83,6 +83,7 @@ def export_args(inputs: Path, scenario: str, out: Path) -> list[str]:
     return [
         "merge-quantize", "--adapter", str(inputs / scenario), "--base", str(base), "--name", scenario,
         "--profile", "Q8_0", "--gate", "min_top1=0.5", "--out", str(out), "--eval-data", str(EVAL),
+        "--keep-merged",  # the merged weights are read below
     ]  # fmt: skip
 
 

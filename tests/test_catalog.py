@@ -160,6 +160,10 @@ def existing_output(inputs: Inputs, tmp: Path) -> list[str]:
     return tiny_args(inputs)
 
 
+def small_disk_budget(inputs: Inputs, tmp: Path) -> list[str]:
+    return [*tiny_args(inputs), "--keep-merged", "--max-disk", "100KB"]
+
+
 def nan_weights(inputs: Inputs, tmp: Path) -> list[str]:
     from safetensors.torch import load_file, save_file
 
@@ -300,6 +304,17 @@ CASES = [
         existing_output,
         ("Not enough free disk space", "needs about", "F16 GGUF", "only 1000.0 KiB is free"),
         env={"EDGE_EXPORT_FREE_DISK_BYTES": str(1000 * 1024)},
+    ),
+    Case(
+        "planned disk peak over --max-disk",
+        small_disk_budget,
+        (
+            "needs about",
+            "at its peak",
+            "merged model",
+            "more than --max-disk 100.0 KiB",
+            "leave out --keep-merged",
+        ),
     ),
     Case("NaN/Inf in merged weights", nan_weights, ("NaN or Inf", "adapter_model.safetensors")),
     Case("empty evaluation data", empty_eval_data, ("eval.txt", "fewer than 16 tokens", "more text")),

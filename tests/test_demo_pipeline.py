@@ -92,11 +92,12 @@ def test_modelfiles_point_at_the_exact_file_with_template_and_stops(demo_export:
         assert 'LICENSE """' in text and "Apache License" in text  # the base's license file, carried through
 
 
-def test_merged_folder_is_a_complete_hf_model(demo_export: DemoExport):
+def test_merged_folder_keeps_the_model_files_the_gguf_does_not_replace(demo_export: DemoExport):
     merged = demo_export.out / "merged"
+    assert not (merged / "model.safetensors").exists()  # released: the F16 GGUF holds the weights
     for name in (
         "config.json",
-        "model.safetensors",
+        "edge-export-merge.json",
         "tokenizer.json",
         "tokenizer_config.json",
         "generation_config.json",

@@ -70,6 +70,7 @@ def export(adapter: Path, base: Path, out: Path, *profiles: str) -> list[str]:
         "merge-quantize", "--adapter", str(adapter), "--base", str(base), "--name", "big",
         *(arg for profile in profiles for arg in ("--profile", profile)),
         "--gate", "min_top1=0.5", "--out", str(out), "--eval-data", str(DEMO_EVAL),
+        "--keep-merged",  # the merged weights are read below
     ]  # fmt: skip
 
 

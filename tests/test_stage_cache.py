@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -245,3 +246,45 @@ def test_unchanged_rerun_takes_gguf_headers_from_the_cache(
     for artifact in result.artifacts:  # file types and bits per weight as when the GGUFs were read
         assert artifact.file_type == recorded[artifact.profile]["file_type"]
         assert artifact.bits_per_weight == recorded[artifact.profile]["bits_per_weight"]
+
+
+def test_merged_weights_are_released_once_converted_and_merged_again_only_when_needed(
+    demo_export: DemoExport, demo_inputs: DemoInputs, tmp_path: Path
+):
+    # The shared export kept the merged folder's config, tokenizer and template, not its weights: the
+    # F16 GGUF holds them. The cache's merge entry gave them up too, and says which it had.
+    merged = demo_export.out / "merged"
+    assert (merged / "config.json").is_file() and (merged / "tokenizer.json").is_file()
+    assert not list(merged.glob("*.safetensors"))
+    assert demo_export.manifest["merge"]["weights"].startswith("released once the F16 GGUF held them")
+    cache = Path(os.environ["EDGE_EXPORT_CACHE_DIR"]) / "stages" / "merge"
+    inode = os.stat(merged / "config.json").st_ino  # the output's files are hard links into the cache
+    entry = next(c.parent.parent for c in cache.glob("*/merged/config.json") if os.stat(c).st_ino == inode)
+    meta = json.loads((entry / "done.json").read_text())
+    assert "merged/model.safetensors" in meta["released"] and "merged/config.json" in meta["files"]
+
+    # An isolated cache: a run that still finds the F16 GGUF cached reuses the thin merge; once the
+    # conversion is gone, the merge is made again, to the same bytes.
+    env = {"EDGE_EXPORT_CACHE_DIR": str(tmp_path / "cache")}
+    out = tmp_path / "out"
+    first = run_cli(*export_args(demo_inputs, out), "--no-check", env=env)
+    assert first.returncode == 0, first.stderr
+    assert "released the merged weights" in first.stdout
+    again = run_cli(*export_args(demo_inputs, out), "--no-check", "--force", env=env)
+    assert again.returncode == 0, again.stderr
+    assert {"merge", "convert"} <= set(json.loads((out / "manifest.json").read_text())["cached_stages"])
+    for entry in (tmp_path / "cache" / "stages" / "convert").iterdir():
+        shutil.rmtree(entry)
+    remade = run_cli(*export_args(demo_inputs, out), "--no-check", "--force", env=env)
+    assert remade.returncode == 0, remade.stderr
+    assert "gave up its weights after conversion; merging again" in remade.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "merge" not in manifest["cached_stages"]
+    assert manifest["intermediates"][0]["sha256"] == demo_export.manifest["intermediates"][0]["sha256"]
+
+    # --keep-merged keeps them, in the output and the cache.
+    kept = tmp_path / "kept"
+    proc = run_cli(*export_args(demo_inputs, kept), "--no-check", "--keep-merged", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert (kept / "merged" / "model.safetensors").is_file()
+    assert json.loads((kept / "manifest.json").read_text())["merge"]["weights"] == "kept (--keep-merged)"

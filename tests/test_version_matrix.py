@@ -101,7 +101,7 @@ def test_export_reproduces_the_model_its_writer_trained(written: Written, tmp_pa
     adapter = written.root / "adapter"
     proc = run_cli(
         "merge-quantize", "--adapter", str(adapter), "--base", str(written.root / "base"), "--name", "cell",
-        "--profile", "Q8_0", "--out", str(out), "--eval-data", str(DEMO_EVAL),
+        "--profile", "Q8_0", "--out", str(out), "--eval-data", str(DEMO_EVAL), "--keep-merged",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "WARNING" not in proc.stderr, proc.stderr  # nothing in these inputs is ignored

@@ -20,7 +20,20 @@ from rich.table import Table
 
 from exporter.cli.batch import batch_command
 from exporter.cli.option_groups import parse_size, with_options
-from exporter.cli.options import CHECK_FLAG, DTYPE_FLAG, INPUTS, OUTPUT, PROFILES, QLORA, QUALITY, RUN
+from exporter.cli.options import (
+    CALIBRATION_FLAG,
+    CALIBRATION_TOKENS_FLAG,
+    CHECK_FLAG,
+    DTYPE_FLAG,
+    IMATRIX_FLAG,
+    INPUTS,
+    KEEP_MERGED_FLAG,
+    OUTPUT,
+    PROFILES,
+    QLORA,
+    QUALITY,
+    RUN,
+)
 from exporter.cli.render import console, err_console, print_check, print_export, print_runtime
 from exporter.core.errors import (
     BAD_INPUT_EXIT,
@@ -90,32 +103,28 @@ def merge_quantize_command(
     qlora: QloraOptions,
     check: CHECK_FLAG = True,
     dtype: DTYPE_FLAG = None,
-    calibration: Annotated[
-        Path | None,
-        typer.Option(
-            "--calibration",
-            help="Text (.txt) or JSONL chats from the adapter's domain: compute an importance matrix on the "
-            "merged model and quantize every profile with it (needed by IQ4_XS, IQ3_M).",
-        ),
-    ] = None,
-    calibration_tokens: Annotated[
-        int, typer.Option("--calibration-tokens", min=256, help="Most calibration tokens to read.")
-    ] = DEFAULT_CALIBRATION_TOKENS,
-    imatrix: Annotated[
-        Path | None,
-        typer.Option(
-            "--imatrix",
-            help="An importance matrix computed earlier (an earlier run's <name>.imatrix.gguf, or llama-imatrix's "
-            "GGUF output) to quantize with, instead of --calibration.",
-        ),
-    ] = None,
+    calibration: CALIBRATION_FLAG = None,
+    calibration_tokens: CALIBRATION_TOKENS_FLAG = DEFAULT_CALIBRATION_TOKENS,
+    imatrix: IMATRIX_FLAG = None,
+    keep_merged: KEEP_MERGED_FLAG = False,
 ) -> None:
     """Merge the adapter into its base, convert to GGUF, quantize to each profile and check the quality."""
     from exporter.commands.merge_quantize import merge_quantize
     from exporter.inputs.options import ExportOptions
 
     options = ExportOptions(
-        inputs, output, profiles, run, quality, check, dtype, calibration, calibration_tokens, imatrix, qlora
+        inputs,
+        output,
+        profiles,
+        run,
+        quality,
+        check,
+        dtype,
+        calibration,
+        calibration_tokens,
+        imatrix,
+        qlora,
+        keep_merged,
     )
     with _progress("starting") as report:
         result = merge_quantize(options, report=report)

@@ -163,6 +163,16 @@ RUN = OptionGroup(
             None,
         ),
         Flag(
+            "max_disk",
+            option(
+                str | None,
+                "--max-disk",
+                help="Disk budget, e.g. 40GB: stop before any work when the export's planned peak (merged "
+                "model, 16-bit GGUF, quantized files, cache included) is larger.",
+            ),
+            None,
+        ),
+        Flag(
             "threads",
             option(
                 int | None,
@@ -183,6 +193,7 @@ RUN = OptionGroup(
         rehash=v.get("rehash", False),
         lock=LockPolicy(wait=not v.get("no_wait", False), timeout=v.get("lock_timeout")),
         max_memory=parse_size(v["max_memory"]) if v.get("max_memory") else None,
+        max_disk=parse_size(v["max_disk"]) if v.get("max_disk") else None,
         threads=v.get("threads"),
         jobs=v.get("jobs", 1),
     ),
@@ -335,4 +346,25 @@ DTYPE_FLAG = option(
     str | None,
     "--dtype",
     help="dtype of the merged model: float16, bfloat16 or float32 (default: the base's).",
+)
+CALIBRATION_FLAG = option(
+    Path | None,
+    "--calibration",
+    help="Text (.txt) or JSONL chats from the adapter's domain: compute an importance matrix on the "
+    "merged model and quantize every profile with it (needed by IQ4_XS, IQ3_M).",
+)
+CALIBRATION_TOKENS_FLAG = option(
+    int, "--calibration-tokens", min=256, help="Most calibration tokens to read."
+)
+IMATRIX_FLAG = option(
+    Path | None,
+    "--imatrix",
+    help="An importance matrix computed earlier (an earlier run's <name>.imatrix.gguf, or llama-imatrix's "
+    "GGUF output) to quantize with, instead of --calibration.",
+)
+KEEP_MERGED_FLAG = option(
+    bool,
+    "--keep-merged",
+    help="Keep the merged model's weights in <out>/merged (and the stage cache) once the 16-bit GGUF is "
+    "written; by default they are released then, since the GGUF holds them.",
 )

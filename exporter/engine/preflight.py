@@ -162,11 +162,14 @@ def plan_disk(
     out: Path,
     cache_dir: Path,
     requested_dtype: str | None = None,
+    merged: str = "kept",
 ) -> DiskPlan:
     """Estimate what merge-quantize writes: merged model, F16 GGUF, one GGUF per profile (from its bits per
     weight), and where: the stage cache and hard links into the output, or copies across file systems.
 
-    `requested_dtype` is --dtype as a safetensors dtype (F16, BF16, F32), or None."""
+    `requested_dtype` is --dtype as a safetensors dtype (F16, BF16, F32), or None. `merged`: "kept" (in
+    the output and the cache), "released" once the 16-bit GGUF is written (the peak is then the larger
+    of merged + 16-bit GGUF and 16-bit GGUF + quantized files), or "none" (not written at all)."""
     floats, embeddings, other, stored = _float_elements(base_dir)
     merged_bytes_per_weight = _merged_bytes(requested_dtype)
     # Which 16-bit type a bfloat16 base converts to is settled by the merge's range check.
@@ -175,10 +178,12 @@ def plan_disk(
     else:
         source = "F16" if requested_dtype or "BF16" not in stored else "16-bit"
     side = sum(f.stat().st_size for f in base_dir.iterdir() if f.is_file() and f.suffix != ".safetensors")
-    items = [
-        DiskItem("merged model", floats * merged_bytes_per_weight + other + side),
-        DiskItem(f"{source} GGUF", floats * 2 + other + side),
-    ]
+    merged_item = DiskItem(
+        "merged model" + (" (until the 16-bit GGUF is written)" if merged == "released" else ""),
+        floats * merged_bytes_per_weight + other + side,
+    )
+    gguf = DiskItem(f"{source} GGUF", floats * 2 + other + side)
+    items = [gguf] if merged == "none" else [merged_item, gguf]
     for profile in profiles:
         if profile.is_source("BF16" if source == "BF16" else "F16"):
             continue
@@ -187,6 +192,8 @@ def plan_disk(
         )
         items.append(DiskItem(f"{profile.name} GGUF", int(bits / 8 * QUANT_MARGIN) + side))
     total = sum(item.bytes for item in items)
+    if merged == "released":  # merged + GGUF while converting; GGUF + quantized files after
+        total = max(merged_item.bytes + gguf.bytes, total - merged_item.bytes)
     cache_anchor, out_anchor = _existing(cache_dir), _existing(out)
     needs = {cache_anchor: total}
     if _device(cache_anchor) != _device(out_anchor):  # hard links cannot cross file systems: copies
@@ -207,12 +214,20 @@ def free_bytes(folder: Path) -> int:
     return int(override) if override else shutil.disk_usage(folder).free
 
 
-def check_disk(plan: DiskPlan) -> None:
-    """Refuse to start when the planned outputs do not fit on a file system, with the estimate and the free space."""
+def check_disk(plan: DiskPlan, max_disk: int | None = None) -> None:
+    """Refuse to start when the planned outputs do not fit on a file system, or exceed --max-disk, with the
+    estimate and the free space."""
+    breakdown = ", ".join(f"{item.what} {human_size(item.bytes)}" for item in plan.items)
+    peak = max(plan.needs.values())
+    if max_disk is not None and peak > max_disk:
+        raise InputError(
+            f"This export needs about {human_size(peak)} of disk at its peak ({breakdown}), more than "
+            f"--max-disk {human_size(max_disk)}. Raise --max-disk, ask for fewer profiles, or leave out "
+            "--keep-merged (the merged weights are then released once the 16-bit GGUF is written)."
+        )
     for folder, needed in plan.needs.items():
         free = free_bytes(folder)
         if needed > free:
-            breakdown = ", ".join(f"{item.what} {human_size(item.bytes)}" for item in plan.items)
             raise InputError(
                 f"Not enough free disk space in {folder}: this export needs about {human_size(needed)} ({breakdown}) "
                 f"but only {human_size(free)} is free. Free some space, choose another --out, or point the stage "
@@ -283,9 +298,11 @@ def preflight(
     report: Callable[[str], None],
     dtype: str | None = None,
     writes_merged: bool = True,
+    keeps_merged: bool = True,
 ) -> QualityOptions:
     """Every check of a command that writes GGUFs, before any work: the inputs, the disk plan (with the
-    merged model when the command writes one, in `dtype`), the memory budget; returns the quality
+    merged model when the command writes one, in `dtype`, kept or released once converted), the memory
+    budget; returns the quality
     options to use (the reference may move to bfloat16 to fit --max-memory)."""
     from exporter.engine.stage_cache import cache_root
 
@@ -293,12 +310,10 @@ def preflight(
     check_inputs(base_dir, adapters, vendored, trust, options.quality.eval_data, options.check)
     requested = DTYPE_ALIASES.get((dtype or "").lower())
     out = options.output.out
-    plan = plan_disk(base_dir, profiles, out, cache_root() if options.run.use_cache else out, requested)
-    if not writes_merged:
-        unwritten = sum(item.bytes for item in plan.items if item.what == "merged model")
-        items = tuple(item for item in plan.items if item.what != "merged model")
-        plan = replace(plan, items=items, needs={folder: n - unwritten for folder, n in plan.needs.items()})
-    check_disk(plan)
+    kept = "kept" if keeps_merged else "released"
+    cache = cache_root() if options.run.use_cache else out
+    plan = plan_disk(base_dir, profiles, out, cache, requested, kept if writes_merged else "none")
+    check_disk(plan, options.run.max_disk)
     f16 = next(item.bytes for item in plan.items if item.what == f"{plan.source} GGUF")
     quality = replace(options.quality, trust_remote_code=trust)
     merged = _merged_bytes(requested) if writes_merged else None

@@ -9,6 +9,9 @@ for files whose inode, size or modification time changed: exporter.core.hashing.
 cache into the output folder (copied across file systems), so a cached export costs no extra disk.
 
     <cache root>/stages/<kind>/<key>/{done.json, files…}
+
+An entry may give up files nothing reads again (`release`: a merged model's weights once its 16-bit GGUF
+exists, unless --keep-merged); it stays a valid entry for the files it keeps.
 """
 
 from __future__ import annotations
@@ -160,6 +163,39 @@ class StageCache:
         assert entry is not None
         self.hashes.save()
         return entry, False
+
+    def release(self, kind: str, key: str, names: list[str]) -> int:
+        """Delete files of a finished entry that nothing will read again (a merged model's weights once its
+        16-bit GGUF exists); the entry stays valid for the files it keeps, and its done.json lists the
+        released ones under "released" with their sha256. Returns the bytes freed (the cache's copy;
+        hard links elsewhere keep theirs until they go too)."""
+        folder = self.root / kind / key
+        lock = self.root / kind / f".{key[:16]}.lock"
+        freed = 0
+        with hold_lock(lock, f"the cached {kind} stage {key[:12]}", self.lock_policy):
+            done = folder / DONE
+            if not done.is_file():
+                return 0
+            meta = json.loads(done.read_text())
+            files, released = dict(meta.get("files", {})), dict(meta.get("released", {}))
+            for name in names:
+                if name not in files:
+                    continue
+                released[name] = files.pop(name)
+                path = folder / name
+                if path.is_file():
+                    freed += path.stat().st_size
+                    path.unlink()
+            partial = done.with_name(f".{DONE}.partial")
+            partial.write_text(json.dumps({**meta, "files": files, "released": released}, indent=2) + "\n")
+            partial.replace(done)
+        return freed
+
+    def evict(self, kind: str, key: str) -> None:
+        """Remove one entry (a merged model whose weights were released, wanted again)."""
+        lock = self.root / kind / f".{key[:16]}.lock"
+        with hold_lock(lock, f"the cached {kind} stage {key[:12]}", self.lock_policy):
+            shutil.rmtree(self.root / kind / key, ignore_errors=True)
 
     def entries(self) -> list[CacheEntry]:
         found: list[CacheEntry] = []

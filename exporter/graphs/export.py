@@ -97,7 +97,14 @@ class PreparedExport:
         """Every check before any work (see exporter.engine.preflight); the quality options it chose."""
         options = self.options
         return preflight(
-            options, self.base_dir, self.adapters, self.profiles, run.vendored, report, options.dtype
+            options,
+            self.base_dir,
+            self.adapters,
+            self.profiles,
+            run.vendored,
+            report,
+            options.dtype,
+            keeps_merged=options.keep_merged,
         )
 
 

@@ -2,6 +2,9 @@
 
 merge ──▶ convert ──▶ quantize:<P> … ──▶ templates ──▶ modelfiles ──▶ reference ──▶ quality:<P> … ──▶ report
   └──▶ chat ─────────────────────────────┘     └──▶ parity        (imatrix between convert and quantize)
+
+Unless --keep-merged, `release` gives up the merged weights between convert (and imatrix) and the
+quantizations: the 16-bit GGUF holds them, and nothing reads them again.
 """
 
 from __future__ import annotations
@@ -72,6 +75,9 @@ def wire_export(g: StageGraph, s: ExportStages, qlora: StageGraph | None) -> Exp
     if s.options.has_imatrix:
         imatrix = g.add("imatrix", lambda r: s.imatrix(r[merge], r[convert]), (merge, convert))
     source = (convert,) if imatrix is None else (convert, imatrix)
+    if not s.options.keep_merged:
+        release = g.add("release", lambda r: s.release_merged(r[merge]), (merge, *source), heavy=False)
+        source = (*source, release)
     quantized = {
         p.name: g.add(f"quantize:{p.name}", _quantize(s, p, convert, imatrix), source, shared=True)
         for p in s.layout.profiles

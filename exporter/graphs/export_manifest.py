@@ -60,7 +60,13 @@ def export_sections(s: ExportStages, records: ExportRecords) -> dict[str, Any]:
     """The manifest's own sections of a merged export, in the order written."""
     out, chat = s.layout.out, records.chat
     sections: dict[str, Any] = {
-        "merge": records.merged.to_json(MERGED_DIR),
+        "merge": {
+            **records.merged.to_json(MERGED_DIR),
+            "weights": "kept (--keep-merged)"
+            if s.options.keep_merged
+            else f"released once the {records.f16.artifact.profile} GGUF held them; {MERGED_DIR}/ keeps the config, "
+            "tokenizer and chat template (--keep-merged keeps the weights)",
+        },
         "precision": records.merged.precision(),
         "intermediates": [records.f16.artifact.to_json(out)],
         "artifacts": [a.to_json(out) for a in records.artifacts],
@@ -139,6 +145,7 @@ def manifest_options(s: ExportStages, records: ExportRecords) -> dict[str, Any]:
         "threads": options.run.threads,
         "profile_files": [str(p) for p in options.profiles.files],
         "cache": options.run.use_cache,
+        "keep_merged": options.keep_merged,
         "allow_pickle": options.inputs.allow_pickle,
         "trust_remote_code": options.inputs.trust_remote_code,
         "reference_dtype": s.quality.reference_dtype,

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from converters.stop_tokens import StopCheck
 from exporter.core.faults import kill_point
+from exporter.core.units import human_size
 from exporter.deploy.serve_config import ServeConfig
 from exporter.engine.run import Run
+from exporter.engine.stage_keys import convert_key
 from exporter.graphs.export import ExportLayout
 from exporter.inputs.options import ExportOptions, QualityOptions
 from exporter.inputs.records import BuiltGGUF, MergedModel, ModelInputs
+from exporter.inputs.safetensors_header import gguf_source_ftype
 from exporter.inputs.tokenizer_files import tokenizer_size
 from exporter.quality.imatrix import ImatrixStage
 from exporter.quality.reference import ArtifactQuality, Reference
@@ -20,7 +24,7 @@ from exporter.quality.tokenizer_parity import ParityReport, check_embedded_chat_
 from exporter.stages.chat import ChatRecord, chat_stage, parity_stage, report_template_choice
 from exporter.stages.gguf import convert_merged, quantize_from
 from exporter.stages.imatrix import computed_imatrix_stage, given_imatrix_stage
-from exporter.stages.merge import MERGED_DIR, check_float16_range, merge_stage
+from exporter.stages.merge import MERGED_DIR, check_float16_range, merge_stage, release_weights
 from exporter.stages.modelfiles import write_modelfiles, write_serve_configs
 from exporter.stages.qlora import QloraChoice
 from exporter.stages.quality import QualitySummary, judged, reference_stage, score_stage, write_quality_report
@@ -51,10 +55,33 @@ class ExportStages:
     def merge(self, choice: QloraChoice | None) -> MergedModel:
         inputs = choice.kept_inputs if choice else self.inputs
         merged = merge_stage(
-            self.run, inputs, self.options.dtype, self.layout.name, self.layout.out / MERGED_DIR
+            self.run,
+            inputs,
+            self.options.dtype,
+            self.layout.name,
+            self.layout.out / MERGED_DIR,
+            weights_needed=self._weights_needed,
         )
         check_float16_range(merged, self.layout.profiles, self.inputs.base_dir)
         return merged
+
+    def _weights_needed(self, merge_key: str, meta: dict[str, Any]) -> bool:
+        """Whether the merged weights are wanted: by --keep-merged, by the conversion when its GGUF is not
+        cached, by an importance matrix computed from --calibration."""
+        if self.options.keep_merged or self.options.calibration is not None:
+            return True
+        ftype = gguf_source_ftype(meta["dtype"])
+        key = convert_key(merge_key, self.run.vendored.commit, ftype.lower(), self.layout.name)
+        return self.run.cache.lookup("convert", key) is None
+
+    def release_merged(self, merged: MergedModel) -> None:
+        """The merged weights given up once the 16-bit GGUF holds them (unless --keep-merged)."""
+        freed = release_weights(self.run, merged)
+        if freed:
+            self.run.report(
+                f"released the merged weights ({human_size(freed)}): the {merged.result.gguf_ftype} GGUF holds "
+                "them (--keep-merged keeps them)"
+            )
 
     def chat(self, merged: MergedModel) -> ChatRecord:
         chat = chat_stage(self.run, merged.key, merged.path, self.options.output.ollama)

@@ -87,6 +87,7 @@ class RunOptions:
     rehash: bool = False  # verify cached stages and hash inputs by reading every byte
     lock: LockPolicy = field(default_factory=LockPolicy)
     max_memory: int | None = None  # bytes; None = no budget
+    max_disk: int | None = None  # bytes the run may add to a file system at its peak; None: the free space
     threads: int | None = None
     jobs: int = 1  # profiles quantized at once
 
@@ -192,6 +193,7 @@ class ExportOptions(ExportingOptions):
     calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS
     imatrix: Path | None = None  # an importance-matrix GGUF to use instead of computing one
     qlora: QloraOptions = field(default_factory=QloraOptions)
+    keep_merged: bool = False  # keep the merged weights once the 16-bit GGUF holds them
 
     def __post_init__(self) -> None:
         if self.calibration is not None and self.imatrix is not None:

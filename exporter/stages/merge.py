@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,17 @@ MERGED_DIR = "merged"
 
 
 def merge_stage(
-    run: Run, inputs: ModelInputs, dtype: str | None, what: str, target: Path | None, name: str = "merge"
+    run: Run,
+    inputs: ModelInputs,
+    dtype: str | None,
+    what: str,
+    target: Path | None,
+    name: str = "merge",
+    weights_needed: Callable[[str, dict[str, Any]], bool] | None = None,
 ) -> MergedModel:
     """The merged folder for these inputs, built once and linked at `target` (None: left in the cache,
-    as a candidate that may not be kept)."""
+    as a candidate that may not be kept). A cached merge whose weights were released (`release_weights`)
+    is merged again when `weights_needed(its key, its meta)` says a stage still to run reads them."""
     key = merge_key(inputs.content(), dtype, run.versions)
 
     def produce(staging: Path, meta: dict[str, Any]) -> None:
@@ -47,7 +55,13 @@ def merge_stage(
             coverage=built.coverage,
         )
 
-    entry = run.stage(name, "merge", key, produce, {MERGED_DIR: target} if target else {})
+    outputs = {MERGED_DIR: target} if target else {}
+    entry = run.stage(name, "merge", key, produce, outputs)
+    if entry.meta.get("released") and (weights_needed is None or weights_needed(key, entry.meta)):
+        run.report(f"{name}: the cached merge gave up its weights after conversion; merging again")
+        run.cache.evict("merge", key)
+        run.reused.discard(name)
+        entry = run.stage(name, "merge", key, produce, outputs)
     if name in run.reused:
         run.report(f"{name}: reusing the cached merged model")
     meta = entry.meta
@@ -88,3 +102,20 @@ def check_float16_range(merged: MergedModel, profiles: tuple[QuantProfile, ...],
             f"{', '.join(wanted)} would hold Inf where the model has large weights (the base {base_dir} is "
             f"{result.dtype}). Ask for BF16 instead, or a quantized profile (Q8_0, Q4_K_M, …), which keep the range."
         )
+
+
+def release_weights(run: Run, merged: MergedModel) -> int:
+    """Give up the merged model's weights once its 16-bit GGUF holds them (nothing reads them again): in
+    the cache and in the output's merged/, which keeps its config, tokenizer and chat template (read by
+    the chat, parity and reference stages). Returns the bytes freed."""
+    entry = run.cache.lookup("merge", merged.key, verify=False)
+    if entry is None:
+        return 0
+    weights = [
+        name
+        for name in entry.meta.get("files", {})
+        if name.startswith(f"{MERGED_DIR}/") and name.endswith((".safetensors", ".safetensors.index.json"))
+    ]
+    for name in weights:
+        (merged.path / name.removeprefix(f"{MERGED_DIR}/")).unlink(missing_ok=True)
+    return run.cache.release("merge", merged.key, weights)
