@@ -160,6 +160,24 @@ def existing_output(inputs: Inputs, tmp: Path) -> list[str]:
     return tiny_args(inputs)
 
 
+def zero_rank(inputs: Inputs, tmp: Path) -> list[str]:
+    adapter = shutil.copytree(inputs.adapter, tmp / "adapter")
+    edit_json(adapter / "adapter_config.json", r=0)
+    return tiny_args(inputs, adapter)
+
+
+def block_count_not_fitting(inputs: Inputs, tmp: Path) -> list[str]:
+    from peft.tuners.lora.config import BdLoraConfig
+
+    bd = BdLoraConfig(
+        target_modules_bd_a=["q_proj"], target_modules_bd_b=["o_proj"], nblocks=2, match_strict=False
+    )
+    adapter = make_adapter(inputs.base, tmp / "bd-adapter", fill_lora=True, use_bdlora=bd)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    edit_json(adapter / "adapter_config.json", use_bdlora={**config["use_bdlora"], "nblocks": 3})
+    return tiny_args(inputs, adapter)
+
+
 def small_disk_budget(inputs: Inputs, tmp: Path) -> list[str]:
     return [*tiny_args(inputs), "--keep-merged", "--max-disk", "100KB"]
 
@@ -316,6 +334,16 @@ CASES = [
             "leave out --keep-merged",
         ),
     ),
+    Case(
+        "adapter config with r = 0",
+        zero_rank,
+        ("adapter_config.json sets r = 0", "whole number of at least 1"),
+    ),
+    Case(
+        "BD-LoRA whose nblocks does not fit the saved factors",
+        block_count_not_fitting,
+        ("use_bdlora.nblocks = 3", "bd-adapter/adapter_config.json", "another nblocks or r"),
+    ),
     Case("NaN/Inf in merged weights", nan_weights, ("NaN or Inf", "adapter_model.safetensors")),
     Case("empty evaluation data", empty_eval_data, ("eval.txt", "fewer than 16 tokens", "more text")),
     Case(
@@ -455,3 +483,33 @@ def test_debug_shows_the_traceback(inputs: Inputs, tmp_path: Path):
     )
     assert proc.returncode == 2
     assert "Traceback" in proc.stderr and "InputError" in proc.stderr
+
+
+@pytest.mark.parametrize("command", ["merge-quantize", "runtime-lora", "merge"])
+@pytest.mark.parametrize("into", ["base", "adapter", "inside the adapter", "beside the evaluation data"])
+def test_outputs_never_go_into_an_input_folder(inputs: Inputs, tmp_path: Path, command: str, into: str):
+    base = copy_folder(inputs.base, tmp_path / "base")
+    adapter = shutil.copytree(inputs.adapter, tmp_path / "adapter")
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(REPO / "exporter" / "data" / "demo_eval.jsonl", data / "eval.jsonl")
+    out = {
+        "base": base,
+        "adapter": adapter,
+        "inside the adapter": adapter / "export",
+        "beside the evaluation data": data,
+    }[into]
+    args = ["--adapter", str(adapter), "--base", str(base), "--out", str(out)]
+    if command != "merge":
+        args += ["--eval-data", str(data / "eval.jsonl")]
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    proc = run([*args, "--force"], {}, command)
+    message = " ".join(proc.stderr.split())
+    if command == "merge" and into == "beside the evaluation data":  # merge reads no evaluation data
+        assert proc.returncode == 0, message
+        return
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "outputs never go" in message and str(out) in message, message
+    assert {
+        p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")
+    } == before  # nothing written, nothing replaced

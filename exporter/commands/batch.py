@@ -23,6 +23,7 @@ from pathlib import Path
 from exporter.core.atomic import write_text_atomic
 from exporter.core.errors import INTERNAL_ERROR_EXIT, ExportError, InputError
 from exporter.core.faults import KILL_ENV, kill_point
+from exporter.core.paths import refuse_output_in_inputs
 from exporter.engine.command import open_command
 from exporter.engine.graph import Budget, BudgetedExecutor, Event, Outcome
 from exporter.engine.memory import available_memory
@@ -121,12 +122,9 @@ def _own_out(out: Path, plan: Path) -> bool:
 
 def _refuse_output_in_inputs(out: Path, specs: list[JobSpec]) -> None:
     for spec in specs:
-        for folder in [spec.job.base, *(path for path, _ in spec.job.adapters)]:
-            if out == folder or folder in out.parents:
-                raise InputError(
-                    f"The plan's out {out} is inside the input folder {folder}; outputs never go into an input "
-                    "folder. Choose another out in the plan."
-                )
+        folders = [("base", spec.job.base), *(("adapter", path) for path, _ in spec.job.adapters)]
+        files = [("evaluation data", spec.job.eval_data)]
+        refuse_output_in_inputs(out, folders, files, flag="The plan's out")
 
 
 def _execute(

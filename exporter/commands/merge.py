@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from exporter.core.errors import InputError
 from exporter.core.locks import hold_lock, output_lock_path
+from exporter.core.paths import refuse_output_in_inputs
 from exporter.engine.memory import fit_merge
 from exporter.engine.preflight import check_writable
 from exporter.engine.run import Reporter, silent, utc_now
@@ -19,6 +20,7 @@ def merge_model(options: MergeOptions, report: Reporter = silent) -> MergeResult
     renames it into place, so --out is never half-written)."""
     adapters, base_dir = read_inputs(options.inputs)
     out = options.output.out
+    refuse_output_in_inputs(out, [("base", base_dir), *(("adapter", a.path) for a in adapters)])
     with hold_lock(output_lock_path(out), f"the output folder {out}", options.run.lock):
         if out.exists() and (not out.is_dir() or any(out.iterdir())) and not options.output.force:
             raise InputError(

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from converters.vendor import VendoredLlamaCpp, locate_vendored
 from exporter.core.errors import InputError
+from exporter.core.paths import refuse_output_in_inputs
 from exporter.deploy.serve_config import SERVE_SUFFIX
 from exporter.engine.preflight import preflight
 from exporter.engine.run import Reporter, Run, check_output
@@ -130,6 +131,14 @@ def prepare_export(options: ExportOptions) -> PreparedExport:
     if unloadable:
         raise InputError(unloadable)
     layout = ExportLayout(options.output.out, name, tuple(profiles), options.has_imatrix)
+    files = [
+        ("evaluation data", options.quality.eval_data),
+        ("calibration data", options.calibration),
+        ("importance matrix", options.imatrix),
+        *(("profile file", f) for f in options.profiles.files),
+    ]
+    folders = [("base", base_dir), *(("adapter", a.path) for a in adapters)]
+    refuse_output_in_inputs(layout.out, folders, files)  # before the output's lock is taken beside it
     four_bit = base_dir if options.qlora.dequantize_base else None
     return PreparedExport(
         options, vendored, registry, profiles, adapters, base_dir, layout, trained_on, four_bit

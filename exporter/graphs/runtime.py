@@ -7,6 +7,7 @@ from pathlib import Path
 
 from converters.vendor import VendoredLlamaCpp, locate_vendored
 from exporter.core.errors import InputError
+from exporter.core.paths import refuse_output_in_inputs
 from exporter.deploy.serve_config import SERVE_SUFFIX
 from exporter.engine.preflight import preflight
 from exporter.engine.run import Reporter, Run, check_output
@@ -74,7 +75,14 @@ class PreparedRuntime:
     source: str  # the base GGUF's type: F16, or BF16 for a bfloat16 base beyond float16's range
 
     def check_output(self) -> None:
-        check_output(self.layout.out, self.layout.planned, self.options.output.force, MANIFEST)
+        options = self.options
+        folders = [("base", self.base_dir), *(("adapter", a.path) for a in self.adapters)]
+        files = [
+            ("evaluation data", options.quality.eval_data),
+            *(("profile file", f) for f in options.profiles.files),
+        ]
+        refuse_output_in_inputs(self.layout.out, folders, files)
+        check_output(self.layout.out, self.layout.planned, options.output.force, MANIFEST)
 
     @property
     def finished_files(self) -> list[Path]:
@@ -135,6 +143,12 @@ def prepare_runtime(options: RuntimeLoraOptions) -> PreparedRuntime:
             f"The bfloat16 base {base_dir} holds values beyond float16's range (±65504), so an F16 base "
             "would hold Inf there. Ask for --profile BF16 instead, or a quantized profile."
         )
+    folders = [("base", base_dir), *(("adapter", a.path) for a in adapters)]
+    files = [
+        ("evaluation data", options.quality.eval_data),
+        *(("profile file", f) for f in options.profiles.files),
+    ]
+    refuse_output_in_inputs(layout.out, folders, files)  # before the output's lock is taken beside it
     return PreparedRuntime(
         options, vendored, registry, profiles, adapters, base_dir, layout, corrections, source
     )

@@ -66,6 +66,8 @@ def check_adapter_keys(config_file: Path, config: dict[str, Any], peft_type: str
     """
     if peft_type not in SECTIONS:
         return []
+    if peft_type == "LORA":
+        check_lora_values(config_file, config)
     table = key_table(peft_type)
     for key, value in config.items():
         rule = table.get(key)
@@ -89,3 +91,45 @@ def check_adapter_keys(config_file: Path, config: dict[str, Any], peft_type: str
                 f"compute that, and leaving it out would give a model other than the one you trained. {rule.fix}."
             )
     return sorted(k for k, v in config.items() if k in table and table[k].effect == "none" and is_set(v))
+
+
+def check_lora_values(config_file: Path, config: dict[str, Any]) -> None:
+    """The values the merge computes with: every rank a positive whole number, every alpha a number, and
+    BD-LoRA's block count a positive whole number (a zero rank would divide by zero in the scaling)."""
+
+    def refuse(key: str, value: Any, wanted: str) -> InputError:
+        return InputError(
+            f"{config_file} sets {key} = {value!r}, but {wanted}. The file is damaged or was edited by hand: "
+            "re-save the adapter with PEFT (save_pretrained), or correct the value to the one it was trained with."
+        )
+
+    def whole(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+    def number(value: Any) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool) and value == value
+
+    if "r" in config and not whole(config["r"]):
+        raise refuse("r", config["r"], "a LoRA's rank is a whole number of at least 1")
+    if "lora_alpha" in config and not number(config["lora_alpha"]):
+        raise refuse("lora_alpha", config["lora_alpha"], "lora_alpha is a number")
+    for key, ok, wanted in (
+        ("rank_pattern", whole, "ranks are whole numbers of at least 1"),
+        ("alpha_pattern", number, "alphas are numbers"),
+    ):
+        patterns = config.get(key) or {}
+        if not isinstance(patterns, dict):
+            raise refuse(key, patterns, f"{key} maps module names to values")
+        for module, value in patterns.items():
+            if not ok(value):
+                raise refuse(f"{key}[{module!r}]", value, wanted)
+    bdlora = config.get("use_bdlora")
+    if is_set(bdlora):
+        if not isinstance(bdlora, dict):
+            raise refuse(
+                "use_bdlora", bdlora, "use_bdlora is PEFT's BdLoraConfig (nblocks, target_modules_bd_a/_b)"
+            )
+        if "nblocks" in bdlora and not whole(bdlora["nblocks"]):
+            raise refuse(
+                "use_bdlora.nblocks", bdlora["nblocks"], "the block count is a whole number of at least 1"
+            )

@@ -1,8 +1,6 @@
-"""One adapter's updates, checked against the base's tensor names and shapes before anything is written.
-
+"""One adapter's updates, checked against the base's tensor names and shapes before anything is written:
 LoRA and its variants (DoRA, KaSA, BD-LoRA, trained LoRA biases, Conv1D and embedding layers), IA3, and
-the full tensors an adapter trains (modules_to_save, bias="all"/"lora_only").
-"""
+the full tensors an adapter trains (modules_to_save, bias="all"/"lora_only")."""
 
 from __future__ import annotations
 
@@ -16,6 +14,7 @@ from exporter.core.errors import InputError
 from exporter.inputs.adapter import ADAPTER_CONFIG, LoraAdapter
 from exporter.inputs.dialects import classify_full_key
 from exporter.inputs.safetensors_io import iter_tensors, read_header
+from exporter.merge import lora_layout
 from exporter.merge.coverage import missing_target_error
 from exporter.merge.experts import is_fused_module, layout_for, plan_fused_experts
 from exporter.merge.lora_layout import lora_scale, stored_transposed, unpack_block_diagonal
@@ -98,6 +97,7 @@ def plan_adapter(
 
 
 def _shape_error(adapter: LoraAdapter, what: str, target: str, base_shape: tuple[int, ...]) -> InputError:
+    what += lora_layout.block_diagonal_hint(adapter.config, adapter.path / ADAPTER_CONFIG)
     return InputError(
         f"{adapter.weights}: {what}, which does not fit the base tensor {target} {base_shape}: the adapter was "
         "trained for a different base (or its config's r / rank_pattern is wrong). Pass the matching --base."

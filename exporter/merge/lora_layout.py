@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -60,3 +61,15 @@ def unpack_block_diagonal(
     if blocks > 1 and tuple(lora_b.shape) == (out_dim, rank // blocks):
         lora_b = torch.block_diag(*torch.chunk(lora_b, blocks, dim=0))
     return lora_a, lora_b
+
+
+def block_diagonal_hint(config: dict[str, Any], config_file: Path) -> str:
+    """What a BD-LoRA's shape mismatch most likely means (empty for other adapters)."""
+    bdlora = config.get("use_bdlora")
+    if not bdlora:
+        return ""
+    blocks = bdlora.get("nblocks") or 1
+    return (
+        f" (BD-LoRA with use_bdlora.nblocks = {blocks} in {config_file}: a packed block-diagonal A is "
+        f"r × in/{blocks}, a packed B out × r/{blocks}, so the saved shapes were written with another nblocks or r)"
+    )
