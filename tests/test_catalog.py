@@ -331,7 +331,7 @@ CASES = [
             "at its peak",
             "merged model",
             "more than --max-disk 100.0 KiB",
-            "leave out --keep-merged",
+            "pass --no-check without --keep-merged",
         ),
     ),
     Case(

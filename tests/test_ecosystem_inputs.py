@@ -103,3 +103,38 @@ def test_an_internal_error_is_not_a_failed_gate(tmp_path: Path):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 4, proc.stdout + proc.stderr
     assert "internal error: RuntimeError: simulated bug" in " ".join(proc.stderr.split())
+
+
+def test_a_whole_matrix_rewrite_splits_into_rounding_and_runtime(demo_inputs: DemoInputs, tmp_path: Path):
+    """A KaSA adapter rewrites every targeted matrix (the base truncated by SVD): when the F16 GGUF fails its
+    gate, the merged folder itself is scored in PyTorch (the 16-bit floor) and the diagnosis names the share
+    of rounding and of conversion + runtime, instead of blaming the merge."""
+    from peft import KasaConfig
+
+    from exporter.quality.reference import DIFFERENT_MODEL, ROUNDING_SHARE
+
+    adapter = make_adapter(
+        demo_inputs.base, tmp_path / "adapter", r=8, lora_alpha=16, kasa_config=KasaConfig()
+    )
+    out = tmp_path / "out"
+    args = [a for a in export(adapter, demo_inputs.base, out, "Q8_0") if a != "--keep-merged"]
+    proc = run_cli(*args, "--gate", "F16:max_mean_kld=1e-8")  # the F16 fails: its floor is measured
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    rows = {row["label"]: row["metrics"] for row in report["artifacts"]}
+    total, floor = rows["F16"]["mean_kld"], rows["F16"]["rounding_floor"]["mean_kld"]
+    assert 0 < floor <= 1.5 * total, (
+        floor,
+        total,
+    )  # the GGUF is the rounded merge plus llama.cpp's arithmetic
+    assert "rounding_floor" not in rows["Q8_0"]  # measured for the unquantized file only
+    message = " ".join(proc.stderr.split())
+    assert f"is {floor:.3g} mean KLD from the unmerged model; the F16 GGUF is {total:.3g}" in message, message
+    assert "comes from the merge" not in message
+    if floor >= ROUNDING_SHARE * total:
+        assert "Most of it is the rounding" in message, message
+    else:
+        assert total - floor < DIFFERENT_MODEL  # the same model: arithmetic, not a misread setting
+        assert "sensitive to llama.cpp's own arithmetic" in message, message
+    assert "(the merged folder scored in PyTorch: the 16-bit floor)" in (out / "report.md").read_text()
+    assert not list((out / "merged").glob("*.safetensors"))  # released after the floor read them

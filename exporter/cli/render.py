@@ -89,8 +89,9 @@ def print_quality(summary: QualitySummary) -> None:
             by = "" if gate.value is None else f"{abs(gate.value - gate.limit):.4g}"
             failures.add_row(gate.profile, gate.gate, f"{gate.limit:g}", _fmt(gate.value, ".4g"), by)
         err_console.print(failures)
+        metrics = {item.label: item.metrics for item in summary.items}
         for label in dict.fromkeys(gate.profile for gate in failed):
-            diagnosis = gate_diagnosis(label)
+            diagnosis = gate_diagnosis(label, metrics.get(label))
             if diagnosis:
                 err_console.print(f"[bold red]{label}:[/] {diagnosis}", highlight=False)
 

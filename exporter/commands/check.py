@@ -169,7 +169,7 @@ def write_junit(target: Path, summary: QualitySummary, comparisons: list[Baselin
             if not gate.passed:
                 failures += 1
                 detail = item.metrics.get("error") or f"{gate.gate}: {gate.value} against limit {gate.limit}"
-                diagnosis = gate_diagnosis(item.label)
+                diagnosis = gate_diagnosis(item.label, item.metrics)
                 detail += f" {diagnosis}" if diagnosis else ""
                 ET.SubElement(case, "failure", message=detail[:500]).text = detail
     for comparison in comparisons:

@@ -222,8 +222,9 @@ def check_disk(plan: DiskPlan, max_disk: int | None = None) -> None:
     if max_disk is not None and peak > max_disk:
         raise InputError(
             f"This export needs about {human_size(peak)} of disk at its peak ({breakdown}), more than "
-            f"--max-disk {human_size(max_disk)}. Raise --max-disk, ask for fewer profiles, or leave out "
-            "--keep-merged (the merged weights are then released once the 16-bit GGUF is written)."
+            f"--max-disk {human_size(max_disk)}. Raise --max-disk, ask for fewer profiles, or pass --no-check "
+            "without --keep-merged (the merged weights are then released as soon as the 16-bit GGUF is written, "
+            "before quantizing)."
         )
     for folder, needed in plan.needs.items():
         free = free_bytes(folder)

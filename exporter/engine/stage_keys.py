@@ -140,6 +140,12 @@ def reference_key(inputs: dict[str, Any], eval_fingerprint: Any, top_k: int, dty
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+def floor_key(merge: str, reference: str, versions: dict[str, str]) -> str:
+    """The merged folder scored in PyTorch against the reference (the 16-bit floor)."""
+    payload = {"stage": "floor", "merge": merge, "reference": reference}
+    return stage_key({**payload, "versions": {p: versions[p] for p in ("torch", "transformers")}})
+
+
 def quality_key(
     artifact: str, reference: str, device: str, llama_cpp_python: str, lora: str | None = None
 ) -> str:

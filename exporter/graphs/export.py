@@ -105,7 +105,7 @@ class PreparedExport:
             run.vendored,
             report,
             options.dtype,
-            keeps_merged=options.keep_merged,
+            keeps_merged=options.keep_merged or options.check,  # the check may read them until the end
         )
 
 

@@ -3,8 +3,9 @@
 merge ──▶ convert ──▶ quantize:<P> … ──▶ templates ──▶ modelfiles ──▶ reference ──▶ quality:<P> … ──▶ report
   └──▶ chat ─────────────────────────────┘     └──▶ parity        (imatrix between convert and quantize)
 
-Unless --keep-merged, `release` gives up the merged weights between convert (and imatrix) and the
-quantizations: the 16-bit GGUF holds them, and nothing reads them again.
+Unless --keep-merged, `release` gives up the merged weights once nothing reads them: between convert (and
+imatrix) and the quantizations with --no-check; with the check, after quality:source (whose 16-bit floor
+reads them when the unquantized GGUF fails its gates).
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ def wire_export(g: StageGraph, s: ExportStages, qlora: StageGraph | None) -> Exp
     if s.options.has_imatrix:
         imatrix = g.add("imatrix", lambda r: s.imatrix(r[merge], r[convert]), (merge, convert))
     source = (convert,) if imatrix is None else (convert, imatrix)
-    if not s.options.keep_merged:
+    releases = not s.options.keep_merged
+    if releases and not s.options.check:  # nothing reads the merged weights after the conversion
         release = g.add("release", lambda r: s.release_merged(r[merge]), (merge, *source), heavy=False)
         source = (*source, release)
     quantized = {
@@ -104,11 +106,20 @@ def wire_export(g: StageGraph, s: ExportStages, qlora: StageGraph | None) -> Exp
             lambda r: s.reference(r[merge], r[convert], r.optional(choose)),
             (merge, convert, modelfiles, *chosen),
         )
-        scored = [g.add("quality:source", _score(s, None, reference, convert, None), (reference, convert))]
+        scored = [
+            g.add(
+                "quality:source",
+                _score(s, None, reference, convert, None, merge),
+                (reference, convert, merge),
+            )
+        ]
         scored += [
             g.add(f"quality:{p.name}", _score(s, p, reference, convert, node), (reference, convert, node))
             for p, node in zip(s.layout.profiles, builds, strict=True)
         ]
+        if releases:  # after the 16-bit floor, which reads them when the unquantized GGUF fails its gates
+            read = (merge, *source, scored[0])
+            g.add("release", lambda r: s.release_merged(r[merge]), read, heavy=False)
         report = g.add(
             "report",
             lambda r: s.report(r[reference], [r[q] for q in scored], r.optional(choose)),
@@ -130,8 +141,9 @@ def _score(
     reference: Stage[Reference],
     convert: Stage[BuiltGGUF],
     built: Stage[BuiltGGUF] | None,
+    merge: Stage[MergedModel] | None = None,
 ) -> Callable[[Results], ArtifactQuality | None]:
-    return lambda r: s.score(profile, r[reference], r[convert], r.optional(built))
+    return lambda r: s.score(profile, r[reference], r[convert], r.optional(built), r.optional(merge))
 
 
 class ExportGraph:

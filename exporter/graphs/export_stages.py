@@ -27,7 +27,14 @@ from exporter.stages.imatrix import computed_imatrix_stage, given_imatrix_stage
 from exporter.stages.merge import MERGED_DIR, check_float16_range, merge_stage, release_weights
 from exporter.stages.modelfiles import write_modelfiles, write_serve_configs
 from exporter.stages.qlora import QloraChoice
-from exporter.stages.quality import QualitySummary, judged, reference_stage, score_stage, write_quality_report
+from exporter.stages.quality import (
+    QualitySummary,
+    floor_stage,
+    judged,
+    reference_stage,
+    score_stage,
+    write_quality_report,
+)
 from exporter.stages.stops import stops_stage
 from quant_profiles import ProfileRegistry, QuantProfile
 
@@ -171,18 +178,30 @@ class ExportStages:
         return reference_stage(self.run, self.inputs, merged.path, self.quality, draft=draft)
 
     def score(
-        self, profile: QuantProfile | None, reference: Reference, f16: BuiltGGUF, built: BuiltGGUF | None
+        self,
+        profile: QuantProfile | None,
+        reference: Reference,
+        f16: BuiltGGUF,
+        built: BuiltGGUF | None,
+        merged: MergedModel | None = None,
     ) -> ArtifactQuality | None:
-        """The unquantized GGUF (`profile` None) or a profile's GGUF judged against the reference."""
+        """The unquantized GGUF (`profile` None) or a profile's GGUF judged against the reference. An
+        unquantized GGUF that fails its gates gets the 16-bit floor of `merged` (its "rounding_floor"), which
+        tells rounding from conversion in the diagnosis."""
         if profile is not None and profile.is_source(f16.artifact.profile):
             return None  # scored once, as the unquantized GGUF
         a = (f16 if built is None else built).artifact
         name = f"quality:{'source' if profile is None else profile.name}"
         metrics = score_stage(self.run, name, reference, a.path, a.sha256, self.quality)
         label_profile = self.registry.get(a.profile)
-        return judged(
+        quality = judged(
             a.profile, a.path, a.size_bytes, a.bits_per_weight, metrics, label_profile, self.quality
         )
+        if merged is not None and not quality.passed and "error" not in metrics:
+            quality.metrics["rounding_floor"] = floor_stage(
+                self.run, merged.key, merged.path, reference, self.quality
+            )
+        return quality
 
     def report(
         self, reference: Reference, scored: list[ArtifactQuality | None], choice: QloraChoice | None

@@ -75,14 +75,47 @@ class GateResult:
 UNQUANTIZED_LABELS = ("F16", "BF16")
 
 
-def gate_diagnosis(label: str) -> str | None:
-    """What a failed gate on this artifact points at: an unquantized GGUF is the merge and conversion alone."""
+# The 16-bit floor explains an unquantized GGUF's distance when it is at least this share of it; what the
+# conversion and runtime add beyond DIFFERENT_MODEL (mean KLD) is another model, not arithmetic.
+ROUNDING_SHARE = 0.5
+DIFFERENT_MODEL = 1e-2
+
+
+def gate_diagnosis(label: str, metrics: dict[str, Any] | None = None) -> str | None:
+    """What a failed gate on this artifact points at: an unquantized GGUF is the merge, the rounding to 16
+    bits and the conversion alone; its metrics' "rounding_floor" (quality/floor.py) tells them apart."""
     if label not in UNQUANTIZED_LABELS:
         return None
+    floor = (metrics or {}).get("rounding_floor")
+    if not isinstance(floor, dict) or "mean_kld" not in floor:
+        return (
+            f"The {label} GGUF is not quantized, so its distance from the unmerged model comes from the merge, "
+            "the rounding to 16 bits, the conversion or the way the base was read (a config field misread, such "
+            "as another transformers version's rope settings), not from quantization. Fix that first: every "
+            "quantized file inherits it."
+        )
+    total, rounding = (metrics or {}).get("mean_kld") or 0.0, floor["mean_kld"]
+    split = (
+        f"The merged model rounded to 16 bits as the {label} GGUF stores it (scored in PyTorch) is {rounding:.3g} "
+        f"mean KLD from the unmerged model; the {label} GGUF is {total:.3g}, so the conversion and llama.cpp's "
+        f"runtime add {max(total - rounding, 0.0):.3g}."
+    )
+    if total > 0 and rounding >= ROUNDING_SHARE * total:
+        return (
+            f"{split} Most of it is the rounding: the merge and the conversion are faithful, and this fine-tune's "
+            "merged weights do not survive 16-bit rounding (an adapter that rewrites whole matrices, or values near "
+            "the type's limits). Every quantized file starts from this floor."
+        )
+    if total - rounding >= DIFFERENT_MODEL:
+        return (
+            f"{split} That much is another model, not arithmetic: llama.cpp computes some setting of the config "
+            "differently from transformers (a field its graph does not implement, rope settings, a tokenizer read "
+            "differently). Fix that first: every quantized file inherits it."
+        )
     return (
-        f"The {label} GGUF is not quantized, so its distance from the unmerged model comes from the merge, "
-        "the conversion or the way the base was read (a config field misread, such as another transformers "
-        "version's rope settings), not from quantization. Fix that first: every quantized file inherits it."
+        f"{split} The merge and the rounding are faithful; this fine-tune is sensitive to llama.cpp's own "
+        "arithmetic (its kernels round activations and accumulate in other orders than PyTorch), which the "
+        "quantized files inherit. No export setting changes that; raise the F16 gate if the figure is acceptable."
     )
 
 
@@ -130,7 +163,7 @@ def _reference_model(
         if unstreamable(peft_model, weights) is None:
             stream_layers(peft_model, weights)
             return peft_model.eval(), weights
-    model = _whole_base(base_dir, dtypes[options.reference_dtype], options.trust_remote_code)
+    model = whole_base(base_dir, dtypes[options.reference_dtype], options.trust_remote_code)
     _as_trained_vocabulary(model, adapters, base_dir)
     if trained_on is not None:
         from exporter.qlora.round_trip import round_to_training_base
@@ -139,7 +172,7 @@ def _reference_model(
     return _with_adapters(model, adapters, streamed=False).to(options.device).eval(), None
 
 
-def _whole_base(base_dir: Path, dtype: Any, trust_remote_code: bool) -> Any:
+def whole_base(base_dir: Path, dtype: Any, trust_remote_code: bool) -> Any:
     """The whole base in memory, for what cannot be streamed."""
     from transformers import AutoModelForCausalLM
 

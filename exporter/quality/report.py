@@ -98,6 +98,26 @@ def _fmt(value: Any, spec: str) -> str:
     return format(value, spec)
 
 
+def _notes(rows: list[dict[str, Any]]) -> list[str]:
+    """What could not be evaluated, and how an unquantized file's distance splits (its 16-bit floor)."""
+    notes = []
+    for row in rows:
+        metrics = row["metrics"]
+        if metrics.get("error"):
+            notes.append(f"- {row['label']} could not be evaluated: {metrics['error']}")
+        floor = metrics.get("rounding_floor")
+        if isinstance(floor, dict) and "mean_kld" in floor:
+            total = metrics["mean_kld"]
+            notes.append(
+                f"- {row['label']}: of its mean KLD {total:.3g}, rounding the merged weights to 16 bits costs "
+                f"{floor['mean_kld']:.3g} (the merged folder scored in PyTorch: the 16-bit floor) and the "
+                f"conversion and llama.cpp's runtime {max(total - floor['mean_kld'], 0.0):.3g}."
+            )
+        elif isinstance(floor, dict):
+            notes.append(f"- {row['label']}: the 16-bit floor was not measured: {floor.get('skipped')}")
+    return notes
+
+
 def render_markdown(data: dict[str, Any], plot: str | None) -> str:
     reference = data["reference"]
     sources = data["sources"]
@@ -149,10 +169,7 @@ def render_markdown(data: dict[str, Any], plot: str | None) -> str:
             f"{kld} | {_fmt(m.get('top1'), '.2%')} | {lnppl} | {_fmt(m.get('greedy_match'), '.0%')} | "
             f"{_fmt(m.get('adapter_effect_kept'), '.1%')} | {gates} |"
         )
-    errors = [row for row in data["artifacts"] if row["metrics"].get("error")]
-    lines += [""]
-    for row in errors:
-        lines.append(f"- {row['label']} could not be evaluated: {row['metrics']['error']}")
+    lines += ["", *_notes(data["artifacts"])]
     if plot:
         lines += ["", f"![size against mean KL divergence]({plot})", ""]
     if "merge_base" in data:

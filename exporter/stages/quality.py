@@ -14,7 +14,7 @@ import numpy as np
 from converters.metrics import TOP_K
 from exporter.core.errors import StageError
 from exporter.engine.run import Run
-from exporter.engine.stage_keys import quality_key, reference_key
+from exporter.engine.stage_keys import floor_key, quality_key, reference_key
 from exporter.inputs.evaldata import EvalData, load_eval_data, token_budget
 from exporter.inputs.options import QualityOptions, RunOptions
 from exporter.inputs.records import ModelInputs
@@ -147,6 +147,32 @@ def score_stage(
         run.report(f"{name}: evaluation failed: {exc}")
         return {"error": str(exc)}
     metrics: dict[str, Any] = entry.meta["metrics"]
+    return metrics
+
+
+def floor_stage(
+    run: Run, merged_key: str, merged_dir: Path, reference: Reference, options: QualityOptions
+) -> dict[str, Any]:
+    """The 16-bit floor (exporter/quality/floor.py) of a merged folder, cached; {"skipped": why} where its
+    weights are gone (released by an earlier run, whose floor was not needed then)."""
+    from exporter.quality.floor import rounding_floor
+
+    key = floor_key(merged_key, reference.key, run.versions)
+    cached = run.cache.lookup("floor", key)
+    if cached is None and not list(merged_dir.glob("*.safetensors")):
+        return {
+            "skipped": f"{merged_dir} holds no weights (released by an earlier run); export with --keep-merged"
+        }
+
+    def produce(staging: Path, meta: dict[str, Any]) -> None:
+        run.report(
+            "scoring the merged model rounded to 16 bits against the unmerged reference (the 16-bit floor)"
+        )
+        meta.update(
+            metrics=rounding_floor(merged_dir, reference, options), what="16-bit floor of the merged model"
+        )
+
+    metrics: dict[str, Any] = run.stage("floor", "floor", key, produce).meta["metrics"]
     return metrics
 
 
