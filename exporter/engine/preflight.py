@@ -29,6 +29,7 @@ from exporter.inputs.safetensors_header import (
     base_shard_files,
     read_header,
 )
+from exporter.inputs.semantics import check_semantics
 from quant_profiles import QuantProfile
 
 if TYPE_CHECKING:
@@ -251,15 +252,18 @@ def check_inputs(
     trust_remote_code: bool,
     eval_data: Path | None,
     check: bool,
-) -> None:
-    """The checks every command makes of its inputs, in the order a user would fix them."""
+) -> list[str]:
+    """The checks every command makes of its inputs, in the order a user would fix them; the notes of
+    settings llama.cpp computes alike only up to a length (exporter.inputs.semantics)."""
     config = read_base_config(base_dir)
     check_custom_code(base_dir, config, trust_remote_code)
     check_architecture(base_dir, config, vendored)
+    notes = check_semantics(base_dir, config, vendored.commit)
     tokenizer_dir = tokenizer_source(adapters, base_dir)
     check_tokenizer(base_dir, tokenizer_dir)
     if check:
         check_eval_data(eval_data, tokenizer_dir)
+    return notes
 
 
 def fit_budget(
@@ -308,7 +312,8 @@ def preflight(
     from exporter.engine.stage_cache import cache_root
 
     trust = options.inputs.trust_remote_code
-    check_inputs(base_dir, adapters, vendored, trust, options.quality.eval_data, options.check)
+    for note in check_inputs(base_dir, adapters, vendored, trust, options.quality.eval_data, options.check):
+        report(f"note: {note}")
     requested = DTYPE_ALIASES.get((dtype or "").lower())
     out = options.output.out
     kept = "kept" if keeps_merged else "released"
