@@ -47,6 +47,13 @@ def read_adapter(path: Path, weight: float = 1.0, allow_pickle: bool = False) ->
             f"holds {ADAPTER_CONFIG} and {SAFETENSORS_WEIGHTS} (what PEFT's save_pretrained writes)."
         )
     config_file = path / ADAPTER_CONFIG
+    checkpoints = trainer_checkpoints(path)
+    if not config_file.is_file() and checkpoints:
+        raise InputError(
+            f"{path} holds no final adapter, only the trainer's checkpoints "
+            f"({', '.join(c.name for c in checkpoints)}). Pass the checkpoint to export, e.g. --adapter "
+            f"{checkpoints[-1]} (the latest), or save the final adapter there (trainer.save_model)."
+        )
     if not config_file.is_file():
         raise InputError(
             f"{config_file} is missing, so {path} is not a PEFT adapter folder. Point --adapter at the "
@@ -75,6 +82,17 @@ def read_adapter(path: Path, weight: float = 1.0, allow_pickle: bool = False) ->
     return LoraAdapter(
         path=path, config=config, weights=weights, weight=weight, training_only_keys=training_only
     )
+
+
+def trainer_checkpoints(path: Path) -> list[Path]:
+    """The checkpoint-<step> folders a Trainer (TRL, transformers) saved in `path` that hold an adapter,
+    by step. Their optimizer, scheduler and training_args.bin (pickles) are never read."""
+    found = [
+        folder
+        for folder in path.glob("checkpoint-*")
+        if folder.name.removeprefix("checkpoint-").isdigit() and (folder / ADAPTER_CONFIG).is_file()
+    ]
+    return sorted(found, key=lambda folder: int(folder.name.removeprefix("checkpoint-")))
 
 
 def parse_adapter_argument(value: str) -> tuple[Path, float]:
