@@ -190,8 +190,11 @@ def test_a_failed_f16_gate_blames_the_merge_or_conversion(demo_export: DemoExpor
     proc = run_check(demo_export, tmp_path, "--gate", "F16:max_mean_kld=1e-9")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     message = " ".join(proc.stderr.split())
-    assert "F16: The F16 GGUF is not quantized" in message and "the merge, the conversion" in message, message
+    assert "F16: The F16 GGUF is not quantized" in message, message
+    assert "comes from the merge, the rounding to 16 bits, the conversion" in message, message
     assert "Q8_0:" not in message
+    # `check` reads no merged weights (released by the export), so it does not split the distance.
+    assert "rounding_floor" not in json.dumps(json.loads(Path(tmp_path / "export" / "report.json").read_text()))
 
 
 def test_eval_tokens_auto_keeps_the_whole_set_up_to_1_5b_weights_and_scales_down_above():

@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import transformers
 
 from converters.vendor import locate_vendored
 from exporter.core.errors import InputError
@@ -42,6 +41,8 @@ READ_BY_CONVERTER = {
 
 
 def matrix_config(name: str) -> dict:
+    import transformers  # not at collection: huggingface_hub reads HF_HUB_CACHE when first imported
+
     architecture = next(a for a in ARCHITECTURES if a.name == name)
     config_class = getattr(transformers, architecture.config_class)
     return config_class(**{**COMMON, "vocab_size": 512, **architecture.config}).to_dict()
@@ -105,6 +106,8 @@ def test_every_row_names_a_converted_architecture_and_a_key_its_converter_ignore
 
 
 def test_a_setting_llama_cpp_does_not_compute_is_refused_by_name():
+    import transformers
+
     qwen3_moe = transformers.Qwen3MoeConfig(**COMMON).to_dict()  # transformers' default norm_topk_prob: false
     with pytest.raises(InputError) as refused:
         check_semantics(Path("base"), qwen3_moe, COMMIT)
