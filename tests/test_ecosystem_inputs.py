@@ -113,11 +113,10 @@ def test_a_whole_matrix_rewrite_splits_into_rounding_and_runtime(demo_inputs: De
 
     from exporter.quality.reference import DIFFERENT_MODEL, ROUNDING_SHARE
 
-    adapter = make_adapter(
-        demo_inputs.base, tmp_path / "adapter", r=8, lora_alpha=16, kasa_config=KasaConfig()
-    )
+    base = make_tiny_smollm(tmp_path / "base", demo_inputs.base)
+    adapter = make_adapter(base, tmp_path / "adapter", r=8, lora_alpha=16, kasa_config=KasaConfig())
     out = tmp_path / "out"
-    args = [a for a in export(adapter, demo_inputs.base, out, "Q8_0") if a != "--keep-merged"]
+    args = [a for a in export(adapter, base, out, "Q8_0") if a != "--keep-merged"]
     proc = run_cli(*args, "--gate", "F16:max_mean_kld=1e-8")  # the F16 fails: its floor is measured
     assert proc.returncode == 1, proc.stdout + proc.stderr
     report = json.loads((out / "report.json").read_text())

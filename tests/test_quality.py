@@ -194,7 +194,9 @@ def test_a_failed_f16_gate_blames_the_merge_or_conversion(demo_export: DemoExpor
     assert "comes from the merge, the rounding to 16 bits, the conversion" in message, message
     assert "Q8_0:" not in message
     # `check` reads no merged weights (released by the export), so it does not split the distance.
-    assert "rounding_floor" not in json.dumps(json.loads(Path(tmp_path / "export" / "report.json").read_text()))
+    assert "rounding_floor" not in json.dumps(
+        json.loads(Path(tmp_path / "export" / "report.json").read_text())
+    )
 
 
 def test_eval_tokens_auto_keeps_the_whole_set_up_to_1_5b_weights_and_scales_down_above():

@@ -52,14 +52,19 @@ def test_trl_output_folder_exports_as_the_trained_model(
 def test_a_checkpoint_is_an_adapter_and_a_folder_of_checkpoints_names_them(
     trl_run: Path, demo_inputs: DemoInputs, tmp_path: Path
 ):
-    out = tmp_path / "out"
+    out = tmp_path / "merged"
     proc = run_cli(
-        "merge-quantize", "--adapter", str(trl_run / "checkpoint-2"), "--base", str(demo_inputs.base),
-        "--profile", "Q8_0", "--out", str(out), "--no-check",
-    )  # fmt: skip
+        "merge",
+        "--adapter",
+        str(trl_run / "checkpoint-2"),
+        "--base",
+        str(demo_inputs.base),
+        "--out",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["inputs"]["adapters"][0]["path"] == str((trl_run / "checkpoint-2").resolve())
+    ledger = json.loads((out / "edge-export-merge.json").read_text())
+    assert str((trl_run / "checkpoint-2").resolve()) in json.dumps(ledger), ledger
 
     run = tmp_path / "run"  # a run stopped before trainer.save_model: checkpoints only
     run.mkdir()
