@@ -87,6 +87,10 @@ class StageCache:
         if not self.persistent:
             shutil.rmtree(self.root, ignore_errors=True)
 
+    def _lock_path(self, kind: str, key: str) -> Path:
+        """The lock a run holds while it builds, releases or evicts the entry."""
+        return self.root / kind / f".{key[:16]}.lock"
+
     def lookup(self, kind: str, key: str, verify: bool = True) -> CacheEntry | None:
         """A finished entry whose files still have the recorded hashes, or None."""
         folder = self.root / kind / key
@@ -149,7 +153,7 @@ class StageCache:
 
         The entry is locked meanwhile: a second run that needs it waits, then reuses what the first built.
         `label` is the stage's name in fault points (`<label>:built`, see `build`)."""
-        lock = self.root / kind / f".{key[:16]}.lock"
+        lock = self._lock_path(kind, key)
         with hold_lock(lock, f"the cached {kind} stage {key[:12]}", self.lock_policy):
             entry = self.lookup(kind, key)
             if entry is not None:
@@ -170,7 +174,7 @@ class StageCache:
         released ones under "released" with their sha256. Returns the bytes freed (the cache's copy;
         hard links elsewhere keep theirs until they go too)."""
         folder = self.root / kind / key
-        lock = self.root / kind / f".{key[:16]}.lock"
+        lock = self._lock_path(kind, key)
         freed = 0
         with hold_lock(lock, f"the cached {kind} stage {key[:12]}", self.lock_policy):
             done = folder / DONE
@@ -193,7 +197,7 @@ class StageCache:
 
     def evict(self, kind: str, key: str) -> None:
         """Remove one entry (a merged model whose weights were released, wanted again)."""
-        lock = self.root / kind / f".{key[:16]}.lock"
+        lock = self._lock_path(kind, key)
         with hold_lock(lock, f"the cached {kind} stage {key[:12]}", self.lock_policy):
             shutil.rmtree(self.root / kind / key, ignore_errors=True)
 

@@ -61,7 +61,8 @@ def job_options(plan: Plan, job: PlanJob, run: RunOptions, force: bool) -> Expor
     )
     if job.kind == "runtime":
         return RuntimeLoraOptions(inputs, output, profiles, run, quality, job.check)
-    # Exports of the same merge share its cache entry: its weights stay until every one has converted.
+    # Exports of the same merge share its cache entry: they keep its weights, so that none releases what
+    # another still converts from.
     merge = (job.adapters, job.base, job.dtype)
     shared = sum(1 for j in plan.jobs if j.kind != "runtime" and (j.adapters, j.base, j.dtype) == merge) > 1
     return ExportOptions(inputs, output, profiles, run, quality, job.check, job.dtype, keep_merged=shared)

@@ -12,7 +12,6 @@ from exporter.core.faults import kill_point
 from exporter.core.units import human_size
 from exporter.deploy.serve_config import ServeConfig
 from exporter.engine.run import Run
-from exporter.engine.stage_keys import convert_key
 from exporter.graphs.export import ExportLayout
 from exporter.inputs.options import ExportOptions, QualityOptions
 from exporter.inputs.records import BuiltGGUF, MergedModel, ModelInputs
@@ -22,7 +21,7 @@ from exporter.quality.imatrix import ImatrixStage
 from exporter.quality.reference import ArtifactQuality, Reference
 from exporter.quality.tokenizer_parity import ParityReport, check_embedded_chat_template
 from exporter.stages.chat import ChatRecord, chat_stage, parity_stage, report_template_choice
-from exporter.stages.gguf import convert_merged, quantize_from
+from exporter.stages.gguf import convert_merged, merged_convert_key, quantize_from
 from exporter.stages.imatrix import computed_imatrix_stage, given_imatrix_stage
 from exporter.stages.merge import MERGED_DIR, check_float16_range, merge_stage, release_weights
 from exporter.stages.modelfiles import write_modelfiles, write_serve_configs
@@ -77,8 +76,7 @@ class ExportStages:
         cached, by an importance matrix computed from --calibration."""
         if self.options.keep_merged or self.options.calibration is not None:
             return True
-        ftype = gguf_source_ftype(meta["dtype"])
-        key = convert_key(merge_key, self.run.vendored.commit, ftype.lower(), self.layout.name)
+        key = merged_convert_key(self.run, merge_key, gguf_source_ftype(meta["dtype"]), self.layout.name)
         return self.run.cache.lookup("convert", key) is None
 
     def release_merged(self, merged: MergedModel) -> None:

@@ -75,14 +75,7 @@ class PreparedRuntime:
     source: str  # the base GGUF's type: F16, or BF16 for a bfloat16 base beyond float16's range
 
     def check_output(self) -> None:
-        options = self.options
-        folders = [("base", self.base_dir), *(("adapter", a.path) for a in self.adapters)]
-        files = [
-            ("evaluation data", options.quality.eval_data),
-            *(("profile file", f) for f in options.profiles.files),
-        ]
-        refuse_output_in_inputs(self.layout.out, folders, files)
-        check_output(self.layout.out, self.layout.planned, options.output.force, MANIFEST)
+        check_output(self.layout.out, self.layout.planned, self.options.output.force, MANIFEST)
 
     @property
     def finished_files(self) -> list[Path]:

@@ -141,11 +141,16 @@ def publish_gguf(run: Run, entry: CacheEntry, target: Path, profile: QuantProfil
     return gguf_record(entry, target, profile)
 
 
+def merged_convert_key(run: Run, merge_key: str, ftype: str, model_name: str) -> str:
+    """The key of a merged folder's conversion to its 16-bit `ftype` (F16 or BF16)."""
+    return convert_key(merge_key, run.vendored.commit, ftype.lower(), model_name)
+
+
 def convert_merged(
     run: Run, name: str, merged: MergedModel, model_name: str, target: Path, profile: QuantProfile
 ) -> BuiltGGUF:
     """A merged folder's 16-bit GGUF (`profile`: its F16 or BF16, as the merge decided), linked at `target`."""
-    key = convert_key(merged.key, run.vendored.commit, profile.ftype.lower(), model_name)
+    key = merged_convert_key(run, merged.key, profile.ftype, model_name)
     built = convert_stage(run, name, key, merged.path, model_name, profile, target)
     assert isinstance(built, BuiltGGUF)
     return built

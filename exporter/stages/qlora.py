@@ -22,7 +22,7 @@ import numpy as np
 from exporter.core.errors import StageError
 from exporter.engine.graph import Results, Stage, StageGraph
 from exporter.engine.run import Run
-from exporter.engine.stage_keys import convert_key, dequantize_key, losses_key, quality_key, unpack_key
+from exporter.engine.stage_keys import dequantize_key, losses_key, quality_key, unpack_key
 from exporter.inputs.options import QualityOptions
 from exporter.inputs.records import BuiltGGUF, MergedModel, ModelInputs
 from exporter.inputs.trained_on import TrainedOn
@@ -31,7 +31,7 @@ from exporter.qlora.report import CANDIDATE_TITLES, merge_base_section
 from exporter.qlora.round_trip import write_dequantized_base
 from exporter.qlora.unpack import unpack_four_bit_base
 from exporter.quality.reference import Reference, evaluate_gguf
-from exporter.stages.gguf import convert_stage, gguf_record, quantize_stage
+from exporter.stages.gguf import convert_stage, gguf_record, merged_convert_key, quantize_stage
 from exporter.stages.merge import merge_stage
 from exporter.stages.quality import reference_stage, score_stage
 from quant_profiles import ProfileRegistry, QuantProfile
@@ -150,7 +150,7 @@ def candidate_graph(
     def convert(r: Results) -> BuiltGGUF:
         merged: MergedModel = r["merge"]
         profile = plan.registry.get(merged.result.gguf_ftype)
-        key = convert_key(merged.key, run.vendored.commit, profile.ftype.lower(), plan.name)
+        key = merged_convert_key(run, merged.key, profile.ftype, plan.name)
         entry = convert_stage(run, f"{label}:convert", key, merged.path, plan.name, profile, None)
         assert not isinstance(entry, BuiltGGUF)
         return gguf_record(entry, None, profile)
