@@ -35,16 +35,24 @@ def convert_hf_to_gguf(
     model_name: str,
     outtype: str = "f16",
     metadata: dict[str, str] | None = None,
+    pre_tokenizer_from: Path | None = None,
+    vocab_only: bool = False,
 ) -> str:
     """Write `target` (a GGUF of `outtype`) from `model_dir`; `target` appears only when complete.
 
-    `metadata` overrides general.* keys (the converter's --metadata), e.g. general.uuid. Returns the
+    `metadata` overrides general.* keys (the converter's --metadata), e.g. general.uuid.
+    `pre_tokenizer_from`: a base folder whose tokenizer `model_dir`'s only extends with added tokens
+    (converters.pretokenizer.grown_from): its hash names the pre-tokenizer where `model_dir`'s own is not
+    in llama.cpp's table. `vocab_only` writes the vocabulary and metadata without tensors. Returns the
     sha256 of `target`, computed while the converter writes it.
     """
     partial = target.with_name(f".{target.name}.partial")
     metadata_file = target.with_name(f".{target.name}.metadata.json")
+    launcher = [sys.executable]
+    if pre_tokenizer_from is not None:
+        launcher += ["-m", "converters.pretokenizer", str(pre_tokenizer_from)]
     command = [
-        sys.executable,
+        *launcher,
         str(vendored.convert_hf_script),
         str(model_dir),
         "--outtype",
@@ -54,6 +62,8 @@ def convert_hf_to_gguf(
         "--model-name",
         model_name,
     ]
+    if vocab_only:
+        command.append("--vocab-only")
     if metadata:
         metadata_file.write_text(json.dumps(metadata))
         command += ["--metadata", str(metadata_file)]

@@ -69,14 +69,16 @@ TINY_SMOLLM = {
 
 
 def make_tiny_smollm(
-    folder: Path, tokenizer_dir: Path, dtype: torch.dtype = torch.float16, seed: int = 0
+    folder: Path, tokenizer_dir: Path, dtype: torch.dtype = torch.float16, seed: int = 0, tie: bool = True
 ) -> Path:
     """SmolLM2's architecture, tokenizer and rope_theta at a tiny width: converts, quantizes and evaluates
     in seconds through the real pipeline. `tokenizer_dir` is the demo base (its tokenizer files)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    LlamaForCausalLM(LlamaConfig(**TINY_SMOLLM)).to(dtype).save_pretrained(folder, safe_serialization=True)
+    LlamaForCausalLM(LlamaConfig(**{**TINY_SMOLLM, "tie_word_embeddings": tie})).to(dtype).save_pretrained(
+        folder, safe_serialization=True
+    )
     return copy_tokenizer(tokenizer_dir, folder)
 
 

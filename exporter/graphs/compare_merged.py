@@ -75,7 +75,9 @@ class MergedComparison:
     def convert(self, name: str, merged: MergedModel) -> BuiltGGUF:
         ftype = merged.result.gguf_ftype
         target = self.folder / f"{name}-{ftype}.gguf"
-        return convert_merged(self.run, f"convert:{name}", merged, name, target, self.registry.get(ftype))
+        return convert_merged(
+            self.run, f"convert:{name}", merged, name, target, self.registry.get(ftype), self.inputs.base_dir
+        )
 
     def quantize(self, name: str, profile: QuantProfile, source: BuiltGGUF) -> BuiltGGUF:
         target = self.folder / f"{name}-{profile.name}.gguf"

@@ -99,7 +99,15 @@ class ExportStages:
             for stale in self.layout.other_sources(ftype):
                 stale.unlink(missing_ok=True)
         target = self.layout.gguf(ftype)
-        return convert_merged(self.run, "convert", merged, self.layout.name, target, self.registry.get(ftype))
+        return convert_merged(
+            self.run,
+            "convert",
+            merged,
+            self.layout.name,
+            target,
+            self.registry.get(ftype),
+            self.inputs.base_dir,
+        )
 
     def imatrix(self, merged: MergedModel, f16: BuiltGGUF) -> ImatrixStage:
         name, options = self.layout.name, self.options

@@ -27,7 +27,7 @@ from exporter.merge.updates import (
     Replacement,
     ScaleUpdate,
 )
-from exporter.merge.vocab import OUTPUT_NAME, pop_token_rows, resize_vocab, token_rows_update
+from exporter.merge.vocab import OUTPUT_NAME, VOCAB_TENSORS, pop_token_rows, resize_vocab, token_rows_update
 
 PEFT_PREFIX = "base_model.model."
 MERGEABLE_TYPES = ("LORA", "IA3")
@@ -209,7 +209,9 @@ def _plan_full_tensor(
     # With embedding layers among the targets PEFT also saves their base weights, which it loads
     # over the base's; they are the weights the LoRA was trained on top of.
     is_saved_base_layer = name.endswith(".weight") and module in layer_modules
-    if not (is_saved_module or is_trained_bias or is_saved_base_layer):
+    # A resized vocabulary: PEFT saves the embedding and output layers whole (save_embedding_layers "auto").
+    is_saved_vocab_layer = name in VOCAB_TENSORS and tuple(tensor.shape) != base_shapes.get(name)
+    if not (is_saved_module or is_trained_bias or is_saved_base_layer or is_saved_vocab_layer):
         raise InputError(
             f"{adapter.weights} holds tensor {name!r}, which is neither a LoRA matrix nor listed in "
             "modules_to_save; edge-export does not know how to merge it."

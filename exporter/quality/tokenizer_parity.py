@@ -15,7 +15,7 @@ from typing import Any
 from converters.gguf_header import GGUFHeader, read_gguf_header
 from converters.llama_runtime import detokenize_with_llama_cpp, tokenize_with_llama_cpp
 from exporter.core.errors import StageError
-from exporter.deploy.chat_template import VERIFY_CONVERSATIONS
+from exporter.deploy.chat_template import VERIFY_CONVERSATIONS, Message
 
 PARITY_TEXTS = [
     "Hello world",
@@ -26,10 +26,12 @@ PARITY_TEXTS = [
     "Unicode: café, naïve, 日本語, emoji 🎉",
     "code: def f(x):\n    return x ** 2  # square",
 ]
-# What the check covers; part of its cache key (2: every added token alone and inside text, both ways).
-PARITY_CHECKS = 2
-# Added tokens checked (the highest ids: tokens a fine-tune added come last); Gemma has thousands.
-MAX_ADDED_TOKENS = 2000
+# What the check covers; part of its cache key (3: every added token that text can hold, and the
+# highest-id special ones, alone and inside text, both ways).
+PARITY_CHECKS = 3
+# Special added tokens checked (the highest ids: tokens a fine-tune added come last); Gemma has thousands
+# of unused ones. Every added token that is not special is checked: plain text can hold it.
+MAX_SPECIAL_TOKENS = 2000
 
 
 @dataclass
@@ -93,10 +95,7 @@ def check_tokenizer_parity(model_dir: Path, gguf: Path) -> ParityReport:
     specials = [t for t in tokenizer.all_special_tokens if t]
     texts = [*PARITY_TEXTS, " ".join(specials) + " between special tokens"]
     if tokenizer.chat_template:
-        texts += [
-            str(tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True))
-            for m in VERIFY_CONVERSATIONS[:3]
-        ]
+        texts += [text for m in VERIFY_CONVERSATIONS[:3] if (text := _chat_text(tokenizer, m)) is not None]
     hf = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     ours = tokenize_with_llama_cpp(gguf, texts, add_special=False)
     report = ParityReport(texts=len(texts))
@@ -121,12 +120,23 @@ def check_tokenizer_parity(model_dir: Path, gguf: Path) -> ParityReport:
     return report
 
 
+def _chat_text(tokenizer: Any, messages: list[Message]) -> str | None:
+    """The template's rendering of `messages` (the assistant's turn opened), None where the template refuses
+    the conversation (Gemma's and Mistral's raise on a system message)."""
+    from jinja2.exceptions import TemplateError
+
+    try:
+        return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    except TemplateError:
+        return None
+
+
 def _added_token_parity(tokenizer: Any, gguf: Path) -> tuple[int, list[dict[str, Any]]]:
     """Each added token alone and inside text: llama.cpp must give it the tokenizer's id, and turn that id
     (and the text's ids) back into the same text."""
-    added = sorted(
-        ((i, t.content) for i, t in tokenizer.added_tokens_decoder.items() if t.content), reverse=True
-    )[:MAX_ADDED_TOKENS]
+    tokens = sorted(((i, t) for i, t in tokenizer.added_tokens_decoder.items() if t.content), reverse=True)
+    special = [(i, t.content) for i, t in tokens if t.special][:MAX_SPECIAL_TOKENS]
+    added = sorted([(i, t.content) for i, t in tokens if not t.special] + special, reverse=True)
     texts = [text for _, text in added] + [f"ahoy {text} there{text}." for _, text in added]
     hf = [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
     ours = tokenize_with_llama_cpp(gguf, texts, add_special=False)

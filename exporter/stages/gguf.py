@@ -10,6 +10,7 @@ from typing import Any
 
 from converters.gguf_header import GGUFHeader, read_gguf_header
 from converters.hf_to_gguf import convert_hf_to_gguf
+from converters.pretokenizer import grown_from
 from converters.quantize import quantize_gguf
 from exporter.core.errors import StageError
 from exporter.engine.run import Run
@@ -62,16 +63,30 @@ def convert_stage(
     profile: QuantProfile,
     target: Path | None,
     metadata: dict[str, str] | None = None,
+    base_dir: Path | None = None,
 ) -> BuiltGGUF | CacheEntry:
     """The 16-bit GGUF of `model_dir` (profile F16 or BF16); linked at `target` when one is given, else
-    the cache entry alone (a bare base, published per profile)."""
+    the cache entry alone (a bare base, published per profile). `base_dir`: the base a merged folder was
+    made from, whose tokenizer names the pre-tokenizer of one that only grew added tokens."""
     outtype = profile.ftype.lower()
 
     def produce(staging: Path, meta: dict[str, Any]) -> None:
         run.report(f"converting {model_dir} to GGUF with llama.cpp {run.vendored.commit[:9]}")
+        grown = None if base_dir is None else grown_from(model_dir, base_dir)
+        if grown:
+            run.report(
+                f"the tokenizer is {base_dir}'s with {grown} more added tokens: where llama.cpp's table does "
+                "not know its hash, the base tokenizer's names the pre-tokenizer (tokenizer parity checks it)"
+            )
         start = time.perf_counter()
         digest = convert_hf_to_gguf(
-            model_dir, staging / GGUF_FILE, run.vendored, model_name, outtype=outtype, metadata=metadata
+            model_dir,
+            staging / GGUF_FILE,
+            run.vendored,
+            model_name,
+            outtype=outtype,
+            metadata=metadata,
+            pre_tokenizer_from=base_dir if grown else None,
         )
         meta.update(
             seconds=round(time.perf_counter() - start, 3),
@@ -147,11 +162,18 @@ def merged_convert_key(run: Run, merge_key: str, ftype: str, model_name: str) ->
 
 
 def convert_merged(
-    run: Run, name: str, merged: MergedModel, model_name: str, target: Path, profile: QuantProfile
+    run: Run,
+    name: str,
+    merged: MergedModel,
+    model_name: str,
+    target: Path,
+    profile: QuantProfile,
+    base_dir: Path,
 ) -> BuiltGGUF:
-    """A merged folder's 16-bit GGUF (`profile`: its F16 or BF16, as the merge decided), linked at `target`."""
+    """A merged folder's 16-bit GGUF (`profile`: its F16 or BF16, as the merge decided), linked at `target`;
+    `base_dir` is the base it was merged from."""
     key = merged_convert_key(run, merged.key, profile.ftype, model_name)
-    built = convert_stage(run, name, key, merged.path, model_name, profile, target)
+    built = convert_stage(run, name, key, merged.path, model_name, profile, target, base_dir=base_dir)
     assert isinstance(built, BuiltGGUF)
     return built
 
