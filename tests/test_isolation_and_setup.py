@@ -121,7 +121,7 @@ def test_no_bare_export_command():
 def test_tests_use_their_own_caches():
     import os
 
-    from exporter.engine.stage_cache import cache_root
+    from exporter.core.paths import cache_root
 
     assert cache_root() == Path(os.environ["EDGE_EXPORT_CACHE_DIR"])
     assert "pytest" in str(cache_root())

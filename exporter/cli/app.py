@@ -286,7 +286,8 @@ def cache_ls_command() -> None:
     """List the cached stages with their size and age."""
     import time
 
-    from exporter.engine.stage_cache import StageCache, cache_root
+    from exporter.core.paths import cache_root
+    from exporter.engine.stage_cache import StageCache
 
     cache = StageCache(cache_root())
     entries = cache.entries()
@@ -311,7 +312,8 @@ def cache_prune_command(
     ] = None,
 ) -> None:
     """Remove cached stages (all, or those older than --older-than days) and leftovers of interrupted runs."""
-    from exporter.engine.stage_cache import StageCache, cache_root
+    from exporter.core.paths import cache_root
+    from exporter.engine.stage_cache import StageCache
 
     removed, freed = StageCache(cache_root()).prune(older_than)
     console.print(f"removed {removed} entries, freed {human_size(freed)}")

@@ -23,12 +23,11 @@ from pathlib import Path
 from exporter.core.atomic import write_text_atomic
 from exporter.core.errors import INTERNAL_ERROR_EXIT, ExportError, InputError
 from exporter.core.faults import KILL_ENV, kill_point
-from exporter.core.paths import refuse_output_in_inputs
+from exporter.core.paths import cache_root, refuse_output_in_inputs
 from exporter.engine.command import open_command
 from exporter.engine.graph import Budget, BudgetedExecutor, Event, Outcome
 from exporter.engine.memory import available_memory
 from exporter.engine.run import Reporter, Run, silent
-from exporter.engine.stage_cache import cache_root
 from exporter.graphs.batch import BatchGraph, JobSpec, absorb, job_options, prepare, remote_stage
 from exporter.graphs.export_manifest import ExportResult
 from exporter.graphs.runtime_manifest import RuntimeLoraResult

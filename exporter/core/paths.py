@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
 from exporter.core.errors import InputError
+
+
+def cache_root() -> Path:
+    """Where cached stages live: $EDGE_EXPORT_CACHE_DIR, else $XDG_CACHE_HOME/edge-export."""
+    override = os.environ.get("EDGE_EXPORT_CACHE_DIR")
+    if override:
+        return Path(override)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edge-export"
 
 
 def refuse_output_in_inputs(

@@ -23,6 +23,7 @@ from exporter.core.units import human_size
 from exporter.engine.memory import fit_check, fit_merge
 from exporter.inputs.adapter import LoraAdapter, tokenizer_source
 from exporter.inputs.base_config import read_base_config
+from exporter.inputs.mlx_adapter import rope_note
 from exporter.inputs.safetensors_header import (
     DTYPE_ALIASES,
     ELEMENT_SIZES,
@@ -259,6 +260,7 @@ def check_inputs(
     check_custom_code(base_dir, config, trust_remote_code)
     check_architecture(base_dir, config, vendored)
     notes = check_semantics(base_dir, config, vendored.commit)
+    notes += [n for a in adapters if a.origin and (n := rope_note(a.origin, config))]
     tokenizer_dir = tokenizer_source(adapters, base_dir)
     check_tokenizer(base_dir, tokenizer_dir)
     if check:
@@ -309,7 +311,7 @@ def preflight(
     merged model when the command writes one, in `dtype`, kept or released once converted), the memory
     budget; returns the quality
     options to use (the reference may move to bfloat16 to fit --max-memory)."""
-    from exporter.engine.stage_cache import cache_root
+    from exporter.core.paths import cache_root
 
     trust = options.inputs.trust_remote_code
     for note in check_inputs(base_dir, adapters, vendored, trust, options.quality.eval_data, options.check):

@@ -23,10 +23,11 @@ from converters.vendor import VendoredLlamaCpp, locate_vendored
 from exporter.core.errors import InputError
 from exporter.core.faults import kill_point
 from exporter.core.locks import hold_lock, output_lock_path
+from exporter.core.paths import cache_root
 from exporter.core.version import __version__
 from exporter.engine.graph import LocalExecutor, StageGraph
 from exporter.engine.preflight import check_writable
-from exporter.engine.stage_cache import CacheEntry, StageCache, cache_root, link_into
+from exporter.engine.stage_cache import CacheEntry, StageCache, link_into
 from exporter.inputs.options import RunOptions
 
 Reporter = Callable[[str], None]

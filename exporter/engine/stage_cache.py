@@ -36,14 +36,6 @@ DONE = "done.json"
 FORMAT = 1
 
 
-def cache_root() -> Path:
-    """Where cached stages live: $EDGE_EXPORT_CACHE_DIR, else $XDG_CACHE_HOME/edge-export."""
-    override = os.environ.get("EDGE_EXPORT_CACHE_DIR")
-    if override:
-        return Path(override)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edge-export"
-
-
 def stage_key(payload: dict[str, Any]) -> str:
     """The key of a stage: sha256 of its canonical JSON description."""
     return hashlib.sha256(json.dumps({"format": FORMAT, **payload}, sort_keys=True).encode()).hexdigest()

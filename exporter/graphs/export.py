@@ -126,8 +126,8 @@ def prepare_export(options: ExportOptions) -> PreparedExport:
     trained_on = resolve_trained_on(options.qlora, base_dir, [a.path for a in adapters])
     if trained_on is not None:
         check_qlora_options(options, trained_on)
-    name = sanitize_name(options.output.name or adapters[0].path.resolve().name)
-    unloadable = gguf_name_error(name, [a.path for a in adapters] + [base_dir])
+    name = sanitize_name(options.output.name or adapters[0].folder.resolve().name)
+    unloadable = gguf_name_error(name, [a.folder for a in adapters] + [base_dir])
     if unloadable:
         raise InputError(unloadable)
     layout = ExportLayout(options.output.out, name, tuple(profiles), options.has_imatrix)
@@ -137,7 +137,7 @@ def prepare_export(options: ExportOptions) -> PreparedExport:
         ("importance matrix", options.imatrix),
         *(("profile file", f) for f in options.profiles.files),
     ]
-    folders = [("base", base_dir), *(("adapter", a.path) for a in adapters)]
+    folders = [("base", base_dir), *(("adapter", a.folder) for a in adapters)]
     refuse_output_in_inputs(layout.out, folders, files)  # before the output's lock is taken beside it
     four_bit = base_dir if options.qlora.dequantize_base else None
     return PreparedExport(

@@ -107,7 +107,7 @@ def prepare_runtime(options: RuntimeLoraOptions) -> PreparedRuntime:
                 "--calibration FILE."
             )
     adapters, base_dir = read_inputs(options.inputs)
-    names = tuple(sanitize_name(a.path.resolve().name) for a in adapters)
+    names = tuple(sanitize_name(a.folder.resolve().name) for a in adapters)
     if len(set(names)) != len(names):
         raise InputError(
             f"Two --adapter folders have the same name ({', '.join(names)}); the adapter files are named after "
@@ -136,7 +136,7 @@ def prepare_runtime(options: RuntimeLoraOptions) -> PreparedRuntime:
             f"The bfloat16 base {base_dir} holds values beyond float16's range (±65504), so an F16 base "
             "would hold Inf there. Ask for --profile BF16 instead, or a quantized profile."
         )
-    folders = [("base", base_dir), *(("adapter", a.path) for a in adapters)]
+    folders = [("base", base_dir), *(("adapter", a.folder) for a in adapters)]
     files = [
         ("evaluation data", options.quality.eval_data),
         *(("profile file", f) for f in options.profiles.files),

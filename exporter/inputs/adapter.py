@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from exporter.core.errors import InputError
 from exporter.core.jsonfile import read_json_object
+from exporter.core.paths import cache_root
 from exporter.inputs.adapter_keys import check_adapter_keys
+from exporter.inputs.mlx_adapter import is_mlx_adapter, translate
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,12 @@ class LoraAdapter:
     weights: Path
     weight: float = 1.0  # how much of this adapter's delta to add (W + weight * ΔW)
     training_only_keys: tuple[str, ...] = field(default=())  # set, but without effect on the weights
+    origin: Path | None = None  # the folder the user named, when `path` is its PEFT translation (mlx-lm)
+
+    @property
+    def folder(self) -> Path:
+        """The adapter folder as the user named it (names, manifests, output checks)."""
+        return self.origin or self.path
 
     @property
     def peft_type(self) -> str:
@@ -46,6 +54,9 @@ def read_adapter(path: Path, weight: float = 1.0, allow_pickle: bool = False) ->
             f"The adapter folder {path} does not exist or is not a folder. Pass the folder that "
             f"holds {ADAPTER_CONFIG} and {SAFETENSORS_WEIGHTS} (what PEFT's save_pretrained writes)."
         )
+    if is_mlx_adapter(path):
+        translated = read_adapter(translate(path, cache_root()), weight)
+        return replace(translated, origin=path)
     config_file = path / ADAPTER_CONFIG
     checkpoints = trainer_checkpoints(path)
     if not config_file.is_file() and checkpoints:

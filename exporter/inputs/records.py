@@ -70,7 +70,7 @@ class ModelInputs:
 
     def adapter_records(self) -> list[dict[str, Any]]:
         return [
-            {"path": str(a.path.resolve()), "weight": a.weight, "peft_type": a.peft_type, "files": files}
+            {"path": str(a.folder.resolve()), "weight": a.weight, "peft_type": a.peft_type, "files": files}
             for a, files in zip(self.adapters, self.adapter_files, strict=True)
         ]
 

@@ -229,7 +229,7 @@ def write_quality_report(
     sources = {
         "tools": run.versions,
         "base": str(inputs.base_dir.resolve()),
-        "adapters": [{"path": str(a.path.resolve()), "weight": a.weight} for a in inputs.adapters],
+        "adapters": [{"path": str(a.folder.resolve()), "weight": a.weight} for a in inputs.adapters],
     }
     data = report_data(name, run.out, reference, options, items, floor, sources)
     data.update(extra or {})
