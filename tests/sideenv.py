@@ -133,3 +133,58 @@ def side_env(transformers: str, peft: str) -> SideEnv:
     own = transformers == version("transformers") and peft == version("peft")
     path = () if own else (peft_folder(peft),)
     return SideEnv(transformers, peft, transformers_python(transformers), path)
+
+
+# Trainers whose pins clash with ours (LLaMA-Factory 0.9.5: transformers<=5.6.0, peft<=0.18.1) or that need
+# packages ours do not (torchtune 0.6.1 imports torchao, and torchao 0.16+ lacks what it imports).
+# LLaMA-Factory's torchvision and torchaudio from PyPI are CUDA builds that cannot load beside the CPU torch:
+# they are removed, and a stand-in torchaudio (only its audio inputs use it; its data module imports it
+# unconditionally) goes on the path.
+TRAINER_ENVS = {
+    "torchtune": [[TORCH, "torchtune==0.6.1", "torchao==0.15.0"]],
+    "llamafactory": [
+        [TORCH, "torchvision==0.28.0", "llamafactory==0.9.5"],
+        ["-m", "pip", "uninstall", "--quiet", "-y", "torchvision", "torchaudio"],
+    ],
+}
+TORCHAUDIO_STANDIN = (
+    "import pathlib, sys; p = pathlib.Path(sys.argv[1]) / 'standins' / 'torchaudio'; "
+    "p.mkdir(parents=True); (p / '__init__.py').write_text("
+    '\'__version__ = "0.0"\\n\\ndef load(*args, **kwargs):\\n'
+    '    raise RuntimeError("torchaudio is not installed in this environment")\\n\')'
+)
+
+
+@dataclass(frozen=True)
+class TrainerEnv:
+    """A trainer's own venv: its interpreter, its scripts and what goes first on its path."""
+
+    root: Path
+
+    @property
+    def python(self) -> Path:
+        return self.root / "bin" / "python"
+
+    def env(self) -> dict[str, str]:
+        standins = self.root / "standins"
+        environment = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+        environment.pop("PYTHONPATH", None)
+        if standins.is_dir():
+            environment["PYTHONPATH"] = str(standins)
+        return environment
+
+
+def trainer_env(name: str) -> TrainerEnv:
+    steps = TRAINER_ENVS[name]
+    target = cache_dir() / "envs" / f"{name}-{_key([steps, TORCHAUDIO_STANDIN])}"
+    venv_python = "{dir}/bin/python"
+    commands = [[sys.executable, "-m", "venv", "{dir}"]]
+    for step in steps:
+        commands.append(
+            [venv_python, *step]
+            if step[0] == "-m"
+            else [venv_python, "-m", "pip", "install", "--quiet", *step]
+        )
+    if name == "llamafactory":
+        commands.append([venv_python, "-c", TORCHAUDIO_STANDIN, "{dir}"])
+    return TrainerEnv(_build(target, commands))

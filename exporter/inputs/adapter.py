@@ -80,6 +80,15 @@ def read_adapter(path: Path, weight: float = 1.0, allow_pickle: bool = False) ->
                 "loaded. Convert it to adapter_model.safetensors (PeftModel.save_pretrained with "
                 "safe_serialization=True), or pass --allow-pickle to load it with torch.load(weights_only=True)."
             )
+        native = sorted(p.name for p in path.glob("adapter*.pt"))
+        if native and not pickled.is_file():
+            raise InputError(
+                f"{path} holds its adapter only as {native[0]}, torchtune's own checkpoint format (a pickle, "
+                "with torchtune's module names and q/k layout). Convert it to PEFT's format with torchtune "
+                "(torchtune.models.convert_weights.tune_to_peft_adapter_weights and tune_to_peft_adapter_config, "
+                "saved with safetensors), or train with checkpointer FullModelHFCheckpointer, which writes "
+                "adapter_model.safetensors and adapter_config.json beside it."
+            )
         if not pickled.is_file():
             raise InputError(
                 f"{path} has no adapter weights: neither {SAFETENSORS_WEIGHTS} nor {PICKLE_WEIGHTS} exists. "
@@ -149,6 +158,12 @@ def resolve_base(reference: str | None, adapter: LoraAdapter) -> Path:
 
 
 def _check_base_dir(path: Path) -> Path:
+    if (path / ADAPTER_CONFIG).is_file():
+        raise InputError(
+            f"{path} holds {ADAPTER_CONFIG} beside a model, so it is not a plain base: transformers would load "
+            "that adapter onto the model it reads there (torchtune's epoch folders hold the model it merged and "
+            "the adapter). Pass the base the adapter was trained on as --base, and the folder as --adapter."
+        )
     if not (path / "config.json").is_file():
         raise InputError(
             f"{path / 'config.json'} is missing, so {path} is not a Hugging Face model folder. Pass --base "

@@ -14,9 +14,9 @@ from exporter.core.errors import InputError
 from exporter.inputs.adapter import ADAPTER_CONFIG, LoraAdapter
 from exporter.inputs.dialects import classify_full_key
 from exporter.inputs.safetensors_io import iter_tensors, read_header
-from exporter.merge import lora_layout
-from exporter.merge.coverage import missing_target_error
+from exporter.merge.coverage import require_target, shape_error
 from exporter.merge.experts import is_fused_module, layout_for, plan_fused_experts
+from exporter.merge.ia3 import plan_ia3
 from exporter.merge.lora_layout import lora_scale, stored_transposed, unpack_block_diagonal
 from exporter.merge.updates import (
     AdapterCoverage,
@@ -25,7 +25,6 @@ from exporter.merge.updates import (
     LoraUpdate,
     MergePlan,
     Replacement,
-    ScaleUpdate,
 )
 from exporter.merge.vocab import OUTPUT_NAME, VOCAB_TENSORS, pop_token_rows, resize_vocab, token_rows_update
 
@@ -91,25 +90,9 @@ def plan_adapter(
     names = {key.removeprefix(PEFT_PREFIX): tensor for key, tensor in tensors.items()}
     plan.coverage.append(AdapterCoverage(str(adapter.weights), len(names)))
     if adapter.peft_type == "IA3":
-        _plan_ia3(adapter, names, base_shapes, plan)
+        plan_ia3(adapter, names, base_shapes, plan)
     else:
         _plan_lora(adapter, names, base_shapes, plan, conv1d)
-
-
-def _shape_error(adapter: LoraAdapter, what: str, target: str, base_shape: tuple[int, ...]) -> InputError:
-    what += lora_layout.block_diagonal_hint(adapter.config, adapter.path / ADAPTER_CONFIG)
-    return InputError(
-        f"{adapter.weights}: {what}, which does not fit the base tensor {target} {base_shape}: the adapter was "
-        "trained for a different base (or its config's r / rank_pattern is wrong). Pass the matching --base."
-    )
-
-
-def _require_target(
-    adapter: LoraAdapter, target: str, base_shapes: dict[str, tuple[int, ...]], plan: MergePlan
-) -> tuple[int, ...]:
-    if target not in base_shapes:
-        raise missing_target_error(adapter, target, base_shapes, plan.model_type)
-    return base_shapes[target]
 
 
 _LORA_PART = re.compile(
@@ -137,7 +120,7 @@ def _plan_lora(
         ledger.place(name, [name], 1)
     for module, rows in sorted(token_rows.items()):
         target = f"{module}.weight"
-        shape = _require_target(adapter, target, base_shapes, plan)
+        shape = require_target(adapter, target, base_shapes, plan)
         plan.add(target, token_rows_update(adapter, module, rows, shape))
         ledger.place(module, [target], 1)
     layout = layout_for({"model_type": plan.model_type})
@@ -221,11 +204,11 @@ def _plan_full_tensor(
             f"{adapter.path} replaces {name} outright (modules_to_save or a trained bias), so it cannot be given "
             f"a weight ({adapter.weight}). Merge it with weight 1."
         )
-    shape = _require_target(adapter, name, base_shapes, plan)
+    shape = require_target(adapter, name, base_shapes, plan)
     if tuple(tensor.shape) != shape and not resize_vocab(
         adapter, name, tuple(tensor.shape), base_shapes, plan
     ):
-        raise _shape_error(adapter, f"{name} is {tuple(tensor.shape)}", name, shape)
+        raise shape_error(adapter, f"{name} is {tuple(tensor.shape)}", name, shape)
     plan.add(name, Replacement(tensor, base_layer=is_saved_base_layer and not is_saved_module))
 
 
@@ -263,9 +246,7 @@ def _plan_lora_module(
     if kasa:
         plan.add(lora.target, _kasa_update(adapter, lora, parts.get("lora_diag")))
         return [lora.target]
-    magnitude = None
-    if adapter.config.get("use_dora"):
-        magnitude = _dora_magnitude(adapter, lora, parts.get("lora_magnitude_vector"))
+    magnitude = _dora_magnitude(adapter, lora, parts.get("lora_magnitude_vector"))
     scale = adapter.weight * lora.scale
     plan.add(
         lora.target,
@@ -299,7 +280,7 @@ def _module_lora(
             f"{adapter.weights}: module {module} lacks {a_key} or {b_key}; the adapter is incomplete."
         )
     target = f"{module}.weight"
-    shape = _require_target(adapter, target, base_shapes, plan)
+    shape = require_target(adapter, target, base_shapes, plan)
     rank, scale = lora_scale(adapter.config, module)
     lora_a, lora_b = parts[a_key], parts[b_key]
     if adapter.config.get("use_bdlora") and not embedding:
@@ -317,7 +298,7 @@ def _module_lora(
             if (embedding or target == OUTPUT_NAME) and vocab != shape[0]
             else ""
         )
-        raise _shape_error(
+        raise shape_error(
             adapter,
             f"{module} has {a_key} {tuple(lora_a.shape)} and {b_key} {tuple(lora_b.shape)} at rank {rank}{hint}",
             target,
@@ -339,12 +320,22 @@ def _kasa_update(adapter: LoraAdapter, lora: _ModuleLora, diag: torch.Tensor | N
             )
         )
     if rank >= min(shape):
-        raise _shape_error(adapter, f"KaSA module {lora.module} has rank {rank}", lora.target, shape)
+        raise shape_error(adapter, f"KaSA module {lora.module} has rank {rank}", lora.target, shape)
     return KasaUpdate(lora.lora_a, lora.lora_b, diag, adapter.weight * lora.scale, rank)
 
 
-def _dora_magnitude(adapter: LoraAdapter, lora: _ModuleLora, magnitude: torch.Tensor | None) -> torch.Tensor:
-    """The module's DoRA magnitude vector, one value per output row of the weight."""
+def _dora_magnitude(
+    adapter: LoraAdapter, lora: _ModuleLora, magnitude: torch.Tensor | None
+) -> torch.Tensor | None:
+    """The module's DoRA magnitude vector, one value per output row of the weight (None: not DoRA)."""
+    if not adapter.config.get("use_dora"):
+        if magnitude is not None:
+            raise InputError(
+                f"{adapter.weights}: {lora.module} has DoRA's lora_magnitude_vector, but {ADAPTER_CONFIG} does "
+                "not set use_dora (torchtune 0.6 saves DoRA adapters so): PEFT would drop the magnitudes and run "
+                'another model. If the adapter was trained with DoRA, set "use_dora": true in the config.'
+            )
+        return None
     if magnitude is None or lora.embedding:
         raise InputError(
             f"{adapter.weights}: DoRA module {lora.module} "
@@ -361,40 +352,10 @@ def _dora_magnitude(adapter: LoraAdapter, lora: _ModuleLora, magnitude: torch.Te
         )
     out_rows = lora.shape[1] if lora.fan_in_fan_out else lora.shape[0]
     if tuple(magnitude.shape) != (out_rows,):
-        raise _shape_error(
+        raise shape_error(
             adapter,
             f"{lora.module} has a magnitude vector of {tuple(magnitude.shape)}",
             lora.target,
             lora.shape,
         )
     return magnitude
-
-
-def _plan_ia3(
-    adapter: LoraAdapter,
-    names: dict[str, torch.Tensor],
-    base_shapes: dict[str, tuple[int, ...]],
-    plan: MergePlan,
-) -> None:
-    fan_in_fan_out = bool(adapter.config.get("fan_in_fan_out"))
-    if adapter.weight != 1.0:
-        raise InputError(
-            f"{adapter.path} is an IA3 adapter, which rescales weights; it cannot be given a weight."
-        )
-    for name, vector in sorted(names.items()):
-        match = re.match(r"^(.*)\.ia3_l(?:\.default)?$", name)
-        if not match:
-            raise InputError(f"{adapter.weights} holds tensor {name!r}, which is not an IA3 vector.")
-        module = match.group(1)
-        target = f"{module}.weight"
-        shape = _require_target(adapter, target, base_shapes, plan)
-        oriented = vector.T if fan_in_fan_out else vector
-        if vector.dim() != 2 or any(v not in (1, s) for v, s in zip(oriented.shape, shape, strict=True)):
-            raise _shape_error(adapter, f"{module} has an IA3 vector of {tuple(vector.shape)}", target, shape)
-        plan.add(target, ScaleUpdate(oriented))
-        targets = [target]
-        feedforward = vector.shape[0] == 1 and vector.shape[1] != 1
-        if not feedforward and f"{module}.bias" in base_shapes:
-            plan.add(f"{module}.bias", ScaleUpdate(vector.reshape(-1)))
-            targets.append(f"{module}.bias")
-        plan.coverage[-1].place(name, targets, 1)

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from exporter.core.errors import InputError
-from exporter.inputs.adapter import LoraAdapter
+from exporter.inputs.adapter import ADAPTER_CONFIG, LoraAdapter
+from exporter.merge import lora_layout
 from exporter.merge.experts import describe_layouts, is_fused_module, unwrapped
 from exporter.merge.updates import (
     AdapterCoverage,
@@ -24,6 +25,7 @@ from exporter.merge.updates import (
     ExpertsLoraUpdate,
     KasaUpdate,
     LoraUpdate,
+    MergePlan,
     Replacement,
     ScaleUpdate,
     TokenRows,
@@ -159,3 +161,19 @@ class CoverageCheck:
             "zero_updates": sorted(self.unchanged),
             "adapters": [adapter.to_json() for adapter in self.coverage],
         }
+
+
+def shape_error(adapter: LoraAdapter, what: str, target: str, base_shape: tuple[int, ...]) -> InputError:
+    what += lora_layout.block_diagonal_hint(adapter.config, adapter.path / ADAPTER_CONFIG)
+    return InputError(
+        f"{adapter.weights}: {what}, which does not fit the base tensor {target} {base_shape}: the adapter was "
+        "trained for a different base (or its config's r / rank_pattern is wrong). Pass the matching --base."
+    )
+
+
+def require_target(
+    adapter: LoraAdapter, target: str, base_shapes: dict[str, tuple[int, ...]], plan: MergePlan
+) -> tuple[int, ...]:
+    if target not in base_shapes:
+        raise missing_target_error(adapter, target, base_shapes, plan.model_type)
+    return base_shapes[target]
