@@ -275,7 +275,56 @@ def phi_3_name(inputs: Inputs, tmp: Path) -> list[str]:
     return [*tiny_args(inputs), "--name", "phi3-pirate"]
 
 
+def torchtune_native_adapter(inputs: Inputs, tmp: Path) -> list[str]:
+    adapter = shutil.copytree(inputs.adapter, tmp / "epoch_0")
+    # torchtune's own adapter checkpoint (a torch.save pickle), which is never opened
+    (adapter / "adapter_model.safetensors").rename(adapter / "adapter_model.pt")
+    return tiny_args(inputs, adapter)
+
+
+def base_holding_an_adapter(inputs: Inputs, tmp: Path) -> list[str]:
+    base = shutil.copytree(inputs.base, tmp / "epoch_0")  # torchtune: merged model and adapter side by side
+    shutil.copyfile(inputs.adapter / "adapter_config.json", base / "adapter_config.json")
+    return tiny_args(inputs, base=base)
+
+
+def mlx_full_fine_tune(inputs: Inputs, tmp: Path) -> list[str]:
+    from safetensors.torch import save_file
+
+    adapter = tmp / "mlx-adapters"
+    adapter.mkdir()
+    save_file({"model.layers.1.mlp.down_proj.weight": torch.zeros(64, 128)}, adapter / "adapters.safetensors")
+    (adapter / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "full", "num_layers": 1}))
+    return tiny_args(inputs, adapter)
+
+
+def dora_magnitudes_without_use_dora(inputs: Inputs, tmp: Path) -> list[str]:
+    adapter = make_adapter(inputs.base, tmp / "dora-adapter", fill_lora=True, use_dora=True)
+    edit_json(adapter / "adapter_config.json", use_dora=False)
+    return tiny_args(inputs, adapter)
+
+
 CASES = [
+    Case(
+        "torchtune's native adapter checkpoint (.pt)",
+        torchtune_native_adapter,
+        ("adapter_model.pt, torchtune's own checkpoint format", "tune_to_peft_adapter_weights"),
+    ),
+    Case(
+        "base folder holding an adapter (a torchtune epoch folder)",
+        base_holding_an_adapter,
+        ("holds adapter_config.json beside a model", "--adapter"),
+    ),
+    Case(
+        "mlx-lm full fine-tune given as an adapter",
+        mlx_full_fine_tune,
+        ("fine_tune_type 'full'", "mlx_lm fuse --dequantize"),
+    ),
+    Case(
+        "DoRA magnitudes in a config without use_dora (torchtune)",
+        dora_magnitudes_without_use_dora,
+        ("lora_magnitude_vector, but adapter_config.json does not set use_dora", '"use_dora": true'),
+    ),
     Case(
         "missing adapter_config.json", missing_config, ("adapter_config.json is missing", "Point --adapter")
     ),

@@ -80,7 +80,7 @@ def _plan(folder: Path, config: dict[str, Any]) -> tuple[dict[str, Any], dict[st
         raise InputError(
             f"{config_file} says fine_tune_type {kind!r}: {folder / MLX_WEIGHTS} holds whole trained layers, "
             "not an adapter. Export a LoRA or DoRA fine-tune (mlx_lm.lora --fine-tune-type lora|dora), or save "
-            "the full fine-tune as a model folder (mlx_lm fuse --dequantize) and convert that."
+            "the full fine-tune as a model folder (mlx_lm fuse --dequantize): a whole model, not an adapter to merge."
         )
     params = config.get("lora_parameters") or {}
     rank, scale = params.get("rank"), params.get("scale")
