@@ -30,21 +30,28 @@ def bf16_inputs(tmp_path_factory: pytest.TempPathFactory, demo_inputs: DemoInput
     return base, make_adapter(base, root / "adapter")
 
 
-def test_bf16_base_beyond_float16_range_stays_bf16(bf16_inputs: tuple[Path, Path], tmp_path: Path):
+def test_bf16_base_beyond_float16_range_exports_through_a_32_bit_master(
+    bf16_inputs: tuple[Path, Path], tmp_path: Path
+):
     base, adapter = bf16_inputs
     out = tmp_path / "out"
     proc = run_cli(*export(adapter, base, out, "BF16", "Q8_0"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert (out / "big-BF16.gguf").is_file() and not (out / "big-F16.gguf").exists()
-    assert read_gguf_header(out / "big-BF16.gguf").file_type == LLAMA_FTYPES["BF16"]
+    assert (out / "big-F32.gguf").is_file() and not (out / "big-F16.gguf").exists()
+    assert read_gguf_header(out / "big-F32.gguf").file_type == LLAMA_FTYPES["F32"]
+    assert read_gguf_header(out / "big-BF16.gguf").file_type == LLAMA_FTYPES["BF16"]  # quantized from F32
     merged = load_file(str(out / "merged" / "model.safetensors"))
-    assert merged[BIG_WEIGHT].dtype == torch.bfloat16 and merged[BIG_WEIGHT][0, 0].item() > 65504
+    assert merged[BIG_WEIGHT].dtype == torch.float32 and merged[BIG_WEIGHT][0, 0].item() > 65504
     manifest = json.loads((out / "manifest.json").read_text())
     precision = manifest["precision"]
-    assert (precision["merged"], precision["gguf"], precision["fits_float16"]) == ("bfloat16", "BF16", False)
-    assert BIG_WEIGHT in precision["why"], precision
-    assert [a["profile"] for a in manifest["intermediates"]] == ["BF16"]
+    assert (precision["merged"], precision["gguf"], precision["fits_float16"]) == ("float32", "F32", False)
+    assert BIG_WEIGHT in precision["why"] and "32-bit master" in precision["why"], precision
+    assert [a["profile"] for a in manifest["intermediates"]] == ["F32"]
     report = json.loads((out / "report.json").read_text())
+    rows = {row["label"]: row["metrics"] for row in report["artifacts"]}
+    # The master is the merged model: within the exactness gate; BF16 rounds every merged matrix.
+    assert rows["F32"]["mean_kld"] <= 1e-3, rows  # the exactness gate (quant_profiles/F32.toml)
+    assert rows["BF16"]["mean_kld"] > 3 * rows["F32"]["mean_kld"], rows
     assert report["passed"], report["artifacts"]
 
 

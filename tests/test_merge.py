@@ -298,12 +298,13 @@ def test_bf16_base_precision_follows_its_range_and_dtype_can_be_chosen(tmp_path:
     as_bf16 = merge_adapters(base, [read_adapter(adapter)], tmp_path / "bf16", dtype="bfloat16")
     assert {t.dtype for t in load_state(tmp_path / "bf16").values()} == {torch.bfloat16}
     assert as_bf16.max_abs is not None and as_bf16.fits_float16
-    # One value past float16's range, in a tensor the adapter does not touch: the merge stays bfloat16.
+    # One value past float16's range, in a tensor the adapter does not touch: a float32 merge (the master).
     weights = load_state(base)
     weights["model.norm.weight"][3] = 70000.0
     save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})
     kept = merge_adapters(base, [read_adapter(adapter)], tmp_path / "kept")
-    assert kept.dtype == "bfloat16" and "model.norm.weight" in kept.dtype_reason and not kept.fits_float16
+    assert kept.dtype == "float32" and "model.norm.weight" in kept.dtype_reason and not kept.fits_float16
+    assert kept.gguf_ftype == "F32"
     assert (
         load_state(tmp_path / "kept")["model.norm.weight"][3].item() == weights["model.norm.weight"][3].item()
     )

@@ -65,11 +65,16 @@ def hf_model_tokenizer(path, config_path, max_seq_len=None):
 """
 
 
-def _texts() -> list[str]:
+def _chat_texts(base: Path) -> list[str]:
+    """The demo chats rendered with the base's chat template: text completion on them trains the turns'
+    format too (ChatML and its <|im_end|>), as a chat fine-tune without a torchtune template of its own."""
+    from transformers import AutoTokenizer
+
     from demos.inputs import read_jsonl
 
+    tokenizer = AutoTokenizer.from_pretrained(base)
     rows = read_jsonl("demo_train.jsonl")[:16]
-    return [" ".join(m["content"] for m in row["messages"]) for row in rows]
+    return [str(tokenizer.apply_chat_template(row["messages"], tokenize=False)) for row in rows]
 
 
 def _cached(name: str, base: Path, recipe: dict[str, Any], build: Callable[[Path], None]) -> Path:
@@ -92,20 +97,21 @@ def _cached(name: str, base: Path, recipe: dict[str, Any], build: Callable[[Path
     return target
 
 
-TORCHTUNE_RECIPE = {"rank": 8, "alpha": 16, "steps": 4, "lr": 2e-2}
+TORCHTUNE_RECIPE = {"rank": 8, "alpha": 16, "steps": 4, "lr": 1e-2, "data": "chatml-text"}
 
 
 def torchtune_run(base: Path) -> Path:
-    """The output_dir of a torchtune LoRA run on `base` (TINY_SMOLLM's shape); the adapter is in epoch_0/."""
+    """The output_dir of a torchtune LoRA run on `base` (a tied Llama such as SmolLM2, its shape read from its
+    config.json); the adapter is in epoch_0/."""
 
     def build(staging: Path) -> None:
-        from tests.tiny import TINY_SMOLLM
+        from exporter.inputs.dialects import read_rope
 
         env = trainer_env("torchtune")
         checkpoint = shutil.copytree(base, staging / "base")
         (staging / "smol_tok.py").write_text(TORCHTUNE_TOKENIZER)
-        (staging / "train.json").write_text(json.dumps([{"text": t} for t in _texts()]))
-        c = TINY_SMOLLM
+        (staging / "train.json").write_text(json.dumps([{"text": t} for t in _chat_texts(base)]))
+        c = json.loads((base / "config.json").read_text())
         config = {
             "output_dir": str(staging / "out"),
             "model": {
@@ -118,10 +124,10 @@ def torchtune_run(base: Path) -> Path:
                 "num_heads": c["num_attention_heads"],
                 "num_kv_heads": c["num_key_value_heads"],
                 "embed_dim": c["hidden_size"],
-                "max_seq_len": c["max_position_embeddings"],
+                "max_seq_len": min(c["max_position_embeddings"], 2048),
                 "intermediate_dim": c["intermediate_size"],
-                "norm_eps": 1e-6,
-                "rope_base": c["rope_theta"],
+                "norm_eps": c["rms_norm_eps"],
+                "rope_base": read_rope(c).theta,
                 "scale_factor": 1,  # Llama 3.2's scaled rope with factor 1 is plain rope
                 "tie_word_embeddings": True,
                 "lora_rank": TORCHTUNE_RECIPE["rank"],
@@ -132,7 +138,7 @@ def torchtune_run(base: Path) -> Path:
                 "_component_": "smol_tok.hf_model_tokenizer",
                 "path": str(checkpoint / "tokenizer.json"),
                 "config_path": str(checkpoint / "tokenizer_config.json"),
-                "max_seq_len": 64,
+                "max_seq_len": 256,
             },
             "checkpointer": {
                 "_component_": "torchtune.training.FullModelHFCheckpointer",

@@ -66,7 +66,7 @@ def verified_inputs(manifest: Manifest, source: Path) -> ModelInputs:
         read_adapter(Path(a["path"]), a["weight"], allow_pickle) for a in inputs["adapters"]
     ]
     folders = [(base_dir, inputs["base"]["files"])]
-    folders += [(a.path, r["files"]) for a, r in zip(adapters, inputs["adapters"], strict=True)]
+    folders += [(a.folder, r["files"]) for a, r in zip(adapters, inputs["adapters"], strict=True)]
     for folder, recorded in folders:
         if not folder.is_dir() or hash_files(input_files(folder), folder) != recorded:
             raise InputError(
@@ -74,7 +74,10 @@ def verified_inputs(manifest: Manifest, source: Path) -> ModelInputs:
                 "the reference would not be the fine-tune these GGUFs came from. Re-run merge-quantize."
             )
     return ModelInputs(
-        base_dir, tuple(adapters), inputs["base"]["files"], tuple(r["files"] for r in inputs["adapters"])
+        base_dir,
+        tuple(adapters),
+        inputs["base"]["files"],
+        tuple(r.get("read_as", r)["files"] for r in inputs["adapters"]),  # what the stages were keyed by
     )
 
 

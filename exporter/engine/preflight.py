@@ -175,19 +175,19 @@ def plan_disk(
     floats, embeddings, other, stored = _float_elements(base_dir)
     merged_bytes_per_weight = _merged_bytes(requested_dtype)
     # Which 16-bit type a bfloat16 base converts to is settled by the merge's range check.
-    if requested_dtype == "BF16":
-        source = "BF16"
-    else:
+    if requested_dtype in ("BF16", "F32"):
+        source = requested_dtype
+    else:  # a bfloat16 base beyond float16's range gets an F32 master: the plan counts 16 bits
         source = "F16" if requested_dtype or "BF16" not in stored else "16-bit"
     side = sum(f.stat().st_size for f in base_dir.iterdir() if f.is_file() and f.suffix != ".safetensors")
     merged_item = DiskItem(
         "merged model" + (" (until the 16-bit GGUF is written)" if merged == "released" else ""),
         floats * merged_bytes_per_weight + other + side,
     )
-    gguf = DiskItem(f"{source} GGUF", floats * 2 + other + side)
+    gguf = DiskItem(f"{source} GGUF", floats * (4 if source == "F32" else 2) + other + side)
     items = [gguf] if merged == "none" else [merged_item, gguf]
     for profile in profiles:
-        if profile.is_source("BF16" if source == "BF16" else "F16"):
+        if profile.is_source(source if source in ("BF16", "F32") else "F16"):
             continue
         bits = (floats - embeddings) * profile.bits_per_weight + embeddings * max(
             EMBEDDING_BITS, profile.bits_per_weight

@@ -24,7 +24,7 @@ from exporter.stages.merge import MERGED_DIR
 from exporter.stages.qlora import unpacked_base
 from quant_profiles import ProfileRegistry, QuantProfile
 
-SOURCE_FTYPES = ("F16", "BF16")
+SOURCE_FTYPES = ("F16", "BF16", "F32")
 
 
 @dataclass(frozen=True)

@@ -69,10 +69,21 @@ class ModelInputs:
         }
 
     def adapter_records(self) -> list[dict[str, Any]]:
-        return [
-            {"path": str(a.folder.resolve()), "weight": a.weight, "peft_type": a.peft_type, "files": files}
-            for a, files in zip(self.adapters, self.adapter_files, strict=True)
-        ]
+        """Each adapter as the user named it; one read through a translation (mlx-lm) also names the PEFT
+        files it was read as."""
+        records = []
+        for a, files in zip(self.adapters, self.adapter_files, strict=True):
+            record = {
+                "path": str(a.folder.resolve()),
+                "weight": a.weight,
+                "peft_type": a.peft_type,
+                "files": files,
+            }
+            if a.origin is not None:
+                record["files"] = hash_files(input_files(a.origin), a.origin)
+                record["read_as"] = {"path": str(a.path), "files": files}
+            records.append(record)
+        return records
 
     def to_json(self) -> dict[str, Any]:
         """The manifest's "inputs"."""

@@ -129,7 +129,8 @@ def choose_merge_dtype(base_dir: Path, requested: str | None) -> DtypeChoice:
 
     A bfloat16 base whose every value fits float16 goes to float16 after that range check: the merged
     ΔW keeps 3 more mantissa bits (measured on a bf16 base: top-1 against the unmerged model 99.4 % in
-    float16, 95.3 % in bfloat16). One that does not fit stays bfloat16, never a silent Inf.
+    float16, 95.3 % in bfloat16). One that does not fit is merged in float32 (an F32 GGUF master), never
+    a silent Inf, nor the bfloat16 rounding of every merged matrix.
     """
     if requested:
         if requested.lower() not in DTYPE_ALIASES:
@@ -143,17 +144,24 @@ def choose_merge_dtype(base_dir: Path, requested: str | None) -> DtypeChoice:
     overflow = bfloat16_overflow(base_dir)
     if overflow:
         return DtypeChoice(
-            "bfloat16",
-            f"the bfloat16 base holds values beyond float16's range (first in {overflow}): kept bfloat16",
+            "float32",
+            master_reason(f"the bfloat16 base holds values beyond float16's range (first in {overflow})"),
         )
     return DtypeChoice(
         "float16", "the bfloat16 base fits float16's range everywhere: float16 keeps more precision"
     )
 
 
+def master_reason(why: str) -> str:
+    return (
+        f"{why}: merged in float32 and converted to an F32 GGUF, the 32-bit master the profiles quantize "
+        "from and the exactness reference (bfloat16 would round every merged matrix to 8 significant bits)"
+    )
+
+
 def gguf_source_ftype(dtype: str) -> str:
     """The type the converter writes a merged folder of this dtype in (what the profiles quantize from)."""
-    return "BF16" if dtype == "bfloat16" else "F16"
+    return {"bfloat16": "BF16", "float32": "F32"}.get(dtype, "F16")
 
 
 # bfloat16 bit patterns (sign cleared) from this one up round to 65536 or more: Inf in float16.

@@ -31,6 +31,7 @@ from exporter.inputs.safetensors_header import (
     DTYPE_ALIASES,
     DtypeChoice,
     choose_merge_dtype,
+    master_reason,
 )
 from exporter.inputs.safetensors_io import DTYPES as SAFETENSORS_DTYPES
 from exporter.inputs.safetensors_io import PlannedTensor, StreamingShardWriter, iter_tensors
@@ -91,7 +92,7 @@ def merge_adapters(
         if dtype or "BF16" not in base.float_dtypes():
             raise
         choice = DtypeChoice(
-            "bfloat16", f"the merged {overflow.tensor} exceeds float16's range: kept bfloat16"
+            "float32", master_reason(f"the merged {overflow.tensor} exceeds float16's range")
         )
         return _write_merge(
             base, adapters, plan, untied, base_config, choice, out_dir, max_shard_bytes, progress, provenance

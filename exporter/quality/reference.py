@@ -72,7 +72,7 @@ class GateResult:
     passed: bool
 
 
-UNQUANTIZED_LABELS = ("F16", "BF16")
+UNQUANTIZED_LABELS = ("F16", "BF16", "F32")
 
 
 # The 16-bit floor explains an unquantized GGUF's distance when it is at least this share of it; what the
@@ -95,16 +95,23 @@ def gate_diagnosis(label: str, metrics: dict[str, Any] | None = None) -> str | N
             "quantized file inherits it."
         )
     total, rounding = (metrics or {}).get("mean_kld") or 0.0, floor["mean_kld"]
+    bits = 32 if label == "F32" else 16
     split = (
-        f"The merged model rounded to 16 bits as the {label} GGUF stores it (scored in PyTorch) is {rounding:.3g} "
+        f"The merged model rounded to {bits} bits as the {label} GGUF stores it (scored in PyTorch) is {rounding:.3g} "
         f"mean KLD from the unmerged model; the {label} GGUF is {total:.3g}, so the conversion and llama.cpp's "
         f"runtime add {max(total - rounding, 0.0):.3g}."
     )
     if total > 0 and rounding >= ROUNDING_SHARE * total:
         return (
             f"{split} Most of it is the rounding: the merge and the conversion are faithful, and this fine-tune's "
-            "merged weights do not survive 16-bit rounding (an adapter that rewrites whole matrices, or values near "
-            "the type's limits). Every quantized file starts from this floor."
+            f"merged weights do not survive {bits}-bit rounding (an adapter that rewrites whole matrices, or values "
+            "near the type's limits). Every quantized file starts from this floor"
+            + (
+                ": export again with --dtype float32 for a 32-bit master GGUF (F32), which the profiles then "
+                "quantize from and which is the exactness reference in place of this one."
+                if bits == 16
+                else "."
+            )
         )
     if total - rounding >= DIFFERENT_MODEL:
         return (

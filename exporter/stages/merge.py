@@ -84,7 +84,7 @@ def merge_stage(
 def check_float16_range(merged: MergedModel, profiles: tuple[QuantProfile, ...], base_dir: Path) -> None:
     """A float16 GGUF made from a bfloat16 or float32 merge must not overflow to Inf."""
     result = merged.result
-    if result.gguf_ftype == "F16" and not result.fits_float16:  # a --dtype float32 merge
+    if result.gguf_ftype == "F16" and not result.fits_float16:  # a --dtype float16 merge
         raise InputError(
             f"The merged model holds values up to {result.max_abs:.6g}, beyond float16's range (±65504), and "
             f"the converter writes {result.dtype} merges as F16, which would hold Inf there. Pass --dtype "
