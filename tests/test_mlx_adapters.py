@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import DemoInputs, run_cli
+from tests.conftest import DEMO_EVAL, DemoInputs, run_cli
 from tests.mlx_fixture import MlxRun, mlx_adapter
 from tests.tiny import make_tiny_smollm
 
@@ -65,7 +65,7 @@ def test_an_mlx_lora_exports_as_mlx_runs_it(demo_inputs: DemoInputs, tmp_path: P
     out = tmp_path / "out"
     proc = run_cli(
         "merge-quantize", "--adapter", str(run.adapter), "--base", str(demo_inputs.base), "--name", "mlx",
-        "--profile", "Q8_0", "--out", str(out),
+        "--profile", "Q8_0", "--out", str(out), "--eval-data", str(DEMO_EVAL),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     stdout = " ".join(proc.stdout.split())

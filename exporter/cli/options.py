@@ -222,6 +222,17 @@ QUALITY = OptionGroup(
             "auto",
         ),
         Flag(
+            "context",
+            option(
+                int | None,
+                "--context",
+                min=1,
+                help="Context length (tokens) at which each report row gives the memory to run the GGUF "
+                "(weights + llama.cpp's KV cache); default the model's trained context, capped at 8192.",
+            ),
+            None,
+        ),
+        Flag(
             "reference_dtype",
             option(
                 str | None,
@@ -269,6 +280,7 @@ QUALITY = OptionGroup(
         threads=v.get("threads"),
         gguf_device=v["device"],
         reference_dtype_fixed=v["reference_dtype"] is not None,
+        context=v["context"],
     ),
 )
 

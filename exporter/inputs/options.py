@@ -114,6 +114,7 @@ class QualityOptions:
     gguf_device: str = "cpu"  # or "metal", where llama-cpp-python was built with it
     trust_remote_code: bool = False  # run the base's own modelling code (config.json auto_map)
     reference_dtype_fixed: bool = True  # False: --max-memory may switch the reference to bfloat16
+    context: int | None = None  # the context each report row's memory is given at (None: trained, ≤ 8k)
 
     def __post_init__(self) -> None:
         check_eval_tokens(self.eval_tokens)

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from converters.footprint import gguf_footprint
 from exporter.core.atomic import atomic_target, write_text_atomic
 from exporter.core.units import mib
 from exporter.inputs.options import QualityOptions
@@ -28,7 +29,7 @@ REPORT_FILES = (REPORT_JSON, REPORT_MD, PLOT)
 RUNTIME_REPORT_FILES = (REPORT_JSON, REPORT_MD)
 
 
-def _row(item: ArtifactQuality, root: Path) -> dict[str, Any]:
+def _row(item: ArtifactQuality, root: Path, context: int | None = None) -> dict[str, Any]:
     record: dict[str, Any] = {
         "label": item.label,
         "path": (
@@ -42,7 +43,18 @@ def _row(item: ArtifactQuality, root: Path) -> dict[str, Any]:
         "gates": [asdict(g) for g in item.gates],
         "passed": item.passed,
     }
+    if item.path is not None and item.path.suffix == ".gguf" and item.path.is_file():
+        record["footprint"] = asdict(gguf_footprint(item.path, context))
     return record
+
+
+def memory_text(footprint: dict[str, Any] | None) -> str:
+    """A row's memory at its context, e.g. "312 MiB @ 8192" (≤ where sliding-window layers make it a bound)."""
+    if not footprint or footprint.get("kv_bytes") is None:
+        return "–"
+    total = footprint["weights_bytes"] + footprint["kv_bytes"]
+    bound = "≤ " if footprint.get("sliding_upper_bound") else ""
+    return f"{bound}{mib(total)} @ {footprint['context']}"
 
 
 def report_data(
@@ -71,7 +83,7 @@ def report_data(
             "from_cache": reference.cached,
             "seconds": reference.seconds,
         },
-        "artifacts": [_row(item, out) for item in items],
+        "artifacts": [_row(item, out, options.context) for item in items],
         "base_floor": _row(floor, out),
         "passed": all(item.passed for item in items),
     }
@@ -118,6 +130,31 @@ def _notes(rows: list[dict[str, Any]]) -> list[str]:
     return notes
 
 
+# The report's glossary of its columns.
+GLOSSARY = [
+    "## What the numbers mean",
+    "",
+    "- **mean KLD**: KL divergence of the artifact's next-token distribution from the unmerged model's "
+    "(base + adapter in PyTorch), averaged over every scored token, with its standard error. 0 is identical.",
+    "- **top-1**: how often both pick the same most likely next token.",
+    "- **ln(PPL ratio)**: ln(PPL of the artifact / PPL of the reference) on the evaluation text, with its "
+    "uncertainty from the paired per-token differences; near 0 is good in either direction.",
+    "- **greedy match**: share of prompts whose greedy continuation is token-for-token the reference's "
+    "(the unmerged model's own; how they were found is on the evaluation-data line). Each GGUF decodes its own "
+    "in llama.cpp; the base row's is "
+    "read teacher-forced: the base fed the reference's continuation, its top token compared at every step "
+    "(the same first divergence as decoding it, without a second decode).",
+    "- **adapter effect kept**: 1 − KLD(artifact) / KLD(base without adapter). 100% means the fine-tune's "
+    "change survived export completely; 0% means the artifact is as far from the fine-tune as the base is.",
+    "- **memory**: what running the file takes at the context given (--context; default the model's trained "
+    "context, at most 8192): the weights as stored plus llama.cpp's float16 KV cache for that many tokens "
+    "(its compute buffers come on top). **prompt / gen tok/s**: llama.cpp's speed on this machine while "
+    "scoring (prompt processing) and decoding the greedy answers.",
+    "- The last row is the base model without the adapter, as a floor.",
+    "",
+]
+
+
 def render_markdown(data: dict[str, Any], plot: str | None) -> str:
     reference = data["reference"]
     sources = data["sources"]
@@ -136,8 +173,9 @@ def render_markdown(data: dict[str, Any], plot: str | None) -> str:
         "",
         "## Quality against the unmerged fine-tune",
         "",
-        "| profile | file | size | bits/weight | mean KLD | top-1 | ln(PPL ratio) | greedy match | adapter effect kept | gates |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| profile | file | size | bits/weight | memory | prompt tok/s | gen tok/s | mean KLD | top-1 | ln(PPL ratio) "
+        "| greedy match | adapter effect kept | gates |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in [*data["artifacts"], data["base_floor"]]:
         m = row["metrics"]
@@ -166,7 +204,8 @@ def render_markdown(data: dict[str, Any], plot: str | None) -> str:
         lines.append(
             f"| {row['label']} | {Path(row['path']).name if row['path'] else '–'} | "
             f"{mib(row['size_bytes']) if row['size_bytes'] else '–'} | {_fmt(row['bits_per_weight'], '.2f')} | "
-            f"{kld} | {_fmt(m.get('top1'), '.2%')} | {lnppl} | {_fmt(m.get('greedy_match'), '.0%')} | "
+            f"{memory_text(row.get('footprint'))} | {_fmt(m.get('eval_tokens_per_s'), '.0f')} | "
+            f"{_fmt(m.get('generate_tokens_per_s'), '.0f')} | {kld} | {_fmt(m.get('top1'), '.2%')} | {lnppl} | {_fmt(m.get('greedy_match'), '.0%')} | "
             f"{_fmt(m.get('adapter_effect_kept'), '.1%')} | {gates} |"
         )
     lines += ["", *_notes(data["artifacts"])]
@@ -174,24 +213,7 @@ def render_markdown(data: dict[str, Any], plot: str | None) -> str:
         lines += ["", f"![size against mean KL divergence]({plot})", ""]
     if "merge_base" in data:
         lines += merge_base_markdown(data["merge_base"])
-    lines += [
-        "## What the numbers mean",
-        "",
-        "- **mean KLD**: KL divergence of the artifact's next-token distribution from the unmerged model's "
-        "(base + adapter in PyTorch), averaged over every scored token, with its standard error. 0 is identical.",
-        "- **top-1**: how often both pick the same most likely next token.",
-        "- **ln(PPL ratio)**: ln(PPL of the artifact / PPL of the reference) on the evaluation text, with its "
-        "uncertainty from the paired per-token differences; near 0 is good in either direction.",
-        "- **greedy match**: share of prompts whose greedy continuation is token-for-token the reference's "
-        "(the unmerged model's own; how they were found is on the evaluation-data line). Each GGUF decodes its own "
-        "in llama.cpp; the base row's is "
-        "read teacher-forced: the base fed the reference's continuation, its top token compared at every step "
-        "(the same first divergence as decoding it, without a second decode).",
-        "- **adapter effect kept**: 1 − KLD(artifact) / KLD(base without adapter). 100% means the fine-tune's "
-        "change survived export completely; 0% means the artifact is as far from the fine-tune as the base is.",
-        "- The last row is the base model without the adapter, as a floor.",
-        "",
-    ]
+    lines += GLOSSARY
     return "\n".join(lines)
 
 

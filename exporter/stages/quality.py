@@ -204,6 +204,7 @@ class QualitySummary:
     reports: list[Path]
     reference_seconds: float
     reference_cached: bool
+    context: int | None = None  # --context: where the rows' memory is given
 
     @property
     def passed(self) -> bool:
@@ -236,7 +237,7 @@ def write_quality_report(
     for report_file in REPORT_FILES:
         run.guard.claim(run.out / report_file)
     reports = write_reports(run.out, data)
-    return QualitySummary(items, floor, reports, reference.seconds, reference.cached)
+    return QualitySummary(items, floor, reports, reference.seconds, reference.cached, options.context)
 
 
 def reference_for(inputs: ModelInputs, tokenizer_dir: Path, options: QualityOptions) -> Reference:
