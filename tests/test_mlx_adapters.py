@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -94,17 +95,21 @@ def test_an_mlx_dora_on_chosen_layers_merges_exactly(demo_inputs: DemoInputs, tm
 
 def test_mlx_inputs_that_cannot_be_merged_are_refused(demo_inputs: DemoInputs, tmp_path: Path):
     run = mlx_adapter(demo_inputs.base, LORA)
-    cases = {
+    cases: dict[str, tuple[dict[str, Any] | None, str]] = {
         "full": ({"fine_tune_type": "full"}, "fine_tune_type 'full'"),
         "rank": ({"lora_parameters": {"rank": 4, "scale": 20.0}}, "do not have the rank 4"),
         "quantized": ({"model": str(tmp_path / "q4")}, "quantized to 4 bits"),
+        "no-config": (None, "holds adapters.safetensors but no adapter_config.json"),
     }
     (tmp_path / "q4").mkdir()
     (tmp_path / "q4" / "config.json").write_text(json.dumps({"quantization": {"bits": 4, "group_size": 64}}))
     for name, (change, message) in cases.items():
         adapter = shutil.copytree(run.adapter, tmp_path / name)
         config = json.loads((adapter / "adapter_config.json").read_text())
-        (adapter / "adapter_config.json").write_text(json.dumps({**config, **change}))
+        if change is None:
+            (adapter / "adapter_config.json").unlink()
+        else:
+            (adapter / "adapter_config.json").write_text(json.dumps({**config, **change}))
         proc = run_cli(
             "merge-quantize", "--adapter", str(adapter), "--base", str(demo_inputs.base),
             "--out", str(tmp_path / f"out-{name}"), "--no-check",

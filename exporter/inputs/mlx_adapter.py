@@ -51,6 +51,11 @@ def is_mlx_adapter(folder: Path) -> bool:
 def translate(folder: Path, cache: Path) -> Path:
     """The PEFT adapter folder equal to the mlx-lm adapter in `folder` (written once under `cache`)."""
     config_file = folder / "adapter_config.json"
+    if not config_file.is_file():
+        raise InputError(
+            f"{folder} holds {MLX_WEIGHTS} but no adapter_config.json, so what the weights mean (rank, scale, "
+            "LoRA or DoRA) is unknown. Pass the folder mlx_lm.lora wrote (--adapter-path), which holds both."
+        )
     config = read_json_object(config_file, "re-save the adapter with mlx_lm.lora.")
     weights = folder / MLX_WEIGHTS
     digest = hashlib.sha256(config_file.read_bytes() + weights.read_bytes()).hexdigest()
@@ -171,8 +176,13 @@ def _refuse_quantized_training(folder: Path, config: dict[str, Any]) -> None:
     model_config = Path(str(model)) / "config.json" if model else None
     if model_config is None or not model_config.is_file():
         return
-    data = json.loads(model_config.read_text(encoding="utf-8"))
-    quantization = data.get("quantization") or data.get("quantization_config")
+    try:
+        data = json.loads(model_config.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return  # not a model config this check can read; the export reads --base's own
+    quantization = (
+        data.get("quantization") or data.get("quantization_config") if isinstance(data, dict) else None
+    )
     if isinstance(quantization, dict) and "bits" in quantization:
         raise InputError(
             f"{folder} was trained on {model}, an mlx model quantized to {quantization.get('bits')} bits "
@@ -203,7 +213,11 @@ def rope_note(folder: Path, base_config: dict[str, Any]) -> str | None:
     trained = Path(str(config.get("model"))) / "config.json" if config.get("model") else None
     seen = base_config
     if trained is not None and trained.is_file():
-        seen = json.loads(trained.read_text(encoding="utf-8"))
+        try:
+            loaded = json.loads(trained.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            loaded = None
+        seen = loaded if isinstance(loaded, dict) else base_config
     if "rope_theta" in seen or str(seen.get("model_type")) in _READS_ROPE_PARAMETERS:
         return None
     theta = read_rope(base_config).theta

@@ -217,9 +217,15 @@ def render_markdown(data: dict[str, Any], plot: str | None) -> str:
     return "\n".join(lines)
 
 
+def _point_label(row: dict[str, Any]) -> str:
+    """A plotted artifact: its profile and llama.cpp's generation speed on this machine."""
+    speed = row["metrics"].get("generate_tokens_per_s")
+    return row["label"] if speed is None else f"{row['label']} ({speed:.0f} tok/s)"
+
+
 def _plot(data: dict[str, Any], target: Path) -> bool:
     points = [
-        (row["size_bytes"] / 2**20, row["metrics"].get("mean_kld"), row["label"])
+        (row["size_bytes"] / 2**20, row["metrics"].get("mean_kld"), _point_label(row))
         for row in data["artifacts"]
         if row["size_bytes"] and row["metrics"].get("mean_kld") is not None
     ]
