@@ -65,9 +65,9 @@ def convert_stage(
     metadata: dict[str, str] | None = None,
     base_dir: Path | None = None,
 ) -> BuiltGGUF | CacheEntry:
-    """The 16-bit GGUF of `model_dir` (profile F16 or BF16); linked at `target` when one is given, else
-    the cache entry alone (a bare base, published per profile). `base_dir`: the base a merged folder was
-    made from, whose tokenizer names the pre-tokenizer of one that only grew added tokens."""
+    """The unquantized GGUF of `model_dir` (profile F16, BF16 or the F32 master); linked at `target` when
+    one is given, else the cache entry alone (a bare base, published per profile). `base_dir`: the base a
+    merged folder was made from, whose tokenizer names the pre-tokenizer of one that only grew added tokens."""
     outtype = profile.ftype.lower()
 
     def produce(staging: Path, meta: dict[str, Any]) -> None:
@@ -157,7 +157,7 @@ def publish_gguf(run: Run, entry: CacheEntry, target: Path, profile: QuantProfil
 
 
 def merged_convert_key(run: Run, merge_key: str, ftype: str, model_name: str) -> str:
-    """The key of a merged folder's conversion to its 16-bit `ftype` (F16 or BF16)."""
+    """The key of a merged folder's conversion to its unquantized `ftype` (F16, BF16 or the F32 master)."""
     return convert_key(merge_key, run.vendored.commit, ftype.lower(), model_name)
 
 
@@ -170,7 +170,7 @@ def convert_merged(
     profile: QuantProfile,
     base_dir: Path,
 ) -> BuiltGGUF:
-    """A merged folder's 16-bit GGUF (`profile`: its F16 or BF16, as the merge decided), linked at `target`;
+    """A merged folder's unquantized GGUF (`profile`: F16, BF16 or F32, as the merge decided), at `target`;
     `base_dir` is the base it was merged from."""
     key = merged_convert_key(run, merged.key, profile.ftype, model_name)
     built = convert_stage(run, name, key, merged.path, model_name, profile, target, base_dir=base_dir)
