@@ -8,16 +8,13 @@ clone is made by TRL 1.16 itself."""
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
 import re
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from tests.sideenv import cache_dir
+from tests.sideenv import trained_run
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "shared" / "ollama-templates" / "templates.jsonl"
 # The literal tokens a family's template writes (role markers, turn ends).
@@ -105,23 +102,11 @@ TRAIN_RECIPE = {"trl": "1.16.0", "family": "gemma-instruct", "rows": 12, "max_st
 def trained_clone(base: Path) -> Path:
     """<cache>/clone-<key>/: SFTTrainer's output_dir after clone_chat_template from the Gemma-like source
     onto `base` (adapter with the resized embeddings, the grown tokenizer, Gemma's template)."""
-    weights = hashlib.sha256((base / "model.safetensors").read_bytes()).hexdigest()
-    recipe = {**TRAIN_RECIPE, "base": weights, "tokens": GEMMA_PLAIN, "pattern": TOKEN.pattern}
-    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
-    target = cache_dir() / f"clone-{key}"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (target / "recipe.json").is_file():
-            with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}-") as staging:
-                _train_clone(base, Path(staging) / "out", Path(staging) / "source")
-                (Path(staging) / "out" / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
-                shutil.rmtree(target, ignore_errors=True)
-                (Path(staging) / "out").rename(target)
-    return target
+    recipe = {**TRAIN_RECIPE, "tokens": GEMMA_PLAIN, "pattern": TOKEN.pattern}
+    return trained_run("clone", base, recipe, lambda staging, _: _train_clone(base, staging))
 
 
-def _train_clone(base: Path, out: Path, source_dir: Path) -> None:
+def _train_clone(base: Path, out: Path) -> None:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -131,9 +116,10 @@ def _train_clone(base: Path, out: Path, source_dir: Path) -> None:
     from demos.inputs import read_jsonl
 
     family = str(TRAIN_RECIPE["family"])
-    source = source_tokenizer(family, family_templates()[family], base, source_dir)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    model, tokenizer, added = clone(model, base, source)
+    with tempfile.TemporaryDirectory() as scratch:
+        source = source_tokenizer(family, family_templates()[family], base, Path(scratch))
+        model, tokenizer, added = clone(model, base, source)
     rows = [
         {"messages": [m for m in row["messages"] if m["role"] != "system"]}
         for row in read_jsonl("demo_train.jsonl")[: int(TRAIN_RECIPE["rows"])]

@@ -7,20 +7,17 @@ mlx-lm's Llama reads only a top-level rope_theta, which a config saved by transf
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
 import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tests.sideenv import cache_dir
+from tests.sideenv import trained_run
 
 PROBE_TEXT = "The pirate ship sailed past the lighthouse at dawn, and the crew sang of treasure."
 
@@ -35,22 +32,8 @@ class MlxRun:
 
 def mlx_adapter(base: Path, recipe: dict[str, Any]) -> MlxRun:
     """<cache>/mlx-<key>/: the mlx-lm run of `recipe` (fine_tune_type, num_layers, lora_parameters, iters)."""
-    weights = hashlib.sha256((base / "model.safetensors").read_bytes()).hexdigest()
-    spec = {"mlx-lm": "0.32.2", "mlx": "0.32.4", "base": weights, "text": PROBE_TEXT, **recipe}
-    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-    target = cache_dir() / f"mlx-{key}"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (target / "recipe.json").is_file():
-            staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-            try:
-                _train(base, staging, target, recipe)
-                (staging / "recipe.json").write_text(json.dumps(spec, indent=2) + "\n")
-                shutil.rmtree(target, ignore_errors=True)
-                staging.rename(target)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
+    spec = {"mlx-lm": "0.32.2", "mlx": "0.32.4", "text": PROBE_TEXT, **recipe}
+    target = trained_run("mlx", base, spec, lambda staging, target: _train(base, staging, target, recipe))
     ids = json.loads((target / "probe.json").read_text())["ids"]
     return MlxRun(target / "adapter", target / "model", ids, np.load(target / "logits.npy"))
 

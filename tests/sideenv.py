@@ -21,11 +21,13 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 TORCH = "torch==2.13.0"  # the CPU build on this machine's disk; an unpinned torch pulls a CUDA build
 TRANSFORMERS_ENVS = {
@@ -100,6 +102,27 @@ def _build(target: Path, steps: list[list[str]]) -> Path:
                     f"building {target.name} failed: {' '.join(command)}\n{proc.stderr[-3000:]}"
                 )
         staging.rename(target)
+    return target
+
+
+def trained_run(prefix: str, base: Path, spec: dict[str, Any], build: Callable[[Path, Path], None]) -> Path:
+    """<cache>/<prefix>-<key>/: what `build(staging, target)` writes for `spec` on `base` (a model folder,
+    keyed by its weights), built once under a lock into a staging folder renamed into place when complete;
+    its recipe.json says it is."""
+    weights = hashlib.sha256((base / "model.safetensors").read_bytes()).hexdigest()
+    recipe = {**spec, "base": weights}
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    target = cache_dir() / f"{prefix}-{key}"
+    with _locked(target):
+        if not (target / "recipe.json").is_file():
+            staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+            try:
+                build(staging, target)
+                (staging / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
+                shutil.rmtree(target, ignore_errors=True)
+                staging.rename(target)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

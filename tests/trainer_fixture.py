@@ -13,17 +13,14 @@ cached outside the checkout.
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.sideenv import TRAINER_ENVS, cache_dir, trainer_env
+from tests.sideenv import TRAINER_ENVS, trained_run, trainer_env
 
 TORCHTUNE_TOKENIZER = """
 from torchtune.modules.transforms import Transform
@@ -78,23 +75,7 @@ def _chat_texts(base: Path) -> list[str]:
 
 
 def _cached(name: str, base: Path, recipe: dict[str, Any], build: Callable[[Path], None]) -> Path:
-    weights = hashlib.sha256((base / "model.safetensors").read_bytes()).hexdigest()
-    spec = {"env": TRAINER_ENVS[name], "base": weights, **recipe}
-    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-    target = cache_dir() / f"{name}-{key}"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (target / "recipe.json").is_file():
-            staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-            try:
-                build(staging)
-                (staging / "recipe.json").write_text(json.dumps(spec, indent=2) + "\n")
-                shutil.rmtree(target, ignore_errors=True)
-                staging.rename(target)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return trained_run(name, base, {"env": TRAINER_ENVS[name], **recipe}, lambda staging, _: build(staging))
 
 
 TORCHTUNE_RECIPE = {"rank": 8, "alpha": 16, "steps": 4, "lr": 1e-2, "data": "chatml-text"}

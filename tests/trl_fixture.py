@@ -5,14 +5,10 @@ assistant-only loss through the template's {% generation %} markers, a checkpoin
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
-import json
-import shutil
-import tempfile
 from pathlib import Path
 
-from tests.sideenv import cache_dir
+from tests.sideenv import trained_run
 
 # SmolLM2's ChatML with the markers TRL's assistant_only_loss needs around each assistant turn.
 GENERATION_TEMPLATE = (
@@ -38,22 +34,7 @@ RECIPE = {
 def trl_output(base: Path) -> Path:
     """<cache>/trl-<key>/: the output_dir of the run (final adapter, tokenizer, training_args.bin,
     checkpoint-2/, checkpoint-4/)."""
-    weights = hashlib.sha256((base / "model.safetensors").read_bytes()).hexdigest()
-    key = hashlib.sha256(json.dumps({**RECIPE, "base": weights}, sort_keys=True).encode()).hexdigest()[:16]
-    target = cache_dir() / f"trl-{key}"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (target / "recipe.json").is_file():
-            staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-            try:
-                train(base, staging)
-                (staging / "recipe.json").write_text(json.dumps(RECIPE, indent=2) + "\n")
-                shutil.rmtree(target, ignore_errors=True)
-                staging.rename(target)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return trained_run("trl", base, RECIPE, lambda staging, _: train(base, staging))
 
 
 def train(base: Path, out: Path) -> None:
