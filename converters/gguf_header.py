@@ -70,10 +70,29 @@ def read_gguf_header(path: Path) -> GGUFHeader:
     )
 
 
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a GGUF file as its header lists it: shape in ggml order (ne[0], the row length, first)."""
+
+    name: str
+    shape: tuple[int, ...]
+    ggml_type: int
+
+
+def read_gguf_tensors(path: Path) -> list[TensorInfo]:
+    """The tensors of a GGUF file, in file order, with their ggml types."""
+    return _read_gguf(path, ())[1]
+
+
 def read_gguf_metadata(
     path: Path, keys: tuple[str, ...]
 ) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
     """The scalar and string values of `keys` in a GGUF file, and its tensors' names and shapes."""
+    values, tensors = _read_gguf(path, keys)
+    return values, {t.name: t.shape for t in tensors}
+
+
+def _read_gguf(path: Path, keys: tuple[str, ...]) -> tuple[dict[str, Any], list[TensorInfo]]:
     import mmap
     import struct
 
@@ -126,11 +145,12 @@ def read_gguf_metadata(
                     values[key] = unpack(_SCALARS[value_type])
                 else:
                     skip(value_type)
-            tensors: dict[str, tuple[int, ...]] = {}
+            tensors: list[TensorInfo] = []
             for _ in range(n_tensors):
                 name = string()
-                tensors[name] = tuple(unpack("<Q") for _ in range(unpack("<I")))
-                offset += 4 + 8  # ggml type, data offset
+                shape = tuple(unpack("<Q") for _ in range(unpack("<I")))
+                tensors.append(TensorInfo(name, shape, unpack("<I")))
+                offset += 8  # data offset
             if offset > len(data):
                 raise ValueError(f"{path} is truncated")
     return values, tensors

@@ -19,6 +19,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from exporter.cli.batch import batch_command
+from exporter.cli.fit_flags import DEFAULT_FIT_TRIALS, FIT_BPW_FLAG, FIT_FLAG, FIT_TRIALS_FLAG, fit_options
 from exporter.cli.option_groups import parse_size, with_options
 from exporter.cli.options import (
     CALIBRATION_FLAG,
@@ -107,25 +108,18 @@ def merge_quantize_command(
     calibration_tokens: CALIBRATION_TOKENS_FLAG = DEFAULT_CALIBRATION_TOKENS,
     imatrix: IMATRIX_FLAG = None,
     keep_merged: KEEP_MERGED_FLAG = False,
+    fit: FIT_FLAG = None,
+    fit_bpw: FIT_BPW_FLAG = None,
+    fit_trials: FIT_TRIALS_FLAG = DEFAULT_FIT_TRIALS,
 ) -> None:
     """Merge the adapter into its base, convert to GGUF, quantize to each profile and check the quality."""
     from exporter.commands.merge_quantize import merge_quantize
     from exporter.inputs.options import ExportOptions
 
-    options = ExportOptions(
-        inputs,
-        output,
-        profiles,
-        run,
-        quality,
-        check,
-        dtype,
-        calibration,
-        calibration_tokens,
-        imatrix,
-        qlora,
-        keep_merged,
-    )
+    # fmt: off
+    options = ExportOptions(inputs, output, profiles, run, quality, check, dtype, calibration, calibration_tokens,
+                            imatrix, qlora, keep_merged, fit_options(fit, fit_bpw, fit_trials))
+    # fmt: on
     with _progress("starting") as report:
         result = merge_quantize(options, report=report)
     print_export(result)

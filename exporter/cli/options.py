@@ -99,9 +99,10 @@ PROFILES = OptionGroup(
             option(
                 list[str],
                 "--profile",
-                help="Quantization profile (see `edge-export profiles`). Repeat for several.",
+                help="Quantization profile (see `edge-export profiles`). Repeat for several. Default: Q4_K_M, "
+                "or every profile of the --profile-file files when they are given.",
             ),
-            ["Q4_K_M"],
+            [],
         ),
         Flag(
             "profile_file",
@@ -113,7 +114,9 @@ PROFILES = OptionGroup(
             [],
         ),
     ),
-    lambda v: ProfileOptions(names=tuple(v["profile"]), files=tuple(v["profile_file"])),
+    lambda v: ProfileOptions(
+        names=tuple(v["profile"] or ([] if v["profile_file"] else ["Q4_K_M"])), files=tuple(v["profile_file"])
+    ),
 )
 
 RUN = OptionGroup(

@@ -147,12 +147,20 @@ def floor_key(merge: str, reference: str, versions: dict[str, str]) -> str:
 
 
 def quality_key(
-    artifact: str, reference: str, device: str, llama_cpp_python: str, lora: str | None = None
+    artifact: str,
+    reference: str,
+    device: str,
+    llama_cpp_python: str,
+    lora: str | None = None,
+    held_out: list[int] | None = None,
 ) -> str:
-    """One GGUF (or base GGUF + GGUF LoRA) scored against one reference by one llama.cpp runtime."""
+    """One GGUF (or base GGUF + GGUF LoRA) scored against one reference by one llama.cpp runtime;
+    `held_out`: the windows a fit search did not use, whose mean KLD the metrics also give."""
     payload: dict[str, Any] = {"stage": "quality", "artifact": artifact}
     if lora is not None:
         payload["lora"] = lora
+    if held_out is not None:
+        payload["held_out"] = held_out
     payload.update({"reference": reference, "device": device, "llama-cpp-python": llama_cpp_python})
     return stage_key(payload)
 
@@ -197,5 +205,28 @@ def stops_key(
             "prompt": prompt,
             "max_tokens": max_tokens,
             "edge-export": edge_export,
+        }
+    )
+
+
+def fit_trial_key(
+    convert: str,
+    reference: str,
+    windows: list[int],
+    tensor_types: dict[str, str],
+    imatrix: str | None,
+    llama_cpp_python: str,
+) -> str:
+    """One trial of the fit search: the 16-bit GGUF quantized with these types per tensor (the name of
+    every tensor named, so the key does not depend on how the tensors were grouped), scored on `windows`."""
+    return stage_key(
+        {
+            "stage": "fit-trial",
+            "convert": convert,
+            "reference": reference,
+            "windows": windows,
+            "tensor_types": tensor_types,
+            "imatrix": imatrix,
+            "llama-cpp-python": llama_cpp_python,
         }
     )

@@ -8,6 +8,7 @@ from pathlib import Path
 from converters.vendor import VendoredLlamaCpp, locate_vendored
 from exporter.core.errors import InputError
 from exporter.core.paths import refuse_output_in_inputs
+from exporter.core.units import human_size
 from exporter.deploy.serve_config import SERVE_SUFFIX
 from exporter.engine.preflight import preflight
 from exporter.engine.run import Reporter, Run, check_output
@@ -18,8 +19,10 @@ from exporter.inputs.profiles import requested_profiles
 from exporter.inputs.records import ModelInputs, read_inputs, sanitize_name
 from exporter.inputs.tokenizer_files import gguf_name_error
 from exporter.inputs.trained_on import TrainedOn, resolve_trained_on
+from exporter.quality.fit import LADDER, estimated_reach
 from exporter.quality.report import REPORT_FILES
 from exporter.stages.chat import locate_llama_tools_commit
+from exporter.stages.fit import PROFILE_SUFFIX
 from exporter.stages.merge import MERGED_DIR
 from exporter.stages.qlora import unpacked_base
 from quant_profiles import ProfileRegistry, QuantProfile
@@ -35,6 +38,15 @@ class ExportLayout:
     name: str
     profiles: tuple[QuantProfile, ...]
     has_imatrix: bool
+    fit_label: str | None = None  # --fit: the fitted profile's name
+
+    @property
+    def labels(self) -> list[str]:
+        """Every quantized file's label: the profiles', then the fitted one's."""
+        return [p.name for p in self.profiles] + ([self.fit_label] if self.fit_label else [])
+
+    def profile_file(self, label: str) -> Path:
+        return self.out / f"{self.name}-{label}{PROFILE_SUFFIX}"
 
     def gguf(self, label: str) -> Path:
         return self.out / f"{self.name}-{label}.gguf"
@@ -57,9 +69,10 @@ class ExportLayout:
             self.out / MANIFEST,
             self.out / MERGED_DIR,
             *(self.gguf(ftype) for ftype in SOURCE_FTYPES),
-            *(self.gguf(p.name) for p in self.profiles),
-            *(self.modelfile(p.name) for p in self.profiles),
-            *(self.serve_config(p.name) for p in self.profiles),
+            *(self.gguf(label) for label in self.labels),
+            *(self.modelfile(label) for label in self.labels),
+            *(self.serve_config(label) for label in self.labels),
+            *([self.profile_file(self.fit_label)] if self.fit_label else []),
             *(self.out / name for name in REPORT_FILES),
             *([self.out / f"{self.name}.imatrix.gguf"] if self.has_imatrix else []),
         ]
@@ -113,7 +126,8 @@ def prepare_export(options: ExportOptions) -> PreparedExport:
     """The checks of an export that need no run: the installation, the profiles, the inputs."""
     vendored = locate_vendored()  # a broken installation is reported before anything about the inputs
     locate_llama_tools_commit()  # llama.cpp's chat-template renderer checks every export's template
-    registry, profiles = requested_profiles(options.profiles)
+    registry, profiles = requested_profiles(options.profiles, allow_none=options.fit is not None)
+    check_fit_options(options, registry)
     for profile in profiles:
         if profile.needs_imatrix and not options.has_imatrix:
             raise InputError(
@@ -123,6 +137,7 @@ def prepare_export(options: ExportOptions) -> PreparedExport:
                 "need one (e.g. Q4_K_M; see `edge-export profiles`)."
             )
     adapters, base_dir = read_inputs(options.inputs)
+    check_fit_reach(options, base_dir)
     trained_on = resolve_trained_on(options.qlora, base_dir, [a.path for a in adapters])
     if trained_on is not None:
         check_qlora_options(options, trained_on)
@@ -130,7 +145,8 @@ def prepare_export(options: ExportOptions) -> PreparedExport:
     unloadable = gguf_name_error(name, [a.folder for a in adapters] + [base_dir])
     if unloadable:
         raise InputError(unloadable)
-    layout = ExportLayout(options.output.out, name, tuple(profiles), options.has_imatrix)
+    fit_label = options.fit.label if options.fit else None
+    layout = ExportLayout(options.output.out, name, tuple(profiles), options.has_imatrix, fit_label)
     files = [
         ("evaluation data", options.quality.eval_data),
         ("calibration data", options.calibration),
@@ -145,11 +161,52 @@ def prepare_export(options: ExportOptions) -> PreparedExport:
     )
 
 
+def check_fit_options(options: ExportOptions, registry: ProfileRegistry) -> None:
+    """What --fit needs: the check (its search scores against the reference), a name of its own."""
+    if options.fit is None:
+        return
+    if not options.check:
+        raise InputError(
+            f"--fit {options.fit.text} measures each tensor group against the unmerged reference, which "
+            "--no-check skips. Drop --no-check, or choose a --profile instead of --fit."
+        )
+    if options.fit.label.casefold() in (n.casefold() for n in registry.names()):
+        raise InputError(
+            f"--fit {options.fit.text} names its profile {options.fit.label}, and a --profile-file already "
+            f"defines a profile of that name. To rebuild that file, pass --profile {options.fit.label} without "
+            "--fit; to search again, move the earlier profile file out of the way."
+        )
+
+
+def check_fit_reach(options: ExportOptions, base_dir: Path) -> None:
+    """A --fit budget that no mix can meet, or that the F16 file already meets, refused before any work
+    (on an estimate from the base's headers, with a margin; the search checks the exact sizes)."""
+    fit = options.fit
+    if fit is None:
+        return
+    reach, n_params = estimated_reach(base_dir)
+    budget = fit.budget_for(n_params)
+    if reach.smallest * 0.98 <= budget < reach.largest * 1.02:
+        return
+    raise InputError(
+        f"--fit {fit.text} ({human_size(budget)}) is out of reach for the base {base_dir}: mixes of "
+        f"{', '.join(LADDER)} go from about {human_size(reach.smallest)} to about {human_size(reach.largest)} "
+        "(every tensor at F16), before the GGUF's metadata. Pass a budget in that range, or --profile F16 for "
+        "the unquantized file."
+    )
+
+
 def check_qlora_options(options: ExportOptions, trained_on: TrainedOn) -> None:
     """What the merge-base choice cannot be combined with (yet), refused before any work."""
     if options.qlora.dequantize_base:
         return  # one merge base, the 4-bit base's own weights: the plain pipeline, nothing to choose
     mode = options.qlora.merge_base or "auto"
+    if options.fit is not None:
+        raise InputError(
+            f"The adapter was trained on a 4-bit base ({trained_on.describe()}); --fit does not yet search "
+            "the mixes of a QLoRA export's merge candidates. Pass --profile instead, or --dequantize-base "
+            "when the base is the 4-bit model itself."
+        )
     if mode == "auto" and not options.check:
         raise InputError(
             f"The adapter was trained on a 4-bit base ({trained_on.describe()}), and --merge-base auto chooses "

@@ -3,6 +3,9 @@
 merge ──▶ convert ──▶ quantize:<P> … ──▶ templates ──▶ modelfiles ──▶ reference ──▶ quality:<P> … ──▶ report
   └──▶ chat ─────────────────────────────┘     └──▶ parity        (imatrix between convert and quantize)
 
+With --fit, the reference comes first (right after convert) and the search reads it: reference ──▶ fit ──▶
+quantize:FIT-… ──▶ templates, modelfiles and quality:FIT-… like any profile's file.
+
 Unless --keep-merged, `release` gives up the merged weights once nothing reads them: between convert (and
 imatrix) and the quantizations with --no-check; with the check, after quality:source (whose 16-bit floor
 reads them when the unquantized GGUF fails its gates).
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from converters.stop_tokens import StopCheck
 from exporter.engine.graph import Results, Stage, StageGraph
@@ -25,6 +29,7 @@ from exporter.quality.imatrix import ImatrixStage
 from exporter.quality.reference import ArtifactQuality, Reference
 from exporter.quality.tokenizer_parity import ParityReport
 from exporter.stages.chat import ChatRecord
+from exporter.stages.fit import FitRecord
 from exporter.stages.qlora import CHOOSE, CandidatePlan, QloraChoice, four_bit_graph, qlora_graph
 from exporter.stages.quality import QualitySummary
 from quant_profiles import QuantProfile
@@ -39,7 +44,8 @@ class ExportNodes:
     chat: Stage[ChatRecord]
     convert: Stage[BuiltGGUF]
     imatrix: Stage[ImatrixStage] | None
-    quantized: dict[str, Stage[BuiltGGUF]]  # profile name -> its quantize node
+    fit: Stage[FitRecord] | None
+    quantized: dict[str, Stage[BuiltGGUF]]  # profile name (or the fitted profile's) -> its quantize node
     parity: Stage[ParityReport]
     modelfiles: Stage[Deployed]
     stops: Stage[dict[str, StopCheck]]
@@ -52,6 +58,7 @@ class ExportNodes:
             r[self.chat],
             r[self.convert],
             r.optional(self.imatrix),
+            r.optional(self.fit),
             {label: r[node] for label, node in self.quantized.items()},
             r[self.parity],
             r[self.modelfiles],
@@ -84,6 +91,11 @@ def wire_export(g: StageGraph, s: ExportStages, qlora: StageGraph | None) -> Exp
         p.name: g.add(f"quantize:{p.name}", _quantize(s, p, convert, imatrix), source, shared=True)
         for p in s.layout.profiles
     }
+    reference: Stage[Reference] | None = None
+    fit: Stage[FitRecord] | None = None
+    if s.options.fit is not None:  # the search needs the reference before the fitted file exists
+        reference = g.add("reference", _reference(s, merge, convert, choose), (merge, convert, *chosen))
+        fit, quantized[s.layout.fit_label or ""] = _wire_fit(g, s, convert, imatrix, reference, source)
     builds = tuple(quantized.values())
 
     def gathered(r: Results) -> dict[str, BuiltGGUF]:
@@ -101,11 +113,10 @@ def wire_export(g: StageGraph, s: ExportStages, qlora: StageGraph | None) -> Exp
     stops = g.add("stops", lambda r: s.stops(r[chat], gathered(r)), (chat, *builds))
     report = None
     if s.options.check:
-        reference = g.add(
-            "reference",
-            lambda r: s.reference(r[merge], r[convert], r.optional(choose)),
-            (merge, convert, modelfiles, *chosen),
-        )
+        if reference is None:
+            reference = g.add(
+                "reference", _reference(s, merge, convert, choose), (merge, convert, modelfiles, *chosen)
+            )
         scored = [
             g.add(
                 "quality:source",
@@ -115,18 +126,57 @@ def wire_export(g: StageGraph, s: ExportStages, qlora: StageGraph | None) -> Exp
         ]
         scored += [
             g.add(f"quality:{p.name}", _score(s, p, reference, convert, node), (reference, convert, node))
-            for p, node in zip(s.layout.profiles, builds, strict=True)
+            for p, node in zip(s.layout.profiles, builds, strict=False)
         ]
+        if fit is not None:
+            node, scoring = builds[-1], _score_fitted(s, fit, reference, convert, builds[-1])
+            scored.append(g.add(f"quality:{s.layout.fit_label}", scoring, (reference, convert, node, fit)))
         if releases:  # after the 16-bit floor, which reads them when the unquantized GGUF fails its gates
             read = (merge, *source, scored[0])
             g.add("release", lambda r: s.release_merged(r[merge]), read, heavy=False)
         report = g.add(
             "report",
-            lambda r: s.report(r[reference], [r[q] for q in scored], r.optional(choose)),
-            (reference, *scored, *chosen),
+            lambda r: s.report(r[reference], [r[q] for q in scored], r.optional(choose), r.optional(fit)),
+            (reference, *scored, *chosen, *([fit] if fit else [])),
             heavy=False,
         )
-    return ExportNodes(choose, merge, chat, convert, imatrix, quantized, parity, modelfiles, stops, report)
+    return ExportNodes(
+        choose, merge, chat, convert, imatrix, fit, quantized, parity, modelfiles, stops, report
+    )
+
+
+def _wire_fit(
+    g: StageGraph,
+    s: ExportStages,
+    convert: Stage[BuiltGGUF],
+    imatrix: Stage[ImatrixStage] | None,
+    reference: Stage[Reference],
+    source: tuple[Stage[Any], ...],
+) -> tuple[Stage[FitRecord], Stage[BuiltGGUF]]:
+    """The search (reading the reference) and the quantization of the profile it writes."""
+    fit = g.add("fit", lambda r: s.fit(r[convert], r[reference], r.optional(imatrix)), (*source, reference))
+    quantize = g.add(
+        f"quantize:{s.layout.fit_label}",
+        lambda r: s.quantize(r[fit].profile, r[convert], r.optional(imatrix)),
+        (fit, *source),
+    )
+    return fit, quantize
+
+
+def _score_fitted(
+    s: ExportStages,
+    fit: Stage[FitRecord],
+    reference: Stage[Reference],
+    convert: Stage[BuiltGGUF],
+    built: Stage[BuiltGGUF],
+) -> Callable[[Results], ArtifactQuality | None]:
+    return lambda r: s.score(r[fit].profile, r[reference], r[convert], r[built])
+
+
+def _reference(
+    s: ExportStages, merge: Stage[MergedModel], convert: Stage[BuiltGGUF], choose: Stage[QloraChoice] | None
+) -> Callable[[Results], Reference]:
+    return lambda r: s.reference(r[merge], r[convert], r.optional(choose))
 
 
 def _quantize(

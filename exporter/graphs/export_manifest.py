@@ -15,6 +15,7 @@ from exporter.inputs.records import BuiltGGUF, MergedModel, ModelInputs
 from exporter.quality.imatrix import ImatrixStage
 from exporter.quality.tokenizer_parity import ParityReport
 from exporter.stages.chat import ChatRecord, parity_to_json
+from exporter.stages.fit import FitRecord
 from exporter.stages.merge import MERGED_DIR
 from exporter.stages.qlora import QloraChoice
 from exporter.stages.quality import QualitySummary
@@ -45,7 +46,8 @@ class ExportRecords:
     chat: ChatRecord
     f16: BuiltGGUF
     imatrix: ImatrixStage | None
-    quantized: dict[str, BuiltGGUF]  # profile name -> its GGUF
+    fit: FitRecord | None
+    quantized: dict[str, BuiltGGUF]  # profile name (or the fitted profile's) -> its GGUF
     parity: ParityReport
     deployed: Deployed
     stops: dict[str, StopCheck]
@@ -87,6 +89,17 @@ def export_sections(s: ExportStages, records: ExportRecords) -> dict[str, Any]:
     }
     if records.imatrix is not None:
         sections["imatrix"] = records.imatrix.to_json(out)
+    if records.fit is not None:
+        fit = records.fit
+        sections["fit"] = {
+            **fit.section(),
+            "profile_file": {
+                "path": fit.profile_file.name,
+                "sha256": s.run.cache.hashes.sha256(fit.profile_file),
+            },
+            "overrides": fit.profile.overrides.model_dump(mode="json"),
+            "reproduce": f"--profile-file {fit.profile_file.name} --profile {fit.profile.name}",
+        }
     if records.choice is not None:
         sections["merge_base"] = records.choice.section(s.run.seconds)
     return sections
@@ -150,4 +163,7 @@ def manifest_options(s: ExportStages, records: ExportRecords) -> dict[str, Any]:
         "trust_remote_code": options.inputs.trust_remote_code,
         "reference_dtype": s.quality.reference_dtype,
         "merge_base": None if records.choice is None else records.choice.decision.mode,
+        "fit": None
+        if options.fit is None
+        else {"budget": options.fit.text, "max_trials": options.fit.max_trials},
     }

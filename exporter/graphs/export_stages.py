@@ -21,6 +21,7 @@ from exporter.quality.imatrix import ImatrixStage
 from exporter.quality.reference import ArtifactQuality, Reference
 from exporter.quality.tokenizer_parity import ParityReport, check_embedded_chat_template
 from exporter.stages.chat import ChatRecord, chat_stage, parity_stage, report_template_choice
+from exporter.stages.fit import FitRecord, fit_stage, search_windows
 from exporter.stages.gguf import convert_merged, merged_convert_key, quantize_from
 from exporter.stages.imatrix import computed_imatrix_stage, given_imatrix_stage
 from exporter.stages.merge import MERGED_DIR, check_float16_range, merge_stage, release_weights
@@ -122,6 +123,12 @@ class ExportStages:
         target = self.layout.gguf(profile.name)
         return quantize_from(self.run, f"quantize:{profile.name}", f16, profile, target, imatrix)
 
+    def fit(self, f16: BuiltGGUF, reference: Reference, imatrix: ImatrixStage | None) -> FitRecord:
+        fit, label = self.options.fit, self.layout.fit_label
+        assert fit is not None and label is not None
+        target = self.layout.profile_file(label)
+        return fit_stage(self.run, fit, f16, reference, imatrix, self.registry, self.quality, target)
+
     def parity(self, merged: MergedModel, f16: BuiltGGUF) -> ParityReport:
         new_from = tokenizer_size(self.inputs.base_dir)  # the tokens an adapter added come after the base's
         return parity_stage(self.run, f16.key, merged.path, f16.path, new_from=new_from)
@@ -198,8 +205,10 @@ class ExportStages:
             return None  # scored once, as the unquantized GGUF
         a = (f16 if built is None else built).artifact
         name = f"quality:{'source' if profile is None else profile.name}"
-        metrics = score_stage(self.run, name, reference, a.path, a.sha256, self.quality)
-        label_profile = self.registry.get(a.profile)
+        held_out = search_windows(reference)[1] if self.options.fit else None
+        metrics = score_stage(self.run, name, reference, a.path, a.sha256, self.quality, held_out=held_out)
+        fitted = profile is not None and profile.name == a.profile and profile.name == self.layout.fit_label
+        label_profile = profile if fitted and profile is not None else self.registry.get(a.profile)
         quality = judged(
             a.profile, a.path, a.size_bytes, a.bits_per_weight, metrics, label_profile, self.quality
         )
@@ -210,11 +219,17 @@ class ExportStages:
         return quality
 
     def report(
-        self, reference: Reference, scored: list[ArtifactQuality | None], choice: QloraChoice | None
+        self,
+        reference: Reference,
+        scored: list[ArtifactQuality | None],
+        choice: QloraChoice | None,
+        fit: FitRecord | None = None,
     ) -> QualitySummary:
         items = [q for q in scored if q is not None]
         items.sort(key=lambda item: -item.size_bytes)  # largest (closest to the fine-tune) first
-        extra = {"merge_base": choice.section(self.run.seconds)} if choice else None
+        extra = {"merge_base": choice.section(self.run.seconds)} if choice else {}
+        if fit is not None:
+            extra["fit"] = fit.section()
         return write_quality_report(
             self.run, self.layout.name, self.inputs, reference, self.quality, items, extra
         )

@@ -8,6 +8,7 @@ is refused here, before any work, with the flag that carries it named in the mes
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -185,6 +186,43 @@ class QloraOptions:
             raise InputError(f"--merge-base {self.merge_base!r}: use w16, dequant or auto.")
 
 
+DEFAULT_FIT_TRIALS = 120
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """--fit SIZE or --fit-bpw BITS: one more GGUF, the mix of types the search finds best within the budget."""
+
+    text: str  # the budget as given, which names the fitted profile
+    budget_bytes: int | None = None
+    bits_per_weight: float | None = None
+    max_trials: int = DEFAULT_FIT_TRIALS
+
+    def __post_init__(self) -> None:
+        if (self.budget_bytes is None) == (self.bits_per_weight is None):
+            raise InputError("Give --fit SIZE or --fit-bpw BITS, not both.")
+        if self.bits_per_weight is not None and not 1.0 <= self.bits_per_weight < 16.0:
+            raise InputError(
+                f"--fit-bpw {self.bits_per_weight}: give the bits per weight of the file, between 1 and 16 "
+                "(16 is the F16 file itself)."
+            )
+        if self.max_trials < 2:
+            raise InputError(f"--fit-trials {self.max_trials}: the search needs at least 2 trials.")
+
+    @property
+    def label(self) -> str:
+        """The fitted profile's name: FIT-2.5GB, FIT-4.3bpw."""
+        unit = "bpw" if self.bits_per_weight is not None else ""
+        return "FIT-" + re.sub(r"[^A-Za-z0-9_.-]", "", self.text) + unit
+
+    def budget_for(self, n_params: int) -> int:
+        """The budget in bytes for a model of `n_params` weights (--fit-bpw: bits per weight of the file)."""
+        if self.budget_bytes is not None:
+            return self.budget_bytes
+        assert self.bits_per_weight is not None
+        return int(self.bits_per_weight * n_params / 8)
+
+
 @dataclass(frozen=True)
 class ExportOptions(ExportingOptions):
     """`edge-export merge-quantize`: merge, convert, quantize, check."""
@@ -195,6 +233,7 @@ class ExportOptions(ExportingOptions):
     imatrix: Path | None = None  # an importance-matrix GGUF to use instead of computing one
     qlora: QloraOptions = field(default_factory=QloraOptions)
     keep_merged: bool = False  # keep the merged weights once the 16-bit GGUF holds them
+    fit: FitOptions | None = None  # --fit / --fit-bpw
 
     def __post_init__(self) -> None:
         if self.calibration is not None and self.imatrix is not None:

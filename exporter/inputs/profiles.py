@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from exporter.core.errors import InputError
 from exporter.inputs.options import ProfileOptions
-from quant_profiles import ProfileError, ProfileRegistry, QuantProfile, builtin_profiles
+from quant_profiles import ProfileError, ProfileRegistry, QuantProfile, builtin_profiles, load_profile_file
 
 
 def resolve_profiles(options: ProfileOptions) -> tuple[ProfileRegistry, list[QuantProfile]]:
@@ -19,10 +19,15 @@ def resolve_profiles(options: ProfileOptions) -> tuple[ProfileRegistry, list[Qua
     return registry, list({p.name: p for p in profiles}.values())
 
 
-def requested_profiles(options: ProfileOptions) -> tuple[ProfileRegistry, list[QuantProfile]]:
-    """resolve_profiles for a command that quantizes: at least one profile must be named."""
+def requested_profiles(
+    options: ProfileOptions, allow_none: bool = False
+) -> tuple[ProfileRegistry, list[QuantProfile]]:
+    """resolve_profiles for a command that quantizes: at least one profile must be named (unless
+    `allow_none`: --fit makes one), and --profile-file with no --profile asks for the file's profiles."""
     registry, profiles = resolve_profiles(options)
-    if not profiles:
+    if not profiles and options.files and not allow_none:
+        profiles = [load_profile_file(f) for f in options.files]
+    if not profiles and not allow_none:
         raise InputError(
             "No --profile given. Name at least one, e.g. --profile Q4_K_M (see `edge-export profiles`)."
         )

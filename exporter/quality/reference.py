@@ -298,9 +298,11 @@ def evaluate_gguf(
     options: QualityOptions,
     lora: Path | None = None,
     losses: Path | None = None,
+    held_out: list[int] | None = None,
 ) -> dict[str, Any]:
     """Metrics of one GGUF (with `lora`: base GGUF + runtime GGUF LoRA) against the reference; with
-    `losses`, its per-token loss is saved there too (.npy).
+    `losses`, its per-token loss is saved there too (.npy); with `held_out` (windows of the evaluation
+    data a fit search did not use), also the mean KLD and top-1 agreement on those windows alone.
 
     The GGUF runs in a llama.cpp child process.
     """
@@ -321,6 +323,11 @@ def evaluate_gguf(
         metrics = summarize(scores["kld"], scores["same_top"], scores["nll"], reference.nll)
         if losses is not None:
             np.save(losses, scores["nll"])
+        if held_out is not None:
+            mask = window_mask(reference, held_out)
+            metrics["held_out_mean_kld"] = float(np.mean(scores["kld"][mask]))
+            metrics["held_out_top1"] = float(np.mean(scores["same_top"][mask]))
+            metrics["held_out_tokens"] = int(mask.sum())
     metrics.update(greedy_agreement(reference.greedy, result["greedy"]))
     floor = reference.base_metrics["mean_kld"]
     metrics["adapter_effect_kept"] = 1.0 - metrics["mean_kld"] / floor if floor > 0 else None
@@ -331,6 +338,13 @@ def evaluate_gguf(
         result["generated_tokens"] / result["generate_seconds"] if result["generate_seconds"] else None
     )
     return metrics
+
+
+def window_mask(reference: Reference, windows: list[int]) -> np.ndarray:
+    """The scored positions that belong to `windows` of the evaluation data."""
+    lengths = [len(s) - 1 for s in reference.eval.sequences]
+    chosen = set(windows)
+    return np.concatenate([np.full(n, i in chosen) for i, n in enumerate(lengths)])
 
 
 def apply_gates(

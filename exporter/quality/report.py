@@ -20,6 +20,7 @@ from exporter.core.atomic import atomic_target, write_text_atomic
 from exporter.core.units import mib
 from exporter.inputs.options import QualityOptions
 from exporter.qlora.report import merge_base_markdown
+from exporter.quality.fit_report import fit_markdown
 from exporter.quality.reference import ArtifactQuality, PairQuality, Reference
 
 REPORT_JSON = "report.json"
@@ -213,6 +214,8 @@ def render_markdown(data: dict[str, Any], plot: str | None) -> str:
         lines += ["", f"![size against mean KL divergence]({plot})", ""]
     if "merge_base" in data:
         lines += merge_base_markdown(data["merge_base"])
+    if "fit" in data:
+        lines += fit_markdown(data)
     lines += GLOSSARY
     return "\n".join(lines)
 
@@ -241,9 +244,30 @@ def _plot(data: dict[str, Any], target: Path) -> bool:
     figure, axes = plt.subplots(figsize=(7, 4.5), dpi=110)
     sizes = [p[0] for p in points]
     klds = [max(p[1], 1e-7) for p in points]
-    axes.plot(sizes, klds, "-o", color="#2b6cb0")
+    fitted = data.get("fit", {}).get("profile")
+    uniform = [
+        (s, k) for s, k, p in zip(sizes, klds, points, strict=True) if not p[2].startswith(str(fitted))
+    ]
+    axes.plot([u[0] for u in uniform], [u[1] for u in uniform], "-o", color="#2b6cb0")
     for size, kld, label in zip(sizes, klds, [p[2] for p in points], strict=True):
+        if fitted and label.startswith(fitted):
+            axes.plot([size], [kld], "*", color="#dd6b20", markersize=14)
         axes.annotate(label, (size, kld), textcoords="offset points", xytext=(6, 6), fontsize=9)
+    if fitted:
+        budget = data["fit"]["budget_bytes"] / 2**20
+        axes.axvline(budget, color="#dd6b20", linestyle=":", linewidth=1.2)
+        axes.annotate(
+            f"budget {budget:.0f} MiB",
+            (budget, 0.03),
+            xycoords=("data", "axes fraction"),
+            xytext=(-4, 0),
+            textcoords="offset points",
+            fontsize=8,
+            color="#dd6b20",
+            rotation=90,
+            ha="right",
+            va="bottom",
+        )
     if floor:
         axes.axhline(floor, color="#c53030", linestyle="--", linewidth=1)
         axes.annotate(

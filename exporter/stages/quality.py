@@ -124,21 +124,24 @@ def score_stage(
     sha256: str,
     options: QualityOptions,
     lora: tuple[Path, str] | None = None,
+    held_out: list[int] | None = None,
 ) -> dict[str, Any]:
     """The metrics of one GGUF (with `lora`: base GGUF + GGUF LoRA, each with its sha256) against the
-    reference. An evaluation that crashes gives {"error": …} for that artifact alone (never cached)."""
+    reference (with `held_out` windows: also on those alone). An evaluation that crashes gives
+    {"error": …} for that artifact alone (never cached)."""
     key = quality_key(
         sha256,
         reference.key,
         options.gguf_device,
         run.versions["llama-cpp-python"],
         lora=lora[1] if lora else None,
+        held_out=held_out,
     )
     what = gguf.name + (f" + {lora[0].name}" if lora else "")
 
     def produce(staging: Path, meta: dict[str, Any]) -> None:
         run.report(f"evaluating {what}")
-        metrics = evaluate_gguf(gguf, reference, options, lora=lora[0] if lora else None)
+        metrics = evaluate_gguf(gguf, reference, options, lora=lora[0] if lora else None, held_out=held_out)
         meta.update(metrics=metrics, what=f"quality of {what}")
 
     try:
