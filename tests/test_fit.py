@@ -192,3 +192,26 @@ def test_fit_on_the_demo_model(demo_inputs: DemoInputs, tmp_path: Path) -> None:
     assert fit["metrics"]["held_out_mean_kld"] < rows["Q4_K_M"]["metrics"]["held_out_mean_kld"]
     assert fit["footprint"]["kv_bytes"] > 0  # its row gives memory and speed like every other
     assert fit["metrics"]["generate_tokens_per_s"] > 0
+
+
+def test_batch_plan_entry_with_fit(
+    body: tuple[Path, Path], fitted: tuple[Path, dict[str, Any], int], tmp_path: Path
+) -> None:
+    """fit in a batch plan: the same search (every trial from the cache), one more row in the batch report."""
+    out, _, budget = fitted
+    base, adapter = body
+    plan = tmp_path / "plan.toml"
+    plan.write_text(
+        f'out = "{tmp_path / "batch-out"}"\nprofiles = ["Q4_K_M"]\neval_data = "{DEMO_EVAL}"\n'
+        f'[bases.body]\npath = "{base}"\n'
+        f'[[adapters]]\nname = "body"\npath = "{adapter}"\nfit = "{budget}"\nfit_trials = 50\n'
+    )
+    proc = run_cli("batch", str(plan))
+    assert proc.returncode in (0, 1), proc.stderr + proc.stdout
+    rows = json.loads((tmp_path / "batch-out" / "batch-report.json").read_text())["rows"]
+    fitted_row = next(r for r in rows if r["profile"] == f"FIT-{budget}")
+    assert fitted_row["sha256"][0] == sha256_file(out / f"body-FIT-{budget}.gguf")
+    bad = tmp_path / "bad.toml"
+    bad.write_text(plan.read_text().replace(f'fit = "{budget}"', 'fit = "lots"'))
+    proc = run_cli("batch", str(bad))
+    assert proc.returncode == 2 and "bad.toml:" in proc.stderr and "fit" in proc.stderr

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import functools
 import inspect
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 import typer
+
+from exporter.core import units
 
 Values = dict[str, Any]
 
@@ -81,12 +82,11 @@ def _resolved(annotation: Any, command: Callable[..., Any]) -> Any:
 
 
 def parse_size(text: str) -> int:
-    """`2GB`, `500MB`, `1000000` as bytes."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", text, re.IGNORECASE)
-    if not match:
-        raise typer.BadParameter(f"{text!r} is not a size; write e.g. 2GB, 500MB or 1000000")
-    number, unit = float(match.group(1)), match.group(2).upper()
-    return int(number * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[unit])
+    """`2GB`, `500MB`, `1000000` as bytes (exporter.core.units.parse_size, as a command-line error)."""
+    try:
+        return units.parse_size(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
 
 
 def option(kind: Any, *names: str, **settings: Any) -> Any:

@@ -6,8 +6,19 @@ fixed-unit forms keep a column or an estimate in one unit, so rows compare at a 
 
 from __future__ import annotations
 
+import re
+
 MiB = 1 << 20
 UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
+
+
+def parse_size(text: str) -> int:
+    """`2GB`, `500MB`, `1.5GiB`, `1000000` as bytes (binary units either way); ValueError otherwise."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", text, re.IGNORECASE)
+    if not match:
+        raise ValueError(f"{text!r} is not a size; write e.g. 2GB, 500MB or 1000000")
+    number, unit = float(match.group(1)), match.group(2).upper()
+    return int(number * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[unit])
 
 
 def human_size(size: int) -> str:

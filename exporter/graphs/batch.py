@@ -65,7 +65,9 @@ def job_options(plan: Plan, job: PlanJob, run: RunOptions, force: bool) -> Expor
     # another still converts from.
     merge = (job.adapters, job.base, job.dtype)
     shared = sum(1 for j in plan.jobs if j.kind != "runtime" and (j.adapters, j.base, j.dtype) == merge) > 1
-    return ExportOptions(inputs, output, profiles, run, quality, job.check, job.dtype, keep_merged=shared)
+    return ExportOptions(
+        inputs, output, profiles, run, quality, job.check, job.dtype, keep_merged=shared, fit=job.fit
+    )
 
 
 def prepare(options: ExportOptions | RuntimeLoraOptions) -> Prepared:

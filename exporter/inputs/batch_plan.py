@@ -31,8 +31,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from exporter.core.errors import InputError
+from exporter.core.units import parse_size
 from exporter.inputs.evaldata import check_eval_tokens
-from exporter.inputs.options import parse_gate_overrides
+from exporter.inputs.options import DEFAULT_FIT_TRIALS, FitOptions, parse_gate_overrides
 
 
 class _Strict(BaseModel):
@@ -60,6 +61,9 @@ class _Adapter(_Settings):
     merge: list[_Part] | None = None
     name: str | None = None
     base: str | None = None
+    fit: str | None = None  # merge-quantize --fit SIZE
+    fit_bpw: float | None = None  # --fit-bpw BITS
+    fit_trials: int = DEFAULT_FIT_TRIALS
 
 
 class _RuntimeGroup(_Settings):
@@ -94,6 +98,7 @@ class PlanJob:
     gates: tuple[str, ...]
     dtype: str | None
     eval_tokens: str = "auto"
+    fit: FitOptions | None = None
 
 
 @dataclass(frozen=True)
@@ -245,7 +250,21 @@ def _job(
         gates,
         setting("dtype"),
         eval_tokens,
+        _fit(entry, checker, loc) if isinstance(entry, _Adapter) else None,
     )
+
+
+def _fit(entry: _Adapter, checker: _Checker, loc: tuple[Any, ...]) -> FitOptions | None:
+    """An entry's fit = "2.5GB" or fit_bpw = 4.3, as --fit / --fit-bpw."""
+    if entry.fit is None and entry.fit_bpw is None:
+        return None
+    try:
+        if entry.fit is not None:
+            return FitOptions(entry.fit, parse_size(entry.fit), entry.fit_bpw, entry.fit_trials)
+        return FitOptions(f"{entry.fit_bpw:g}", None, entry.fit_bpw, entry.fit_trials)
+    except (ValueError, InputError) as exc:
+        message = str(exc).replace("--fit-bpw", "fit_bpw").replace("--fit", "fit")
+        raise checker.error((*loc, "fit"), message) from exc
 
 
 class _Checker:
