@@ -175,21 +175,23 @@ def test_budgets_out_of_reach_are_refused_and_leave_nothing(
 
 
 def test_fit_on_the_demo_model(demo_inputs: DemoInputs, tmp_path: Path) -> None:
-    """SmolLM2-135M: 576-wide rows, so most rungs fall back to 32-block types; one band of layers."""
+    """SmolLM2-135M: 576-wide rows, so most rungs fall back to 32-block types; one band of layers. The uniform
+    profiles are the demo export's own (a profile no other test asks for would be cached for them)."""
     out = tmp_path / "demo"
     budget = "104MiB"  # between Q4_K_M (100.6 MiB) and Q5_K_M (106.9 MiB)
     # fmt: off
     proc = run_cli("merge-quantize", "--adapter", str(demo_inputs.adapter), "--base", str(demo_inputs.base),
-                   "--name", "smollm2-pirate", "--profile", "Q4_K_M", "--profile", "Q5_K_M", "--fit", budget,
+                   "--name", "smollm2-pirate", "--profile", "Q4_K_M", "--profile", "Q2_K", "--fit", budget,
                    "--fit-trials", "40", "--out", str(out), "--eval-data", str(DEMO_EVAL))
     # fmt: on
     assert proc.returncode in (0, 1), proc.stderr + proc.stdout
     report = json.loads((out / "report.json").read_text())
     rows = {row["label"]: row for row in report["artifacts"]}
     fit = rows[f"FIT-{budget}"]
-    assert fit["size_bytes"] <= 104 * 2**20 < rows["Q5_K_M"]["size_bytes"]
+    assert rows["Q4_K_M"]["size_bytes"] < fit["size_bytes"] <= 104 * 2**20
     assert report["fit"]["bands"] == 1
-    assert fit["metrics"]["held_out_mean_kld"] < rows["Q4_K_M"]["metrics"]["held_out_mean_kld"]
+    for rival in ("Q4_K_M", "Q2_K"):
+        assert fit["metrics"]["held_out_mean_kld"] < rows[rival]["metrics"]["held_out_mean_kld"], rival
     assert fit["footprint"]["kv_bytes"] > 0  # its row gives memory and speed like every other
     assert fit["metrics"]["generate_tokens_per_s"] > 0
 

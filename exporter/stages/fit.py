@@ -134,7 +134,9 @@ def fit_stage(
     run.report(
         f"fit search: {len(groups)} tensor groups ({bands} band{'s' if bands > 1 else ''} of layers) × the "
         f"types {', '.join(LADDER)}: {trial_count(groups)} trials, each a quantization of {f16.path.name} "
-        f"and a score on {tokens} tokens (the even windows; the odd ones are held out); --fit-trials bounds it"
+        f"and a score on {tokens} tokens (the even windows; the odd ones are held out): about "
+        f"{base['seconds'] * trial_count(groups) / 60:.1f} min at the first trial's {base['seconds']:.1f} s, less "
+        "what the cache holds; --fit-trials bounds it"
     )
     costs = trials.costs(groups, base["mean_kld"])
     choice = solve(layout, groups, costs, base["mean_kld"], budget)
