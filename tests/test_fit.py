@@ -217,3 +217,16 @@ def test_batch_plan_entry_with_fit(
     bad.write_text(plan.read_text().replace(f'fit = "{budget}"', 'fit = "lots"'))
     proc = run_cli("batch", str(bad))
     assert proc.returncode == 2 and "bad.toml:" in proc.stderr and "fit" in proc.stderr
+
+
+def test_check_rescores_a_fitted_export_with_its_profile_file(
+    fitted: tuple[Path, dict[str, Any], int], tmp_path: Path
+) -> None:
+    out, _, budget = fitted
+    copy = shutil.copytree(out, tmp_path / "copy")
+    proc = run_cli("check", "--manifest", str(copy / "manifest.json"), "--eval-data", str(DEMO_EVAL))
+    assert proc.returncode in (0, 1), proc.stderr + proc.stdout
+    assert f"FIT-{budget}" in proc.stdout
+    (copy / f"body-FIT-{budget}.profile.toml").write_text("")  # the file the manifest names, changed
+    proc = run_cli("check", "--manifest", str(copy / "manifest.json"), "--eval-data", str(DEMO_EVAL))
+    assert proc.returncode == 2 and "profile.toml is missing or differs" in proc.stderr

@@ -81,6 +81,16 @@ def verified_inputs(manifest: Manifest, source: Path) -> ModelInputs:
     )
 
 
+def verified_file(path: Path, sha256: str, manifest: Path) -> Path:
+    """A file the manifest lists beside it, with the hash recorded there."""
+    if not path.is_file() or sha256_file(path) != sha256:
+        raise InputError(
+            f"{path} is missing or differs from the file {manifest} recorded (sha256 {sha256[:12]}…); restore it "
+            "or export again."
+        )
+    return path
+
+
 def check_manifest(options: CheckOptions, report: Reporter = silent) -> CheckResult:
     """Re-evaluate an export for CI: verify files, score against the reference, gates, baseline, JUnit."""
     manifest = Manifest.read(options.manifest)
@@ -89,6 +99,9 @@ def check_manifest(options: CheckOptions, report: Reporter = silent) -> CheckRes
     merged = root / manifest.sections.get("merge", {}).get("path", MERGED_DIR)
     tokenizer_dir = merged if (merged / "tokenizer_config.json").is_file() else inputs.base_dir
     files = tuple(Path(p) for p in manifest.options.get("profile_files", []))
+    fitted = manifest.sections.get("fit", {}).get("profile_file")
+    if fitted:  # --fit's profile, written beside the manifest (with its gates)
+        files = (*files, verified_file(root / fitted["path"], fitted["sha256"], options.manifest))
     registry, _ = resolve_profiles(ProfileOptions(names=(), files=files))
     quality = replace(options.quality, trust_remote_code=bool(manifest.options.get("trust_remote_code")))
     if options.run.max_memory:
