@@ -92,6 +92,14 @@ def test_knapsack_is_the_best_mix_within_the_budget(tmp_path: Path) -> None:
         assert choice.predicted_kld == pytest.approx(best, abs=1e-9)
 
 
+def test_fit_options_name_the_profile_and_the_budget() -> None:
+    from exporter.inputs.options import FitOptions
+
+    assert FitOptions("2.5GB", budget_bytes=2_684_354_560).label == "FIT-2.5GB"
+    bpw = FitOptions("4.3", bits_per_weight=4.3)
+    assert bpw.label == "FIT-4.3bpw" and bpw.budget_for(1_000_000) == 537_500
+
+
 def _export(base: Path, adapter: Path, out: Path, *extra: str) -> Any:
     # fmt: off
     return run_cli("merge-quantize", "--adapter", str(adapter), "--base", str(base), "--name", "body",
@@ -167,6 +175,10 @@ def test_budgets_out_of_reach_are_refused_and_leave_nothing(
     assert proc.returncode == 2 and "out of reach" in proc.stderr and not out.exists()
     proc = _export(*body, out, "--fit", "2GB")  # above the F16 file
     assert proc.returncode == 2 and "--profile F16" in proc.stderr and not out.exists()
+    proc = _export(*body, out, "--fit-bpw", "2")  # bits per weight of the file: below Q2_K everywhere
+    assert proc.returncode == 2 and "--fit-bpw 2 (" in proc.stderr and not out.exists(), proc.stderr
+    proc = _export(*body, out, "--fit-bpw", "0.5")
+    assert proc.returncode == 2 and "between 1 and 16" in proc.stderr and not out.exists()
     below = report["fit"]["reach"]["smallest"] - 1  # passes the estimate; the exact sizes refuse it
     proc = _export(*body, out, "--fit", str(below), "--fit-trials", "50")
     assert proc.returncode == 2, proc.stderr + proc.stdout

@@ -167,12 +167,12 @@ def check_fit_options(options: ExportOptions, registry: ProfileRegistry) -> None
         return
     if not options.check:
         raise InputError(
-            f"--fit {options.fit.text} measures each tensor group against the unmerged reference, which "
+            f"{options.fit.flag} measures each tensor group against the unmerged reference, which "
             "--no-check skips. Drop --no-check, or choose a --profile instead of --fit."
         )
     if options.fit.label.casefold() in (n.casefold() for n in registry.names()):
         raise InputError(
-            f"--fit {options.fit.text} names its profile {options.fit.label}, and a --profile-file already "
+            f"{options.fit.flag} names its profile {options.fit.label}, and a --profile-file already "
             f"defines a profile of that name. To rebuild that file, pass --profile {options.fit.label} without "
             "--fit; to search again, move the earlier profile file out of the way."
         )
@@ -189,7 +189,7 @@ def check_fit_reach(options: ExportOptions, base_dir: Path) -> None:
     if reach.smallest * 0.98 <= budget < reach.largest * 1.02:
         return
     raise InputError(
-        f"--fit {fit.text} ({human_size(budget)}) is out of reach for the base {base_dir}: mixes of "
+        f"{fit.flag} ({human_size(budget)}) is out of reach for the base {base_dir}: mixes of "
         f"{', '.join(LADDER)} go from about {human_size(reach.smallest)} to about {human_size(reach.largest)} "
         "(every tensor at F16), before the GGUF's metadata. Pass a budget in that range, or --profile F16 for "
         "the unquantized file."

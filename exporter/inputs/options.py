@@ -210,6 +210,11 @@ class FitOptions:
             raise InputError(f"--fit-trials {self.max_trials}: the search needs at least 2 trials.")
 
     @property
+    def flag(self) -> str:
+        """The option as given, for messages: `--fit 2.5GB`, `--fit-bpw 4.3`."""
+        return f"--fit-bpw {self.text}" if self.bits_per_weight is not None else f"--fit {self.text}"
+
+    @property
     def label(self) -> str:
         """The fitted profile's name: FIT-2.5GB, FIT-4.3bpw."""
         unit = "bpw" if self.bits_per_weight is not None else ""

@@ -184,7 +184,7 @@ def check_budget(fit: FitOptions, budget: int, reachable: Reach, gguf: Path) -> 
     if reachable.smallest <= budget < reachable.largest:
         return
     raise InputError(
-        f"--fit {fit.text} ({human_size(budget)}) is out of reach for {gguf.name}: the mixes of "
+        f"{fit.flag} ({human_size(budget)}) is out of reach for {gguf.name}: the mixes of "
         f"{', '.join(LADDER)} go from {human_size(reachable.smallest)} ({reachable.smallest} bytes) to "
         f"{human_size(reachable.largest)} ({reachable.largest} bytes, every tensor at F16). Pass a budget in "
         "that range, or --profile F16 for the unquantized file."
