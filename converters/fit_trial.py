@@ -28,10 +28,12 @@ def run_trial(
     imatrix: Path | None = None,
     device: str = "cpu",
     keep: bool = False,
+    metadata: dict[str, str | int] | None = None,
 ) -> dict[str, Any]:
     """Quantize `source` to `ftype` with `tensor_types` (pattern -> ggml type) in `scratch`, score it on
     `sequences` against `reference_file`; returns {"mean_kld", "size_bytes", "seconds"}. With `keep`, the
-    quantized file stays at scratch/trial.gguf for the caller to read (and remove)."""
+    quantized file stays at scratch/trial.gguf for the caller to read (and remove). `metadata`: extra GGUF
+    keys, as converters.quantize writes them (the fitted file's own, so that its header is sized too)."""
     nthread = threads or os.cpu_count() or 1
     request = {
         "source": str(source),
@@ -43,7 +45,7 @@ def run_trial(
         "token_embedding_type": None,
         "tensor_types": {pattern: GGML_TYPES[t] for pattern, t in tensor_types.items()},
         "imatrix": str(imatrix) if imatrix else None,
-        "metadata": {},
+        "metadata": metadata or {},
         "sequences": [list(s) for s in sequences],
         "reference": str(reference_file),
         "n_ctx": max(len(s) for s in sequences),

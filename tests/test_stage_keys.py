@@ -55,6 +55,8 @@ PINNED = {
     "reference-as-trained": "b5ec7573cd2015a46307be3d19db1175d80242e41b81dc9ad673165245a018cc",
     "dequantize": "05f1ce3453982ffbb5b2351e267ce31e1305a936878643460977fb4ba2a56007",
     "losses": "4e9450b33d8062fc8f7073e5073e8a6fa476fe1c11953edcb5c4694afceda752",
+    "quality-held-out": "c6d807ef8a3ff2f8b4c3662e91237cb8382f9780f5e50637b3c21b5f645e9815",
+    "fit-trial": "10614f02486907af9c64cafc866230d22658d974b4d2dcc65e7aa86415328eee",
 }
 # The runtime quality key before it named llama-cpp-python (results went stale after an upgrade).
 OLD_RUNTIME_QUALITY = "50319c9b8890627b76a59831812581210ad16c3a994029a147c8974617d7a6df"
@@ -88,6 +90,10 @@ def computed() -> dict[str, str]:
         ),
         "dequantize": keys.dequantize_key(INPUTS["base"], TRAINED_ON, VERSIONS),
         "losses": keys.losses_key(keys.quality_key("1" * 64, "2" * 64, "cpu", "0.3.36")),
+        "quality-held-out": keys.quality_key("1" * 64, "2" * 64, "cpu", "0.3.36", held_out=[1, 3]),
+        "fit-trial": keys.fit_trial_key(
+            convert, "2" * 64, [0, 2], {"blk.0.attn_q.weight": "Q4_K"}, None, "0.3.36"
+        ),
     }
 
 

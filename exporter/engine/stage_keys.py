@@ -216,9 +216,11 @@ def fit_trial_key(
     tensor_types: dict[str, str],
     imatrix: str | None,
     llama_cpp_python: str,
+    metadata: dict[str, str | int] | None = None,
 ) -> str:
     """One trial of the fit search: the 16-bit GGUF quantized with these types per tensor (the name of
-    every tensor named, so the key does not depend on how the tensors were grouped), scored on `windows`."""
+    every tensor named, so the key does not depend on how the tensors were grouped) and these extra GGUF
+    keys (whose size the search's prediction counts), scored on `windows`."""
     return stage_key(
         {
             "stage": "fit-trial",
@@ -227,6 +229,7 @@ def fit_trial_key(
             "windows": windows,
             "tensor_types": tensor_types,
             "imatrix": imatrix,
+            "metadata": metadata or {},
             "llama-cpp-python": llama_cpp_python,
         }
     )

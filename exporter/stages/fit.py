@@ -120,6 +120,7 @@ def fit_stage(
     tensors = candidate_tensors(layout)
     base = trials.measure({t.name: BACKGROUND for t in tensors}, "every tensor at Q8_0", keep=True)
     tensors = [t for t in tensors if t.name in base["quantized"]]
+    layout = FileLayout(layout.tensors, base["overhead"])  # the quantizer's header (its keys, an imatrix's)
     chosen = choose_bands(tensors, fit.max_trials)
     if chosen is None:
         needed = trial_count(tensor_groups(tensors, 1))
@@ -212,6 +213,7 @@ class Trials:
 
     def measure(self, types: dict[str, str], what: str, keep: bool = False) -> dict[str, Any]:
         """The trial with `types` (tensor name -> requested type) for every tensor it names."""
+        metadata = self.imatrix.gguf_metadata() if self.imatrix else None
         key = fit_trial_key(
             self.f16.key,
             self.reference.key,
@@ -219,6 +221,7 @@ class Trials:
             types,
             self.imatrix.key if self.imatrix else None,
             self.run.versions["llama-cpp-python"],
+            metadata,
         )
 
         def produce(staging: Path, meta: dict[str, Any]) -> None:
@@ -236,12 +239,14 @@ class Trials:
                 self.imatrix.cached if self.imatrix else None,
                 self.quality.gguf_device,
                 keep=keep,
+                metadata=metadata,
             )
             subset.unlink()
             if keep:
                 written = FileLayout.of(staging / "trial.gguf")
                 source = {t.name: t.ggml_type for t in FileLayout.of(self.f16.path).tensors}
                 result["quantized"] = [t.name for t in written.tensors if t.ggml_type != source[t.name]]
+                result["overhead"] = written.overhead  # header and metadata as the fitted file will have them
                 (staging / "trial.gguf").unlink()
             meta.update(result, what=f"fit trial: {what}")
             self.measured += 1
