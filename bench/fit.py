@@ -27,23 +27,21 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "bench" / ".work" / "fit"
 EVAL = ROOT / "exporter" / "data" / "demo_eval.jsonl"
-UNIFORM = (
-    "Q2_K",
-    "Q3_K_S",
-    "Q3_K_M",
-    "Q3_K_L",
-    "Q4_0",
-    "Q4_K_S",
-    "Q4_K_M",
-    "Q5_K_S",
-    "Q5_K_M",
-    "Q6_K",
-    "Q8_0",
-)
+sys.path.insert(0, str(ROOT))  # run as a script: the project's packages
+
+
+def uniform_profiles() -> tuple[str, ...]:
+    """Every built-in quantized profile llama.cpp makes without an importance matrix (Q2_K … Q8_0)."""
+    from quant_profiles import builtin_profiles
+
+    return tuple(
+        p.name
+        for p in builtin_profiles().profiles
+        if p.ftype not in ("F16", "BF16", "F32") and not p.needs_imatrix and not p.overrides.tensor_types
+    )
 
 
 def inputs(model: str) -> tuple[Path, Path]:
-    sys.path.insert(0, str(ROOT))
     from demos.inputs import build_demo
 
     base, adapter = build_demo(ROOT / ".cache" / "demo")
@@ -78,8 +76,9 @@ def bench(model: str, n_budgets: int) -> list[str]:
     low, high = sizes["Q3_K_M"], sizes["Q5_K_M"]
     budgets = [low + (high - low) * i // (n_budgets - 1) for i in range(n_budgets)]
     first_budget = budgets[0]  # searched with every uniform profile beside it; the others reuse its trials
-    report = export(model, base, adapter, WORK / model / "all", UNIFORM, first_budget)
-    uniform = [r for r in report["artifacts"] if r["label"] in UNIFORM]
+    names = uniform_profiles()
+    report = export(model, base, adapter, WORK / model / "all", names, first_budget)
+    uniform = [r for r in report["artifacts"] if r["label"] in names]
     rows = [
         f"\n{model}: {report['fit']['trials']} trials over {len(report['fit']['groups'])} tensor groups in "
         f"{report['fit']['bands']} band(s) of layers, costing {report['fit']['trial_seconds']:.0f} s once; "

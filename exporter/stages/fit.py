@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -61,8 +62,8 @@ def search_windows(reference: Reference) -> tuple[list[int], list[int]]:
     return list(range(0, n, 2)), list(range(1, n, 2))
 
 
-def write_subset(reference: Reference, windows: list[int], target: Path) -> list[list[int]]:
-    """The reference's log-probs of `windows` alone, written to `target` (npz); their sequences."""
+def write_subset(reference: Reference, windows: list[int], target: Path) -> None:
+    """The reference's log-probs of `windows` alone, written to `target` (npz)."""
     starts = np.cumsum([0] + [len(s) - 1 for s in reference.eval.sequences])
     with np.load(reference.file) as data:
         idx, lp = data["idx"], data["lp"]
@@ -70,7 +71,6 @@ def write_subset(reference: Reference, windows: list[int], target: Path) -> list
         np.savez(
             target, idx=np.concatenate([idx[p] for p in parts]), lp=np.concatenate([lp[p] for p in parts])
         )
-    return [list(reference.eval.sequences[w]) for w in windows]
 
 
 @dataclass(frozen=True)
@@ -116,30 +116,31 @@ def fit_stage(
     n_params = f16.header.n_params
     budget = fit.budget_for(n_params)
     searched, held_out = search_windows(reference)
-    trials = Trials(run, f16, reference, imatrix, quality, searched)
-    tensors = candidate_tensors(layout)
-    base = trials.measure({t.name: BACKGROUND for t in tensors}, "every tensor at Q8_0", keep=True)
-    tensors = [t for t in tensors if t.name in base["quantized"]]
-    layout = FileLayout(layout.tensors, base["overhead"])  # the quantizer's header (its keys, an imatrix's)
-    chosen = choose_bands(tensors, fit.max_trials)
-    if chosen is None:
-        needed = trial_count(tensor_groups(tensors, 1))
-        raise InputError(
-            f"--fit-trials {fit.max_trials} is too few: one band of layers already takes {needed} trials for "
-            f"{f16.path.name}. Pass --fit-trials {needed} or more."
+    with Trials(run, f16, layout, reference, imatrix, quality, searched) as trials:
+        tensors = candidate_tensors(layout)
+        base = trials.measure({t.name: BACKGROUND for t in tensors}, "every tensor at Q8_0", keep=True)
+        tensors = [t for t in tensors if t.name in base["quantized"]]
+        # the header the quantizer writes (its keys, an importance matrix's) is the one the sizes count
+        layout = FileLayout(layout.tensors, base["overhead"])
+        chosen = choose_bands(tensors, fit.max_trials)
+        if chosen is None:
+            needed = trial_count(tensor_groups(tensors, 1))
+            raise InputError(
+                f"--fit-trials {fit.max_trials} is too few: one band of layers already takes {needed} trials for "
+                f"{f16.path.name}. Pass --fit-trials {needed} or more."
+            )
+        bands, groups = chosen
+        reachable = reach(layout, groups)
+        check_budget(fit, budget, reachable, f16.path)
+        tokens = sum(len(s) - 1 for s in trials.sequences)
+        run.report(
+            f"fit search: {len(groups)} tensor groups ({bands} band{'s' if bands > 1 else ''} of layers) × the "
+            f"types {', '.join(LADDER)}: {trial_count(groups)} trials, each a quantization of {f16.path.name} "
+            f"and a score on {tokens} tokens (the even windows; the odd ones are held out): about "
+            f"{base['seconds'] * trial_count(groups) / 60:.1f} min at the first trial's {base['seconds']:.1f} s, less "
+            "what the cache holds; --fit-trials bounds it"
         )
-    bands, groups = chosen
-    reachable = reach(layout, groups)
-    check_budget(fit, budget, reachable, f16.path)
-    tokens = sum(len(s) - 1 for s in trials.sequences)
-    run.report(
-        f"fit search: {len(groups)} tensor groups ({bands} band{'s' if bands > 1 else ''} of layers) × the "
-        f"types {', '.join(LADDER)}: {trial_count(groups)} trials, each a quantization of {f16.path.name} "
-        f"and a score on {tokens} tokens (the even windows; the odd ones are held out): about "
-        f"{base['seconds'] * trial_count(groups) / 60:.1f} min at the first trial's {base['seconds']:.1f} s, less "
-        "what the cache holds; --fit-trials bounds it"
-    )
-    costs = trials.costs(groups, base["mean_kld"])
+        costs = trials.costs(groups, base["mean_kld"])
     choice = solve(layout, groups, costs, base["mean_kld"], budget)
     profile = fitted_profile(fit, groups, choice, registry, n_params, budget, bands, tokens)
     run.guard.claim(profile_file)
@@ -193,23 +194,40 @@ def check_budget(fit: FitOptions, budget: int, reachable: Reach, gguf: Path) -> 
 
 
 class Trials:
-    """The search's measurements, each cached as a stage entry of its own."""
+    """The search's measurements, each cached as a stage entry of its own. `layout`: the 16-bit GGUF's;
+    used as a context manager, it holds a scratch folder where the reference's log-probs on the searched
+    windows are written, once, for the trials not in the cache."""
 
     def __init__(
         self,
         run: Run,
         f16: BuiltGGUF,
+        layout: FileLayout,
         reference: Reference,
         imatrix: ImatrixStage | None,
         quality: QualityOptions,
         windows: list[int],
     ):
         self.run, self.f16, self.reference, self.imatrix, self.quality = run, f16, reference, imatrix, quality
+        self.source_types = {t.name: t.ggml_type for t in layout.tensors}
         self.windows = windows
         self.sequences = [list(reference.eval.sequences[w]) for w in windows]
         self.measured = 0
         self.seconds = 0.0
-        self._subset: Path | None = None
+        self._scratch = tempfile.TemporaryDirectory(prefix="edge-export-fit-")
+        self._subset: Path | None = None  # written by the first trial measured
+
+    def __enter__(self) -> Trials:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._scratch.cleanup()
+
+    def subset(self) -> Path:
+        if self._subset is None:
+            self._subset = Path(self._scratch.name) / "reference.npz"
+            write_subset(self.reference, self.windows, self._subset)
+        return self._subset
 
     def measure(self, types: dict[str, str], what: str, keep: bool = False) -> dict[str, Any]:
         """The trial with `types` (tensor name -> requested type) for every tensor it names."""
@@ -225,8 +243,6 @@ class Trials:
         )
 
         def produce(staging: Path, meta: dict[str, Any]) -> None:
-            subset = staging / "reference.npz"
-            write_subset(self.reference, self.windows, subset)
             patterns = {f"^{re.escape(name)}$": t for name, t in types.items()}
             result = run_trial(
                 self.f16.path,
@@ -234,18 +250,18 @@ class Trials:
                 BACKGROUND,
                 patterns,
                 self.sequences,
-                subset,
+                self.subset(),
                 self.run.options.threads,
                 self.imatrix.cached if self.imatrix else None,
                 self.quality.gguf_device,
                 keep=keep,
                 metadata=metadata,
             )
-            subset.unlink()
             if keep:
                 written = FileLayout.of(staging / "trial.gguf")
-                source = {t.name: t.ggml_type for t in FileLayout.of(self.f16.path).tensors}
-                result["quantized"] = [t.name for t in written.tensors if t.ggml_type != source[t.name]]
+                result["quantized"] = [
+                    t.name for t in written.tensors if t.ggml_type != self.source_types[t.name]
+                ]
                 result["overhead"] = written.overhead  # header and metadata as the fitted file will have them
                 (staging / "trial.gguf").unlink()
             meta.update(result, what=f"fit trial: {what}")
