@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -166,3 +167,40 @@ def template_capabilities(template: str) -> tuple[str, ...]:
     if template_think_tags(template) is not None or "enable_thinking" in template:
         found.append("thinking")
     return tuple(found)
+
+
+def typed_content(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages with each text content as a list of typed parts ([{"type": "text", "text": …}]), the
+    form vision-language processors take; parts already typed stay."""
+    return [
+        {**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m.get("content"), str) else m
+        for m in messages
+    ]
+
+
+def render_either_content(
+    render: Callable[[list[dict[str, Any]]], str], messages: list[dict[str, Any]]
+) -> str:
+    """`render(messages)`, or `render(typed_content(messages))` where the template reads every message's
+    content as typed parts (SmolVLM's) and fails on, or drops, text content: as llama.cpp's Jinja engine
+    does for a template that requires typed content."""
+    from jinja2.exceptions import TemplateError
+
+    failures = (TemplateError, TypeError, KeyError, IndexError)
+    texts = [m["content"] for m in messages if isinstance(m.get("content"), str) and m["content"]]
+    if not texts:
+        return render(messages)
+    try:
+        text = render(messages)
+    except failures as plain_error:
+        try:
+            return render(typed_content(messages))
+        except failures:
+            raise plain_error from None
+    if all(t in text for t in texts):
+        return text
+    try:
+        typed = render(typed_content(messages))
+    except failures:
+        return text
+    return typed if all(t in typed for t in texts) else text

@@ -37,14 +37,17 @@ def convert_hf_to_gguf(
     metadata: dict[str, str] | None = None,
     pre_tokenizer_from: Path | None = None,
     vocab_only: bool = False,
+    mmproj: bool = False,
 ) -> str:
     """Write `target` (a GGUF of `outtype`) from `model_dir`; `target` appears only when complete.
 
-    `metadata` overrides general.* keys (the converter's --metadata), e.g. general.uuid.
-    `pre_tokenizer_from`: a base folder whose tokenizer `model_dir`'s only extends with added tokens
-    (converters.pretokenizer.grown_from): its hash names the pre-tokenizer where `model_dir`'s own is not
-    in llama.cpp's table. `vocab_only` writes the vocabulary and metadata without tensors. Returns the
-    sha256 of `target`, computed while the converter writes it.
+        `metadata` overrides general.* keys (the converter's --metadata), e.g. general.uuid.
+        `pre_tokenizer_from`: a base folder whose tokenizer `model_dir`'s only extends with added tokens
+        (converters.pretokenizer.grown_from): its hash names the pre-tokenizer where `model_dir`'s own is not
+        in llama.cpp's table. `vocab_only` writes the vocabulary and metadata without tensors. `mmproj` writes a
+    vision-language model's multimodal projector (its vision tower and projector, `--mmproj`) instead of its
+    language model. Returns the
+        sha256 of `target`, computed while the converter writes it.
     """
     partial = target.with_name(f".{target.name}.partial")
     metadata_file = target.with_name(f".{target.name}.metadata.json")
@@ -64,6 +67,8 @@ def convert_hf_to_gguf(
     ]
     if vocab_only:
         command.append("--vocab-only")
+    if mmproj:
+        command.append("--mmproj")
     if metadata:
         metadata_file.write_text(json.dumps(metadata))
         command += ["--metadata", str(metadata_file)]

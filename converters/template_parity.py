@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
 
-from converters.chat_probes import PROBES, Probe, template_capabilities
+from converters.chat_probes import PROBES, Probe, render_either_content, template_capabilities
 from converters.errors import StageError
 from converters.llama_tools import LlamaTools
 
@@ -180,14 +180,18 @@ def hf_template_render(template: str, special_tokens: dict[str, str]) -> HFRende
         kwargs: dict[str, Any] = {**special_tokens, **probe.extra}
         if probe.thinking is not None:
             kwargs["enable_thinking"] = probe.thinking
-        result: Any = render_jinja_template(
-            conversations=[probe.hf_messages()],
-            tools=cast(Any, probe.tools),
-            chat_template=template,
-            add_generation_prompt=True,
-            **kwargs,
-        )
-        return str(result[0][0])
+
+        def rendered(messages: list[dict[str, Any]]) -> str:
+            result: Any = render_jinja_template(
+                conversations=[messages],
+                tools=cast(Any, probe.tools),
+                chat_template=template,
+                add_generation_prompt=True,
+                **kwargs,
+            )
+            return str(result[0][0])
+
+        return render_either_content(rendered, probe.hf_messages())
 
     return render
 
@@ -199,11 +203,15 @@ def hf_tokenizer_render(tokenizer: Any) -> HFRender:
         kwargs: dict[str, Any] = dict(probe.extra)
         if probe.thinking is not None:
             kwargs["enable_thinking"] = probe.thinking
-        return str(
-            tokenizer.apply_chat_template(
-                probe.hf_messages(), tools=probe.tools, tokenize=False, add_generation_prompt=True, **kwargs
+
+        def rendered(messages: list[dict[str, Any]]) -> str:
+            return str(
+                tokenizer.apply_chat_template(
+                    messages, tools=probe.tools, tokenize=False, add_generation_prompt=True, **kwargs
+                )
             )
-        )
+
+        return render_either_content(rendered, probe.hf_messages())
 
     return render
 

@@ -162,7 +162,9 @@ def runtime_lora_command(
 
 
 @app.command("merge")
-@with_options(INPUTS, OUTPUT.without("name"), RUN.without("cache", "rehash", "jobs", "threads"))
+@with_options(
+    INPUTS, OUTPUT.without("name", "mmproj_type"), RUN.without("cache", "rehash", "jobs", "threads")
+)
 def merge_command(
     inputs: InputOptions,
     output: OutputOptions,

@@ -20,6 +20,7 @@ from exporter.inputs.options import (
     QualityOptions,
     RunOptions,
 )
+from exporter.inputs.vision import DEFAULT_MMPROJ_TYPE
 
 INPUTS = OptionGroup(
     "inputs",
@@ -85,9 +86,22 @@ OUTPUT = OptionGroup(
             ),
             CURRENT_OLLAMA,
         ),
+        Flag(
+            "mmproj_type",
+            option(
+                str,
+                "--mmproj-type",
+                help="A vision-language model's projector GGUF (<name>-mmproj-<TYPE>.gguf): F16 (exact) or Q8_0.",
+            ),
+            DEFAULT_MMPROJ_TYPE,
+        ),
     ),
     lambda v: OutputOptions(
-        out=v["out"], name=v.get("name"), force=v["force"], ollama_version=v["ollama_version"]
+        out=v["out"],
+        name=v.get("name"),
+        force=v["force"],
+        ollama_version=v["ollama_version"],
+        mmproj_type=v.get("mmproj_type", DEFAULT_MMPROJ_TYPE),
     ),
 )
 

@@ -23,6 +23,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
+from converters.chat_probes import render_either_content
 from converters.errors import InputError
 from exporter.deploy.gotemplate import GoTemplateError, render_go_template
 
@@ -339,8 +340,12 @@ def jinja_render(template: str, special_tokens: dict[str, str]) -> JinjaRender:
 
     def render(messages: list[Message], generation: bool) -> str:
         options: dict[str, Any] = {"add_generation_prompt": generation, **special_tokens}
-        result: Any = render_jinja_template(conversations=[messages], chat_template=template, **options)
-        return str(result[0][0])
+
+        def rendered(chat: list[dict[str, Any]]) -> str:
+            result: Any = render_jinja_template(conversations=[chat], chat_template=template, **options)
+            return str(result[0][0])
+
+        return render_either_content(rendered, list(messages))
 
     return render
 

@@ -28,6 +28,7 @@ from exporter.deploy.chat_template import (
 )
 from exporter.deploy.modelfile_check import parse_modelfile
 from exporter.inputs.base_config import read_base_config
+from exporter.inputs.dialects import render_chat
 from exporter.inputs.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ def chat_spec_or_error(
         return _raw_prompt_spec(stops, parameters), None
 
     def render(messages: list[dict[str, str]], generation: bool) -> str:
-        return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation))
+        return render_chat(tokenizer, messages, generation)
 
     special = {
         *tokenizer.all_special_tokens,
@@ -274,23 +275,21 @@ def write_modelfile(
     header_comment: str,
     license_text: str | None = None,
     adapter: Path | None = None,
+    projector: Path | None = None,
 ) -> None:
     """Write a Modelfile whose FROM is the GGUF's path relative to the Modelfile (atomically, LF endings).
 
-    With `adapter`, an ADAPTER line names a GGUF LoRA that Ollama applies on top of FROM. Each line of
+    With `adapter`, an ADAPTER line names a GGUF LoRA that Ollama applies on top of FROM. With `projector`
+    (a vision-language model's mmproj GGUF), a second FROM names it: Ollama's importer tells it from the
+    model by its metadata (general.type mmproj) and serves it with llama-server --mmproj. Each line of
     `header_comment` becomes a comment line (wrapped).
     """
-    relative = Path(gguf).relative_to(target.parent) if gguf.is_relative_to(target.parent) else gguf
     comments = [f"# {line}" for part in header_comment.splitlines() for line in textwrap.wrap(part, 110)]
-    lines = [
-        *comments,
-        f"FROM ./{relative.as_posix()}" if not relative.is_absolute() else f"FROM {relative}",
-    ]
+    lines = [*comments, f"FROM {_relative(gguf, target)}"]
+    if projector is not None:
+        lines.append(f"FROM {_relative(projector, target)}")
     if adapter is not None:
-        relative = adapter.relative_to(target.parent) if adapter.is_relative_to(target.parent) else adapter
-        lines.append(
-            f"ADAPTER ./{relative.as_posix()}" if not relative.is_absolute() else f"ADAPTER {relative}"
-        )
+        lines.append(f"ADAPTER {_relative(adapter, target)}")
     if spec.go_template:
         lines.append(f"TEMPLATE {_quoted(spec.go_template, 'chat template', target)}")
     if spec.default_system:
@@ -312,3 +311,9 @@ def write_modelfile(
             raise StageError(
                 f"The Modelfile written for {target} does not pass validation: {'; '.join(problems)}"
             )
+
+
+def _relative(path: Path, modelfile: Path) -> str:
+    """A path as a Modelfile names it: ./relative to the Modelfile's folder where it lies below it."""
+    relative = path.relative_to(modelfile.parent) if path.is_relative_to(modelfile.parent) else path
+    return str(relative) if relative.is_absolute() else f"./{relative.as_posix()}"

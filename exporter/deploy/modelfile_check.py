@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from converters.gguf_header import read_gguf_metadata
+
 COMMANDS = {"FROM", "ADAPTER", "TEMPLATE", "SYSTEM", "PARAMETER", "MESSAGE", "LICENSE"}
 PARAMETERS = {
     "num_ctx",
@@ -96,8 +98,12 @@ def parse_modelfile(path: Path) -> tuple[list[Instruction], list[str]]:
 
 def _check_instructions(path: Path, instructions: list[Instruction], problems: list[str]) -> None:
     froms = [i for i in instructions if i.command == "FROM"]
-    if len(froms) != 1:
-        problems.append(f"there must be exactly one FROM, found {len(froms)}")
+    models = [i for i in froms if not _is_projector(path.parent / i.value)]
+    if len(models) != 1 or len(froms) - len(models) > 1:
+        problems.append(
+            f"there must be exactly one FROM for the model, found {len(models)}, and at most one more for a "
+            f"vision model's projector (an mmproj GGUF), found {len(froms) - len(models)}"
+        )
     for instruction in instructions:
         if instruction.command in ("FROM", "ADAPTER"):
             target = Path(instruction.value)
@@ -126,3 +132,17 @@ def _check_instructions(path: Path, instructions: list[Instruction], problems: l
                 problems.append(
                     f"line {instruction.line}: MESSAGE role {role!r} is not one of {sorted(MESSAGE_ROLES)}"
                 )
+
+
+def _is_projector(path: Path) -> bool:
+    """A multimodal projector GGUF (general.type mmproj, or llama.cpp's clip architecture), which Ollama's
+    importer takes from a second FROM line."""
+    if path.suffix != ".gguf" or not path.is_file():
+        return False
+    try:
+        values, _ = read_gguf_metadata(path, ("general.architecture", "general.type"))
+    except (OSError, ValueError):
+        return False
+    return (
+        values.get("general.type") in ("mmproj", "projector") or values.get("general.architecture") == "clip"
+    )

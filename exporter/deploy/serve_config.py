@@ -41,6 +41,7 @@ class ServeConfig:
     adapters: tuple[ServedAdapter, ...] = ()
     llama_cpp_commit: str = ""
     notes: tuple[str, ...] = field(default=())
+    mmproj: Path | None = None  # a vision-language model's projector (--mmproj)
 
     def command(self, folder: Path, port: int = DEFAULT_PORT, host: str = "127.0.0.1") -> list[str]:
         """The launch command, with paths relative to `folder` (the command runs there)."""
@@ -49,6 +50,8 @@ class ServeConfig:
             return f"./{path.relative_to(folder).as_posix()}" if path.is_relative_to(folder) else str(path)
 
         command = ["llama-server", "-m", rel(self.model), "--jinja", "--host", host, "--port", str(port)]
+        if self.mmproj is not None:
+            command += ["--mmproj", rel(self.mmproj)]
         if self.num_ctx:
             command += ["-c", str(self.num_ctx)]
         for adapter in self.adapters:

@@ -31,6 +31,7 @@ from exporter.inputs.safetensors_header import (
     read_header,
 )
 from exporter.inputs.semantics import check_semantics
+from exporter.inputs.vision import check_vision_base, is_vision_language
 from quant_profiles import QuantProfile
 
 if TYPE_CHECKING:
@@ -57,14 +58,15 @@ def check_custom_code(base_dir: Path, config: dict[str, Any], trust_remote_code:
 
 
 @cache
-def supported_architectures(convert_package: Path) -> frozenset[str]:
-    """The text-model architectures llama.cpp's converter registers (read from its source, not imported)."""
+def supported_architectures(convert_package: Path, table: str = "TEXT_MODEL_MAP") -> frozenset[str]:
+    """The architectures llama.cpp's converter registers in `table` (read from its source, not imported):
+    TEXT_MODEL_MAP for language models, MMPROJ_MODEL_MAP for the projectors of vision-language models."""
     tree = ast.parse((convert_package / "__init__.py").read_text(encoding="utf-8"))
     for node in tree.body:
         if (
             isinstance(node, ast.AnnAssign)
             and isinstance(node.target, ast.Name)
-            and node.target.id == "TEXT_MODEL_MAP"
+            and node.target.id == table
             and isinstance(node.value, ast.Dict)
         ):
             return frozenset(str(k.value) for k in node.value.keys if isinstance(k, ast.Constant))
@@ -72,9 +74,16 @@ def supported_architectures(convert_package: Path) -> frozenset[str]:
 
 
 def check_architecture(base_dir: Path, config: dict[str, Any], vendored: VendoredLlamaCpp) -> None:
-    """Refuse an architecture the vendored converter cannot convert, before the merge."""
-    known = supported_architectures(vendored.convert_hf_script.parent / "conversion")
+    """Refuse an architecture the vendored converter cannot convert, before the merge (for a
+    vision-language base: both its language model and its projector)."""
+    package = vendored.convert_hf_script.parent / "conversion"
+    known = supported_architectures(package)
     if not known:  # a converter laid out differently: let the conversion itself decide
+        return
+    if is_vision_language(config):
+        revision = f"llama.cpp {vendored.commit[:9]}"
+        projectors = supported_architectures(package, "MMPROJ_MODEL_MAP")
+        check_vision_base(base_dir, config, known, projectors, revision)
         return
     architectures = config.get("architectures") or []
     if not any(arch in known for arch in architectures):

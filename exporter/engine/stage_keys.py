@@ -39,6 +39,12 @@ def convert_key(merge: str, llama_cpp: str, outtype: str, name: str) -> str:
     )
 
 
+def mmproj_key(merge: str, llama_cpp: str, outtype: str, name: str) -> str:
+    return stage_key(
+        {"stage": "mmproj", "merge": merge, "llama.cpp": llama_cpp, "outtype": outtype, "name": name}
+    )
+
+
 def convert_base_key(base_files: dict[str, str], llama_cpp: str, outtype: str, name: str, uuid: str) -> str:
     return stage_key(
         {

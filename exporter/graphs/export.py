@@ -13,12 +13,14 @@ from exporter.deploy.serve_config import SERVE_SUFFIX
 from exporter.engine.preflight import preflight
 from exporter.engine.run import Reporter, Run, check_output
 from exporter.inputs.adapter import LoraAdapter
+from exporter.inputs.base_config import read_base_config
 from exporter.inputs.manifest import MANIFEST
 from exporter.inputs.options import ExportOptions, QualityOptions
 from exporter.inputs.profiles import requested_profiles
 from exporter.inputs.records import ModelInputs, read_inputs, sanitize_name
 from exporter.inputs.tokenizer_files import gguf_name_error
 from exporter.inputs.trained_on import TrainedOn, resolve_trained_on
+from exporter.inputs.vision import is_vision_language
 from exporter.quality.fit import LADDER, estimated_reach
 from exporter.quality.report import REPORT_FILES
 from exporter.stages.chat import locate_llama_tools_commit
@@ -39,6 +41,7 @@ class ExportLayout:
     profiles: tuple[QuantProfile, ...]
     has_imatrix: bool
     fit_label: str | None = None  # --fit: the fitted profile's name
+    mmproj_type: str | None = None  # a vision-language base: the projector's type (F16, Q8_0)
 
     @property
     def labels(self) -> list[str]:
@@ -57,6 +60,11 @@ class ExportLayout:
     def serve_config(self, label: str) -> Path:
         return self.out / f"{self.name}-{label}{SERVE_SUFFIX}"
 
+    @property
+    def mmproj(self) -> Path | None:
+        """A vision-language model's projector: <out>/<name>-mmproj-<TYPE>.gguf."""
+        return None if self.mmproj_type is None else self.out / f"{self.name}-mmproj-{self.mmproj_type}.gguf"
+
     def other_sources(self, ftype: str) -> list[Path]:
         """The 16-bit GGUFs of the other source type, which an earlier export of this name may have
         converted to (and no profile asks for): a forced run removes them."""
@@ -70,6 +78,7 @@ class ExportLayout:
             self.out / MERGED_DIR,
             *(self.gguf(ftype) for ftype in SOURCE_FTYPES),
             *(self.gguf(label) for label in self.labels),
+            *([self.mmproj] if self.mmproj else []),
             *(self.modelfile(label) for label in self.labels),
             *(self.serve_config(label) for label in self.labels),
             *([self.profile_file(self.fit_label)] if self.fit_label else []),
@@ -146,7 +155,10 @@ def prepare_export(options: ExportOptions) -> PreparedExport:
     if unloadable:
         raise InputError(unloadable)
     fit_label = options.fit.label if options.fit else None
-    layout = ExportLayout(options.output.out, name, tuple(profiles), options.has_imatrix, fit_label)
+    mmproj_type = options.output.mmproj_type if is_vision_language(read_base_config(base_dir)) else None
+    layout = ExportLayout(
+        options.output.out, name, tuple(profiles), options.has_imatrix, fit_label, mmproj_type
+    )
     files = [
         ("evaluation data", options.quality.eval_data),
         ("calibration data", options.calibration),

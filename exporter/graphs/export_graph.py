@@ -1,6 +1,7 @@
 """The graph of one merged export.
 
 merge ──▶ convert ──▶ quantize:<P> … ──▶ templates ──▶ modelfiles ──▶ reference ──▶ quality:<P> … ──▶ report
+  ├──▶ mmproj (a vision-language model's projector) ──▶ modelfiles, quality:<P> …
   └──▶ chat ─────────────────────────────┘     └──▶ parity        (imatrix between convert and quantize)
 
 With --fit, the reference comes first (right after convert) and the search reads it: reference ──▶ fit ──▶
@@ -44,6 +45,7 @@ class ExportNodes:
     chat: Stage[ChatRecord]
     convert: Stage[BuiltGGUF]
     imatrix: Stage[ImatrixStage] | None
+    mmproj: Stage[BuiltGGUF] | None  # a vision-language model's projector
     fit: Stage[FitRecord] | None
     quantized: dict[str, Stage[BuiltGGUF]]  # profile name (or the fitted profile's) -> its quantize node
     parity: Stage[ParityReport]
@@ -58,6 +60,7 @@ class ExportNodes:
             r[self.chat],
             r[self.convert],
             r.optional(self.imatrix),
+            r.optional(self.mmproj),
             r.optional(self.fit),
             {label: r[node] for label, node in self.quantized.items()},
             r[self.parity],
@@ -79,13 +82,15 @@ def wire_export(g: StageGraph, s: ExportStages, qlora: StageGraph | None) -> Exp
     merge = g.add("merge", lambda r: s.merge(r.optional(choose)), chosen)
     chat = g.add("chat", lambda r: s.chat(r[merge]), (merge,), heavy=False)
     convert = g.add("convert", lambda r: s.convert(r[merge]), (merge,))
+    mmproj, projector = _wire_mmproj(g, s, merge)
     imatrix = None
     if s.options.has_imatrix:
         imatrix = g.add("imatrix", lambda r: s.imatrix(r[merge], r[convert]), (merge, convert))
     source = (convert,) if imatrix is None else (convert, imatrix)
     releases = not s.options.keep_merged
     if releases and not s.options.check:  # nothing reads the merged weights after the conversion
-        release = g.add("release", lambda r: s.release_merged(r[merge]), (merge, *source), heavy=False)
+        read = (merge, *source, *projector)
+        release = g.add("release", lambda r: s.release_merged(r[merge]), read, heavy=False)
         source = (*source, release)
     quantized = {
         p.name: g.add(f"quantize:{p.name}", _quantize(s, p, convert, imatrix), source, shared=True)
@@ -108,8 +113,10 @@ def wire_export(g: StageGraph, s: ExportStages, qlora: StageGraph | None) -> Exp
         (merge, chat, convert, *builds),
         heavy=False,
     )
-    needs = (chat, templates, *builds)
-    modelfiles = g.add("modelfiles", lambda r: s.modelfiles(r[chat], gathered(r)), needs, heavy=False)
+    needs = (chat, templates, *builds, *projector)
+    modelfiles = g.add(
+        "modelfiles", lambda r: s.modelfiles(r[chat], gathered(r), r.optional(mmproj)), needs, heavy=False
+    )
     stops = g.add("stops", lambda r: s.stops(r[chat], gathered(r)), (chat, *builds))
     report = None
     if s.options.check:
@@ -132,7 +139,7 @@ def wire_export(g: StageGraph, s: ExportStages, qlora: StageGraph | None) -> Exp
             node, scoring = builds[-1], _score_fitted(s, fit, reference, convert, builds[-1])
             scored.append(g.add(f"quality:{s.layout.fit_label}", scoring, (reference, convert, node, fit)))
         if releases:  # after the 16-bit floor, which reads them when the unquantized GGUF fails its gates
-            read = (merge, *source, scored[0])
+            read = (merge, *source, *projector, scored[0])
             g.add("release", lambda r: s.release_merged(r[merge]), read, heavy=False)
         report = g.add(
             "report",
@@ -141,8 +148,18 @@ def wire_export(g: StageGraph, s: ExportStages, qlora: StageGraph | None) -> Exp
             heavy=False,
         )
     return ExportNodes(
-        choose, merge, chat, convert, imatrix, fit, quantized, parity, modelfiles, stops, report
+        choose, merge, chat, convert, imatrix, mmproj, fit, quantized, parity, modelfiles, stops, report
     )
+
+
+def _wire_mmproj(
+    g: StageGraph, s: ExportStages, merge: Stage[MergedModel]
+) -> tuple[Stage[BuiltGGUF] | None, tuple[Stage[BuiltGGUF], ...]]:
+    """A vision-language model's projector, converted from the merged folder (and its node as a tuple)."""
+    if s.layout.mmproj is None:
+        return None, ()
+    mmproj = g.add("mmproj", lambda r: s.mmproj(r[merge]), (merge,))
+    return mmproj, (mmproj,)
 
 
 def _wire_fit(

@@ -35,6 +35,7 @@ class ExportResult:
     imatrix: ImatrixStage | None = None
     merge_base: dict[str, Any] | None = None  # a QLoRA adapter's merge-base choice (both candidates)
     serve_configs: list[Path] = field(default_factory=list)  # llama-server launch configs
+    mmproj: GGUFArtifact | None = None  # a vision-language model's projector
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class ExportRecords:
     chat: ChatRecord
     f16: BuiltGGUF
     imatrix: ImatrixStage | None
+    mmproj: BuiltGGUF | None  # a vision-language model's projector
     fit: FitRecord | None
     quantized: dict[str, BuiltGGUF]  # profile name (or the fitted profile's) -> its GGUF
     parity: ParityReport
@@ -87,6 +89,8 @@ def export_sections(s: ExportStages, records: ExportRecords) -> dict[str, Any]:
         "stops": stops_to_json(records.stops),
         "llama_cpp_chat_template": None if chat.jinja is None else parity_to_json(chat.jinja),
     }
+    if records.mmproj is not None:
+        sections["mmproj"] = mmproj_section(records.mmproj, out)
     if records.imatrix is not None:
         sections["imatrix"] = records.imatrix.to_json(out)
     if records.fit is not None:
@@ -103,6 +107,14 @@ def export_sections(s: ExportStages, records: ExportRecords) -> dict[str, Any]:
     if records.choice is not None:
         sections["merge_base"] = records.choice.section(s.run.seconds)
     return sections
+
+
+def mmproj_section(mmproj: BuiltGGUF, out: Path) -> dict[str, Any]:
+    """The projector's record: its file and hash, and what loads it beside each language-model GGUF."""
+    return {
+        **mmproj.artifact.to_json(out),
+        "loaded_by": "llama-server --mmproj, libmtmd, and a second FROM line in each Modelfile",
+    }
 
 
 def finish_export(s: ExportStages, records: ExportRecords, order: list[str]) -> ExportResult:
@@ -137,6 +149,7 @@ def finish_export(s: ExportStages, records: ExportRecords, order: list[str]) -> 
         records.imatrix,
         None if records.choice is None else sections["merge_base"],
         records.deployed.serve_configs,
+        None if records.mmproj is None else records.mmproj.artifact,
     )
 
 

@@ -12,6 +12,7 @@ from exporter.core.faults import kill_point
 from exporter.core.units import human_size
 from exporter.deploy.serve_config import ServeConfig
 from exporter.engine.run import Run
+from exporter.engine.stage_keys import mmproj_key
 from exporter.graphs.export import ExportLayout
 from exporter.inputs.options import ExportOptions, QualityOptions
 from exporter.inputs.records import BuiltGGUF, MergedModel, ModelInputs
@@ -22,7 +23,7 @@ from exporter.quality.reference import ArtifactQuality, Reference
 from exporter.quality.tokenizer_parity import ParityReport, check_embedded_chat_template
 from exporter.stages.chat import ChatRecord, chat_stage, parity_stage, report_template_choice
 from exporter.stages.fit import FitRecord, fit_stage, search_windows
-from exporter.stages.gguf import convert_merged, merged_convert_key, quantize_from
+from exporter.stages.gguf import convert_merged, merged_convert_key, mmproj_stage, quantize_from
 from exporter.stages.imatrix import computed_imatrix_stage, given_imatrix_stage
 from exporter.stages.merge import MERGED_DIR, check_float16_range, merge_stage, release_weights
 from exporter.stages.modelfiles import write_modelfiles, write_serve_configs
@@ -78,6 +79,12 @@ class ExportStages:
         if self.options.keep_merged or self.options.calibration is not None:
             return True
         key = merged_convert_key(self.run, merge_key, gguf_source_ftype(meta["dtype"]), self.layout.name)
+        if self.layout.mmproj_type is not None:
+            projector = mmproj_key(
+                merge_key, self.run.vendored.commit, self.layout.mmproj_type.lower(), self.layout.name
+            )
+            if self.run.cache.lookup("mmproj", projector) is None:
+                return True
         return self.run.cache.lookup("convert", key) is None
 
     def release_merged(self, merged: MergedModel) -> None:
@@ -110,6 +117,11 @@ class ExportStages:
             self.inputs.base_dir,
         )
 
+    def mmproj(self, merged: MergedModel) -> BuiltGGUF:
+        target, kind = self.layout.mmproj, self.layout.mmproj_type
+        assert target is not None and kind is not None
+        return mmproj_stage(self.run, merged, self.layout.name, target, kind)
+
     def imatrix(self, merged: MergedModel, f16: BuiltGGUF) -> ImatrixStage:
         name, options = self.layout.name, self.options
         if options.imatrix is not None:
@@ -138,7 +150,9 @@ class ExportStages:
         headers = {g.path: g.header for g in ggufs}
         check_embedded_chat_template(chat.template, merged.path, list(headers), headers)
 
-    def modelfiles(self, chat: ChatRecord, quantized: dict[str, BuiltGGUF]) -> Deployed:
+    def modelfiles(
+        self, chat: ChatRecord, quantized: dict[str, BuiltGGUF], mmproj: BuiltGGUF | None = None
+    ) -> Deployed:
         spec, layout = chat.spec, self.layout
         targets = {
             layout.modelfile(label): (built.path, f"{layout.name} ({label})")
@@ -146,11 +160,14 @@ class ExportStages:
         }
         self.run.report("writing Modelfiles")
         kill_point("modelfiles")
-        written = write_modelfiles(self.run, targets, spec, layout.out / MERGED_DIR, choice=chat.choice)
+        projector = None if mmproj is None else mmproj.path
+        written = write_modelfiles(
+            self.run, targets, spec, layout.out / MERGED_DIR, choice=chat.choice, projector=projector
+        )
         num_ctx = spec.parameters.get("num_ctx")
         configs = {
             layout.serve_config(label): ServeConfig(
-                built.path, num_ctx, llama_cpp_commit=self.run.vendored.commit
+                built.path, num_ctx, llama_cpp_commit=self.run.vendored.commit, mmproj=projector
             )
             for label, built in quantized.items()
         }

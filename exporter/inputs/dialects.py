@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from converters.chat_probes import render_either_content
+
 # Tokenizer classes only transformers 5 knows, and the class both majors load the same files with.
 TRANSFORMERS5_TOKENIZER_CLASSES = {"TokenizersBackend": "PreTrainedTokenizerFast"}
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
@@ -161,13 +163,23 @@ def quiet_transformers() -> None:
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
+def render_chat(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
+    """A chat rendered by the tokenizer's template, text content given as typed parts to a template that
+    only reads those (converters.chat_probes.render_either_content)."""
+
+    def render(chat: list[dict[str, Any]]) -> str:
+        return str(
+            tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=add_generation_prompt)
+        )
+
+    return render_either_content(render, messages)
+
+
 def chat_token_ids(
     tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool = False
 ) -> list[int]:
     """Token ids of a rendered chat, the same in both majors (5.x's apply_chat_template returns a dict)."""
-    text = tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt
-    )
+    text = render_chat(tokenizer, messages, add_generation_prompt)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from exporter.core.errors import InputError
-from exporter.inputs.dialects import chat_token_ids
+from exporter.inputs.dialects import chat_token_ids, render_chat
 
 DEFAULT_SET = "eval_default.jsonl"
 WINDOW = 256
@@ -144,7 +144,7 @@ def load_eval_data(
                         "text instead."
                     )
                 messages = row["messages"]
-                rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+                rendered = render_chat(tokenizer, messages)
                 sequences.append(tuple(tokenizer(rendered, add_special_tokens=False)["input_ids"][:window]))
                 user_turns = [m for m in messages if m.get("role") != "assistant"]
                 if messages[-1].get("role") == "assistant" and len(prompts) < n_prompts:

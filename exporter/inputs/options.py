@@ -17,6 +17,7 @@ from exporter.core.locks import LockPolicy
 from exporter.inputs.evaldata import check_eval_tokens
 from exporter.inputs.ollama_version import CURRENT_OLLAMA, OllamaTarget, ollama_target
 from exporter.inputs.safetensors_header import DEFAULT_SHARD_BYTES
+from exporter.inputs.vision import DEFAULT_MMPROJ_TYPE, mmproj_type
 
 DEFAULT_CALIBRATION_TOKENS = 65536  # most calibration tokens read for an importance matrix
 REFERENCE_DTYPES = ("float32", "bfloat16")
@@ -56,9 +57,11 @@ class OutputOptions:
     name: str | None = None
     force: bool = False
     ollama_version: str = CURRENT_OLLAMA  # the Ollama release the Modelfiles are written for
+    mmproj_type: str = DEFAULT_MMPROJ_TYPE  # a vision-language model's projector: F16 or Q8_0
 
     def __post_init__(self) -> None:
         ollama_target(self.ollama_version)  # refuses a malformed version early
+        object.__setattr__(self, "mmproj_type", mmproj_type(self.mmproj_type))
 
     @property
     def ollama(self) -> OllamaTarget:

@@ -55,7 +55,8 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-PASSTHROUGH_FILES = ("generation_config.json",)
+# The image processor of a vision-language model: the projector's converter and the check read it.
+PASSTHROUGH_FILES = ("generation_config.json", "preprocessor_config.json", "processor_config.json")
 PROVENANCE_FILE = "edge-export-merge.json"
 
 

@@ -16,6 +16,7 @@ from converters.gguf_header import GGUFHeader, read_gguf_header
 from converters.llama_runtime import detokenize_with_llama_cpp, tokenize_with_llama_cpp
 from exporter.core.errors import StageError
 from exporter.deploy.chat_template import VERIFY_CONVERSATIONS, Message
+from exporter.inputs.dialects import render_chat
 
 PARITY_TEXTS = [
     "Hello world",
@@ -126,7 +127,7 @@ def _chat_text(tokenizer: Any, messages: list[Message]) -> str | None:
     from jinja2.exceptions import TemplateError
 
     try:
-        return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        return render_chat(tokenizer, messages, True)
     except TemplateError:
         return None
 

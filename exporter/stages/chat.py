@@ -17,6 +17,7 @@ from exporter.deploy.modelfile import ChatSpec, adds_bos, chat_spec_or_error
 from exporter.deploy.ollama_targets import TemplateChoice, choose_template
 from exporter.engine.run import Run
 from exporter.engine.stage_keys import chat_key, parity_key
+from exporter.inputs.dialects import render_chat
 from exporter.inputs.ollama_version import OllamaTarget
 from exporter.inputs.tokenizer import load_tokenizer
 from exporter.quality.tokenizer_parity import PARITY_CHECKS, ParityReport, check_tokenizer_parity
@@ -103,7 +104,7 @@ def stop_probe(tokenizer: Any) -> dict[str, str | None]:
         return {"terminator": None, "stop_prompt": None}
 
     def render(messages: list[dict[str, str]], generation: bool) -> str:
-        return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation))
+        return render_chat(tokenizer, messages, generation)
 
     special = {
         *tokenizer.all_special_tokens,

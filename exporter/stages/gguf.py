@@ -15,7 +15,7 @@ from converters.quantize import quantize_gguf
 from exporter.core.errors import StageError
 from exporter.engine.run import Run
 from exporter.engine.stage_cache import CacheEntry, link_into
-from exporter.engine.stage_keys import convert_key, quantize_key
+from exporter.engine.stage_keys import convert_key, mmproj_key, quantize_key
 from exporter.inputs.artifacts import GGUFArtifact
 from exporter.inputs.records import BuiltGGUF, MergedModel
 from exporter.quality.imatrix import ImatrixStage
@@ -190,3 +190,43 @@ def quantize_from(
     if profile.is_source(source.artifact.profile):
         return source
     return quantize_stage(run, name, source.cached, source.key, profile, target, imatrix)
+
+
+def mmproj_stage(run: Run, merged: MergedModel, model_name: str, target: Path, mmproj_type: str) -> BuiltGGUF:
+    """A vision-language model's multimodal projector (vision tower + projector) as a GGUF of `mmproj_type`
+    (F16 or Q8_0, the converter's own choice per tensor), written from the merged folder, at `target`."""
+    key = mmproj_key(merged.key, run.vendored.commit, mmproj_type.lower(), model_name)
+
+    def produce(staging: Path, meta: dict[str, Any]) -> None:
+        run.report(
+            f"converting the vision tower and projector of {merged.path} to an mmproj GGUF ({mmproj_type})"
+        )
+        start = time.perf_counter()
+        digest = convert_hf_to_gguf(
+            merged.path,
+            staging / GGUF_FILE,
+            run.vendored,
+            model_name,
+            outtype=mmproj_type.lower(),
+            mmproj=True,
+        )
+        meta.update(
+            seconds=round(time.perf_counter() - start, 3),
+            what=f"{model_name} mmproj {mmproj_type} GGUF",
+            files={GGUF_FILE: digest},
+            header=asdict(read_gguf_header(staging / GGUF_FILE)),
+        )
+
+    entry = run.stage("mmproj", "mmproj", key, produce, {GGUF_FILE: target})
+    header = entry_header(entry)
+    size = target.stat().st_size
+    artifact = GGUFArtifact(
+        path=target,
+        profile=f"mmproj-{mmproj_type}",
+        file_type=header.file_type_name,
+        size_bytes=size,
+        bits_per_weight=round(size * 8 / max(header.n_params, 1), 3),
+        sha256=entry.meta["files"][GGUF_FILE],
+        seconds=round(entry.meta["seconds"], 3),
+    )
+    return BuiltGGUF(artifact, entry.key, entry.path / GGUF_FILE, header)

@@ -18,9 +18,11 @@ def write_modelfiles(
     license_dir: Path,
     adapter: Path | None = None,
     choice: TemplateChoice | None = None,
+    projector: Path | None = None,
 ) -> list[Path]:
     """`targets`: Modelfile path -> (the GGUF it serves, a description for its header comment); `choice`
-    (what the target Ollama renders chats with, and why) goes into the header comment too."""
+        (what the target Ollama renders chats with, and why) goes into the header comment too; `projector`, a
+    vision-language model's mmproj GGUF, is every Modelfile's second FROM."""
     license_text = model_license(license_dir)
     written = []
     renders = (
@@ -36,6 +38,7 @@ def write_modelfiles(
             f"{description}, written by edge-export {__version__}{renders}",
             license_text,
             adapter=adapter,
+            projector=projector,
         )
         written.append(target)
     return written
