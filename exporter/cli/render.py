@@ -78,6 +78,34 @@ def print_quality(summary: QualitySummary) -> None:
             status,
         )
     console.print(table)
+    _print_images(summary)
+
+
+def _print_images(summary: QualitySummary) -> None:
+    """A vision-language export's image rows: each GGUF with its projector, and the base."""
+    rows = [
+        item
+        for item in [*summary.items, summary.floor]
+        if {"image_mean_kld", "image_error"} & set(item.metrics)
+    ]
+    if not rows:
+        return
+    table = Table(title="with images (each GGUF + mmproj through libmtmd, answer tokens)")
+    for column in ("artifact", "mean KLD", "top-1", "greedy", "tokens"):
+        table.add_column(column, justify="left" if column == "artifact" else "right")
+    for item in rows:
+        m = item.metrics
+        if "image_error" in m:
+            table.add_row(item.label, "[red]evaluation failed[/]", "", "", "")
+            continue
+        table.add_row(
+            item.label,
+            _fmt(m.get("image_mean_kld"), ".2e"),
+            _fmt(m.get("image_top1"), ".1%"),
+            _fmt(m.get("image_greedy"), ".0%"),
+            str(m.get("image_tokens", "")),
+        )
+    console.print(table)
     for path in summary.reports:
         console.print(f"report: {path}")
     failed = summary.failed_gates

@@ -146,6 +146,20 @@ def reference_key(inputs: dict[str, Any], eval_fingerprint: Any, top_k: int, dty
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+def image_reference_key(inputs: dict[str, Any], rows: list[Any], top_k: int, dtype: str, max_new_tokens: int,
+                        versions: dict[str, str]) -> str:  # fmt: skip
+    """The unmerged vision-language model's answers on the image rows (each image by its sha256)."""
+    payload = {"stage": "reference-images", "inputs": inputs, "rows": rows, "top_k": top_k, "dtype": dtype}
+    payload["max_new_tokens"] = max_new_tokens
+    return stage_key({**payload, "versions": {p: versions[p] for p in ("torch", "transformers", "peft")}})
+
+
+def image_quality_key(artifact: str, mmproj: str, reference: str, llama_cpp_python: str) -> str:
+    """One GGUF with its projector scored on the image rows by one llama.cpp runtime."""
+    payload = {"stage": "quality-images", "artifact": artifact, "mmproj": mmproj, "reference": reference}
+    return stage_key({**payload, "llama-cpp-python": llama_cpp_python})
+
+
 def floor_key(merge: str, reference: str, versions: dict[str, str]) -> str:
     """The merged folder scored in PyTorch against the reference (the 16-bit floor)."""
     payload = {"stage": "floor", "merge": merge, "reference": reference}

@@ -156,6 +156,13 @@ def prepare_export(options: ExportOptions) -> PreparedExport:
         raise InputError(unloadable)
     fit_label = options.fit.label if options.fit else None
     mmproj_type = options.output.mmproj_type if is_vision_language(read_base_config(base_dir)) else None
+    if mmproj_type is not None and options.calibration is not None:
+        raise InputError(
+            f"--calibration computes an importance matrix on the merged model, which edge-export does not do "
+            f"for a vision-language base yet ({base_dir / 'config.json'} has a vision_config). Drop "
+            "--calibration (the K-quant profiles need no matrix), or pass one computed with llama-imatrix on "
+            "the language model's GGUF with --imatrix."
+        )
     layout = ExportLayout(
         options.output.out, name, tuple(profiles), options.has_imatrix, fit_label, mmproj_type
     )

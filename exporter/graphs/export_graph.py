@@ -29,6 +29,7 @@ from exporter.inputs.records import BuiltGGUF, MergedModel, ModelInputs
 from exporter.quality.imatrix import ImatrixStage
 from exporter.quality.reference import ArtifactQuality, Reference
 from exporter.quality.tokenizer_parity import ParityReport
+from exporter.quality.vision import ImageReference
 from exporter.stages.chat import ChatRecord
 from exporter.stages.fit import FitRecord
 from exporter.stages.qlora import CHOOSE, CandidatePlan, QloraChoice, four_bit_graph, qlora_graph
@@ -124,17 +125,8 @@ def wire_export(g: StageGraph, s: ExportStages, qlora: StageGraph | None) -> Exp
             reference = g.add(
                 "reference", _reference(s, merge, convert, choose), (merge, convert, modelfiles, *chosen)
             )
-        scored = [
-            g.add(
-                "quality:source",
-                _score(s, None, reference, convert, None, merge),
-                (reference, convert, merge),
-            )
-        ]
-        scored += [
-            g.add(f"quality:{p.name}", _score(s, p, reference, convert, node), (reference, convert, node))
-            for p, node in zip(s.layout.profiles, builds, strict=False)
-        ]
+        images = None if mmproj is None else g.add("reference:images", lambda r: s.images(), (reference,))
+        scored = _wire_scores(g, s, reference, convert, merge, builds, images, mmproj)
         if fit is not None:
             node, scoring = builds[-1], _score_fitted(s, fit, reference, convert, builds[-1])
             scored.append(g.add(f"quality:{s.layout.fit_label}", scoring, (reference, convert, node, fit)))
@@ -143,13 +135,41 @@ def wire_export(g: StageGraph, s: ExportStages, qlora: StageGraph | None) -> Exp
             g.add("release", lambda r: s.release_merged(r[merge]), read, heavy=False)
         report = g.add(
             "report",
-            lambda r: s.report(r[reference], [r[q] for q in scored], r.optional(choose), r.optional(fit)),
-            (reference, *scored, *chosen, *([fit] if fit else [])),
+            lambda r: s.report(
+                r[reference], [r[q] for q in scored], r.optional(choose), r.optional(fit), r.optional(images)
+            ),
+            (reference, *scored, *chosen, *([fit] if fit else []), *([images] if images else [])),
             heavy=False,
         )
     return ExportNodes(
         choose, merge, chat, convert, imatrix, mmproj, fit, quantized, parity, modelfiles, stops, report
     )
+
+
+def _wire_scores(
+    g: StageGraph,
+    s: ExportStages,
+    reference: Stage[Reference],
+    convert: Stage[BuiltGGUF],
+    merge: Stage[MergedModel],
+    builds: tuple[Stage[BuiltGGUF], ...],
+    images: Stage[ImageReference | str] | None,
+    mmproj: Stage[BuiltGGUF] | None,
+) -> list[Stage[ArtifactQuality | None]]:
+    """quality:source and quality:<P> for each profile (with images: each GGUF with the projector too)."""
+    seen = (reference, convert, *([mmproj] if mmproj else []), *([images] if images else []))
+    scored = [
+        g.add(
+            "quality:source", _score(s, None, reference, convert, None, merge, images, mmproj), (*seen, merge)
+        )
+    ]
+    scored += [
+        g.add(
+            f"quality:{p.name}", _score(s, p, reference, convert, node, None, images, mmproj), (*seen, node)
+        )
+        for p, node in zip(s.layout.profiles, builds, strict=False)
+    ]
+    return scored
 
 
 def _wire_mmproj(
@@ -209,8 +229,14 @@ def _score(
     convert: Stage[BuiltGGUF],
     built: Stage[BuiltGGUF] | None,
     merge: Stage[MergedModel] | None = None,
+    images: Stage[ImageReference | str] | None = None,
+    mmproj: Stage[BuiltGGUF] | None = None,
 ) -> Callable[[Results], ArtifactQuality | None]:
-    return lambda r: s.score(profile, r[reference], r[convert], r.optional(built), r.optional(merge))
+    def score(r: Results) -> ArtifactQuality | None:
+        seen = None if images is None or mmproj is None else (r[images], r[mmproj])
+        return s.score(profile, r[reference], r[convert], r.optional(built), r.optional(merge), seen)
+
+    return score
 
 
 class ExportGraph:

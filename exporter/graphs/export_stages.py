@@ -3,7 +3,7 @@ needs to its own record, in an open run (exporter/stages/ does the work; this sa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,11 @@ from exporter.inputs.tokenizer_files import tokenizer_size
 from exporter.quality.imatrix import ImatrixStage
 from exporter.quality.reference import ArtifactQuality, Reference
 from exporter.quality.tokenizer_parity import ParityReport, check_embedded_chat_template
+from exporter.quality.vision import ImageReference
 from exporter.stages.chat import ChatRecord, chat_stage, parity_stage, report_template_choice
 from exporter.stages.fit import FitRecord, fit_stage, search_windows
 from exporter.stages.gguf import convert_merged, merged_convert_key, mmproj_stage, quantize_from
+from exporter.stages.images import image_reference_stage, image_score_stage
 from exporter.stages.imatrix import computed_imatrix_stage, given_imatrix_stage
 from exporter.stages.merge import MERGED_DIR, check_float16_range, merge_stage, release_weights
 from exporter.stages.modelfiles import write_modelfiles, write_serve_configs
@@ -214,16 +216,24 @@ class ExportStages:
         f16: BuiltGGUF,
         built: BuiltGGUF | None,
         merged: MergedModel | None = None,
+        images: tuple[ImageReference | str, BuiltGGUF] | None = None,
     ) -> ArtifactQuality | None:
         """The unquantized GGUF (`profile` None) or a profile's GGUF judged against the reference. An
         unquantized GGUF that fails its gates gets the 16-bit floor of `merged` (its "rounding_floor"), which
-        tells rounding from conversion in the diagnosis."""
+        tells rounding from conversion in the diagnosis. `images`: a vision-language model's reference on the
+        image rows (or why there is none) and its projector, with which the GGUF is also scored on images."""
         if profile is not None and profile.is_source(f16.artifact.profile):
             return None  # scored once, as the unquantized GGUF
         a = (f16 if built is None else built).artifact
         name = f"quality:{'source' if profile is None else profile.name}"
         held_out = search_windows(reference)[1] if self.options.fit else None
         metrics = score_stage(self.run, name, reference, a.path, a.sha256, self.quality, held_out=held_out)
+        if images is not None and isinstance(images[0], ImageReference) and "error" not in metrics:
+            projector = images[1].artifact
+            seen = image_score_stage(
+                self.run, name, images[0], a.path, a.sha256, (projector.path, projector.sha256), self.quality
+            )
+            metrics = {**metrics, **seen}
         fitted = profile is not None and profile.name == a.profile and profile.name == self.layout.fit_label
         label_profile = profile if fitted and profile is not None else self.registry.get(a.profile)
         quality = judged(
@@ -235,18 +245,31 @@ class ExportStages:
             )
         return quality
 
+    def images(self) -> ImageReference | str:
+        """The unmerged model's answers on the image rows, or why there are none."""
+        images = image_reference_stage(self.run, self.inputs, self.quality)
+        if isinstance(images, str):
+            self.run.report(images)
+        return images
+
     def report(
         self,
         reference: Reference,
         scored: list[ArtifactQuality | None],
         choice: QloraChoice | None,
         fit: FitRecord | None = None,
+        images: ImageReference | str | None = None,
     ) -> QualitySummary:
         items = [q for q in scored if q is not None]
         items.sort(key=lambda item: -item.size_bytes)  # largest (closest to the fine-tune) first
         extra = {"merge_base": choice.section(self.run.seconds)} if choice else {}
         if fit is not None:
             extra["fit"] = fit.section()
+        if isinstance(images, ImageReference):  # the base's distance on the image rows: the adapter's effect
+            reference = replace(reference, base_metrics={**reference.base_metrics, **images.base_metrics})
+            extra["images"] = images.section()
+        elif images is not None:
+            extra["images"] = {"note": images}
         return write_quality_report(
             self.run, self.layout.name, self.inputs, reference, self.quality, items, extra
         )

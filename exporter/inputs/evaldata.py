@@ -17,6 +17,7 @@ from typing import Any
 
 from exporter.core.errors import InputError
 from exporter.inputs.dialects import chat_token_ids, render_chat
+from exporter.inputs.image_rows import has_image
 
 DEFAULT_SET = "eval_default.jsonl"
 WINDOW = 256
@@ -137,6 +138,8 @@ def load_eval_data(
         add_text(rows)
     else:
         for row in rows:
+            if has_image(row):  # scored with its image (exporter.inputs.image_rows), for a vision model
+                continue
             if "messages" in row:
                 if not getattr(tokenizer, "chat_template", None):
                     raise InputError(

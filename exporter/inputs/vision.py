@@ -29,6 +29,18 @@ def is_vision_language(config: dict[str, Any]) -> bool:
     return isinstance(config.get("vision_config"), dict)
 
 
+def auto_model_class(base_dir: Path) -> Any:
+    """transformers' auto class that loads the base with its language-model head: the image-text-to-text
+    class for a vision-language model (its vision tower included), else the causal-LM class."""
+    import transformers
+
+    from exporter.inputs.base_config import read_base_config
+
+    if is_vision_language(read_base_config(base_dir)):
+        return transformers.AutoModelForImageTextToText
+    return transformers.AutoModelForCausalLM
+
+
 def text_architecture(config: dict[str, Any]) -> str | None:
     """The architecture llama.cpp's converter converts the language model as: the text config's own
     `architectures` where it names one, else the model's (as the converter's get_model_architecture reads)."""

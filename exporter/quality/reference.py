@@ -33,6 +33,7 @@ from exporter.inputs.evaldata import EvalData
 from exporter.inputs.options import GATE_KEYS, GateOverrides, QualityOptions
 from exporter.inputs.tokenizer_files import saved_vocab_rows, special_token_ids
 from exporter.inputs.trained_on import TrainedOn
+from exporter.inputs.vision import auto_model_class
 from exporter.quality.greedy import base_top_tokens, reference_greedy
 from exporter.quality.streamed import (
     StreamedWeights,
@@ -166,7 +167,7 @@ def _reference_model(
             from exporter.qlora.round_trip import quantized_weight_names
 
             weights.rounded, weights.trained_on = quantized_weight_names(base_dir, trained_on), trained_on
-        peft_model = _with_adapters(model, adapters, streamed=True)
+        peft_model = with_adapters(model, adapters, streamed=True)
         if unstreamable(peft_model, weights) is None:
             stream_layers(peft_model, weights)
             return peft_model.eval(), weights
@@ -176,19 +177,17 @@ def _reference_model(
         from exporter.qlora.round_trip import round_to_training_base
 
         round_to_training_base(model, base_dir, trained_on)
-    return _with_adapters(model, adapters, streamed=False).to(options.device).eval(), None
+    return with_adapters(model, adapters, streamed=False).to(options.device).eval(), None
 
 
 def whole_base(base_dir: Path, dtype: Any, trust_remote_code: bool) -> Any:
     """The whole base in memory, for what cannot be streamed."""
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(
+    return auto_model_class(base_dir).from_pretrained(
         str(base_dir), dtype=dtype, trust_remote_code=trust_remote_code
     )
 
 
-def _with_adapters(model: Any, adapters: list[LoraAdapter], streamed: bool) -> Any:
+def with_adapters(model: Any, adapters: list[LoraAdapter], streamed: bool) -> Any:
     """PEFT's model of `adapters` on `model` (several or weighted LoRA adapters combined by concatenation).
     `streamed`: the base is on the meta device, and the adapters' tensors are read in by hand."""
     from peft import PeftModel
@@ -347,6 +346,10 @@ def window_mask(reference: Reference, windows: list[int]) -> np.ndarray:
     return np.concatenate([np.full(n, i in chosen) for i, n in enumerate(lengths)])
 
 
+# The gates also applied to the answers about images (a vision-language export's image rows).
+IMAGE_GATES = ("max_mean_kld", "min_top1")
+
+
 def apply_gates(
     profile: QuantProfile, metrics: dict[str, Any], overrides: GateOverrides | None
 ) -> list[GateResult]:
@@ -363,6 +366,10 @@ def apply_gates(
         value = metrics.get(GATE_KEYS[key])
         passed = value is not None and (value <= limit if key.startswith("max_") else value >= limit)
         results.append(GateResult(profile.name, key, limit, value, passed))
+        if key in IMAGE_GATES and ("image_rows" in metrics or "image_error" in metrics):
+            value = metrics.get(f"image_{GATE_KEYS[key]}")
+            passed = value is not None and (value <= limit if key.startswith("max_") else value >= limit)
+            results.append(GateResult(profile.name, f"{key} (images)", limit, value, passed))
     return results
 
 

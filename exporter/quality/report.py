@@ -22,6 +22,7 @@ from exporter.inputs.options import QualityOptions
 from exporter.qlora.report import merge_base_markdown
 from exporter.quality.fit_report import fit_markdown
 from exporter.quality.reference import ArtifactQuality, PairQuality, Reference
+from exporter.quality.vision import image_table
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -209,6 +210,7 @@ def render_markdown(data: dict[str, Any], plot: str | None) -> str:
             f"{_fmt(m.get('generate_tokens_per_s'), '.0f')} | {kld} | {_fmt(m.get('top1'), '.2%')} | {lnppl} | {_fmt(m.get('greedy_match'), '.0%')} | "
             f"{_fmt(m.get('adapter_effect_kept'), '.1%')} | {gates} |"
         )
+    lines += image_table(data)
     lines += ["", *_notes(data["artifacts"])]
     if plot:
         lines += ["", f"![size against mean KL divergence]({plot})", ""]

@@ -31,6 +31,7 @@ from typing import Any
 from exporter.inputs.adapter import LoraAdapter
 from exporter.inputs.safetensors_header import base_shard_files, read_header
 from exporter.inputs.trained_on import TrainedOn
+from exporter.inputs.vision import is_vision_language
 
 # PEFT wraps a base module and keeps the original under one of these names
 _WRAPPERS = re.compile(r"\.(base_layer|original_module)(?=\.)")
@@ -116,6 +117,8 @@ def streams(base_dir: Path, adapters: list[LoraAdapter]) -> bool:
     from exporter.inputs.tokenizer_files import saved_vocab_rows
 
     config = read_base_config(base_dir)
+    if is_vision_language(config):  # its vision tower and projector are read whole, with the language model
+        return False
     layout = fused_layouts().get(str(config.get("model_type")))
     if layout is not None and any("{expert}" in n for names in layout.stored.values() for n in names):
         return False
