@@ -14,6 +14,7 @@ from exporter.engine.preflight import preflight
 from exporter.engine.run import Reporter, Run, check_output
 from exporter.inputs.adapter import LoraAdapter
 from exporter.inputs.base_config import read_base_config
+from exporter.inputs.image_rows import load_image_rows
 from exporter.inputs.manifest import MANIFEST
 from exporter.inputs.options import ExportOptions, QualityOptions
 from exporter.inputs.profiles import requested_profiles
@@ -156,6 +157,8 @@ def prepare_export(options: ExportOptions) -> PreparedExport:
         raise InputError(unloadable)
     fit_label = options.fit.label if options.fit else None
     mmproj_type = options.output.mmproj_type if is_vision_language(read_base_config(base_dir)) else None
+    if mmproj_type is not None and options.check:  # the image rows' files, before any work
+        load_image_rows(options.quality.eval_data)
     if mmproj_type is not None and options.calibration is not None:
         raise InputError(
             f"--calibration computes an importance matrix on the merged model, which edge-export does not do "

@@ -12,12 +12,14 @@ from exporter.deploy.serve_config import SERVE_SUFFIX
 from exporter.engine.preflight import preflight
 from exporter.engine.run import Reporter, Run, check_output
 from exporter.inputs.adapter import LoraAdapter
+from exporter.inputs.base_config import read_base_config
 from exporter.inputs.manifest import MANIFEST
 from exporter.inputs.options import QualityOptions, RuntimeLoraOptions
 from exporter.inputs.profiles import requested_profiles
 from exporter.inputs.records import read_inputs, sanitize_name
 from exporter.inputs.safetensors_header import choose_merge_dtype, gguf_source_ftype
 from exporter.inputs.tokenizer_files import gguf_name_error
+from exporter.inputs.vision import is_vision_language
 from exporter.merge.runtime_adapter import ScaleCorrection, runtime_correction
 from exporter.quality.report import RUNTIME_REPORT_FILES
 from exporter.stages.chat import locate_llama_tools_commit
@@ -107,6 +109,13 @@ def prepare_runtime(options: RuntimeLoraOptions) -> PreparedRuntime:
                 "--calibration FILE."
             )
     adapters, base_dir = read_inputs(options.inputs)
+    if is_vision_language(read_base_config(base_dir)):
+        raise InputError(
+            f"{base_dir / 'config.json'} is a vision-language model, and runtime-lora does not export one yet: "
+            "its projector (mmproj) and a runtime adapter on its language model are not written or checked "
+            "together. Export each adapter merged with merge-quantize, which writes the language model, the "
+            "mmproj GGUF and their check with images."
+        )
     names = tuple(sanitize_name(a.folder.resolve().name) for a in adapters)
     if len(set(names)) != len(names):
         raise InputError(

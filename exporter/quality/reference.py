@@ -346,8 +346,10 @@ def window_mask(reference: Reference, windows: list[int]) -> np.ndarray:
     return np.concatenate([np.full(n, i in chosen) for i, n in enumerate(lengths)])
 
 
-# The gates also applied to the answers about images (a vision-language export's image rows).
-IMAGE_GATES = ("max_mean_kld", "min_top1")
+# The gates also applied to the answers about images (a vision-language export's image rows): the mean KLD.
+# Their top-1 is reported, not gated: the answers hold tens of tokens, where one near-tie that flips moves
+# top-1 by a few percent (1.7 % on the built-in rows) and a 99 % gate would judge noise.
+IMAGE_GATES = ("max_mean_kld",)
 
 
 def apply_gates(
