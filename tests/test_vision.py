@@ -1,5 +1,5 @@
-"""Vision-language fine-tunes through the real pipeline: a tiny real SmolVLM with a LoRA trained on images
-(tests/vlm_fixture.py) merged, converted to a language-model GGUF and an mmproj GGUF, quantized, checked with
+"""Vision-language fine-tunes through the real pipeline: a tiny real SmolVLM and a tiny real Gemma-3, each
+with a LoRA trained on images (tests/vlm_fixture.py), merged, converted to a language-model GGUF and an mmproj GGUF, quantized, checked with
 images through llama.cpp's libmtmd against the unmerged model in transformers, and served by llama-server."""
 
 from __future__ import annotations
@@ -31,6 +31,13 @@ def vlm(demo_inputs: DemoInputs) -> tuple[Path, Path]:
     return smolvlm(demo_inputs.base)
 
 
+@pytest.fixture(scope="module")
+def gemma3_vlm(demo_inputs: DemoInputs) -> tuple[Path, Path]:
+    from tests.vlm_fixture import gemma3
+
+    return gemma3(demo_inputs.base)
+
+
 def _export(base: Path, adapter: Path, out: Path, *extra: str) -> Any:
     # fmt: off
     return run_cli("merge-quantize", "--adapter", str(adapter), "--base", str(base), "--name", "vlm",
@@ -38,10 +45,14 @@ def _export(base: Path, adapter: Path, out: Path, *extra: str) -> Any:
     # fmt: on
 
 
-@pytest.fixture(scope="module")
-def exported(vlm: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
-    out = tmp_path_factory.mktemp("vlm") / "out"
-    proc = _export(*vlm, out, "--profile", "Q8_0", "--profile", "Q4_K_M")
+@pytest.fixture(scope="module", params=["smolvlm", "gemma3"])
+def exported(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, dict[str, Any]]:
+    """Each family's export, F16 (the source), Q8_0 and Q4_K_M, checked with the built-in image rows."""
+    inputs = request.getfixturevalue("vlm" if request.param == "smolvlm" else "gemma3_vlm")
+    out = tmp_path_factory.mktemp(request.param) / "out"
+    proc = _export(*inputs, out, "--profile", "Q8_0", "--profile", "Q4_K_M")
     assert proc.returncode == 0, proc.stderr + proc.stdout
     assert "with images" in proc.stdout
     return out, json.loads((out / "report.json").read_text())
@@ -95,8 +106,8 @@ def test_llama_server_answers_an_image_request(exported: tuple[Path, dict[str, A
     with running_llama_server(tools, server_arguments(config), out, tmp_path / "server.log") as server:
         reply = server.post("/v1/chat/completions", body)
     usage = reply["usage"]
-    # the prompt holds the image's embeddings: 2 tiles of 4 tokens (a 128-pixel image, 64-pixel tiles) and more
-    assert usage["prompt_tokens"] > 20 and usage["completion_tokens"] >= 1
+    # the prompt holds the image's embeddings (SmolVLM: a tile and the overview of 4 each; Gemma-3: 4) and text
+    assert usage["prompt_tokens"] > 12 and usage["completion_tokens"] >= 1
     assert reply["choices"][0]["message"]["role"] == "assistant"
 
 
@@ -141,6 +152,21 @@ def test_bad_vision_inputs_are_refused_before_any_work(vlm: tuple[Path, Path], t
     _refused(_export(unnamed, adapter, out, "--no-check"), out, "text_config")
     proc = run_cli("runtime-lora", "--adapter", str(adapter), "--base", str(base), "--out", str(out))
     _refused(proc, out, "vision-language model", "merge-quantize")
+
+
+def test_gemma3_saved_by_transformers_5_is_refused(gemma3_vlm: tuple[Path, Path], tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    base, adapter = gemma3_vlm
+    resaved = _copy(base, tmp_path / "resaved")
+    weights = resaved / "model.safetensors"
+    tensors = {
+        k.replace("vision_tower.vision_model.", "vision_tower."): v
+        for k, v in load_file(str(weights)).items()
+    }
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    _refused(_export(resaved, adapter, out, "--no-check"), out, "vision_tower.", "released checkpoint")
 
 
 def test_missing_or_unreadable_images_are_refused(vlm: tuple[Path, Path], tmp_path: Path) -> None:

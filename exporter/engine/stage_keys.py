@@ -149,7 +149,8 @@ def reference_key(inputs: dict[str, Any], eval_fingerprint: Any, top_k: int, dty
 def image_reference_key(inputs: dict[str, Any], rows: list[Any], top_k: int, dtype: str, max_new_tokens: int,
                         versions: dict[str, str]) -> str:  # fmt: skip
     """The unmerged vision-language model's answers on the image rows (each image by its sha256)."""
-    payload = {"stage": "reference-images", "inputs": inputs, "rows": rows, "top_k": top_k, "dtype": dtype}
+    payload = {"stage": "reference-images", "format": 2, "inputs": inputs, "rows": rows, "top_k": top_k}
+    payload["dtype"] = dtype
     payload["max_new_tokens"] = max_new_tokens
     return stage_key({**payload, "versions": {p: versions[p] for p in ("torch", "transformers", "peft")}})
 

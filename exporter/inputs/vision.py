@@ -24,6 +24,11 @@ PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 IMAGE_PROCESSOR_KEYS = ("image_mean", "image_std")
 
 
+# Where the pinned converter finds a family's vision tower in the stored names: the released checkpoints'
+# layout. transformers 5 saves Gemma-3 without the `vision_model.` level, which the converter cannot map.
+CONVERTER_VISION_PREFIXES = {"gemma3": ("vision_tower.vision_model.", "vision_tower.")}
+
+
 def is_vision_language(config: dict[str, Any]) -> bool:
     """A base with a vision tower: its config.json has a `vision_config`."""
     return isinstance(config.get("vision_config"), dict)
@@ -110,6 +115,7 @@ def check_vision_base(
             'architecture in text_config, e.g. "architectures": ["LlamaForCausalLM"] for SmolVLM, as the '
             "released checkpoints do."
         )
+    _check_vision_names(base_dir, config, revision)
     settings = image_processor_settings(base_dir)
     missing = [key for key in IMAGE_PROCESSOR_KEYS if key not in settings]
     if missing:
@@ -118,4 +124,24 @@ def check_vision_base(
             f"{' and '.join(PROCESSOR_FILES)}): the projector's GGUF records how images are normalised, and the "
             "check feeds images through the model's own processor. Save the processor into the base folder "
             "(AutoProcessor.from_pretrained(original).save_pretrained(base))."
+        )
+
+
+def _check_vision_names(base_dir: Path, config: dict[str, Any], revision: str) -> None:
+    """Refuse a vision tower stored under names the pinned converter cannot map (a Gemma-3 checkpoint saved
+    by transformers 5, without the released checkpoints' `vision_model.` level)."""
+    from exporter.inputs.safetensors_header import base_shard_files, read_header
+
+    prefixes = CONVERTER_VISION_PREFIXES.get(str(config.get("model_type")))
+    if prefixes is None:
+        return
+    expected, tower = prefixes
+    names = [entry.name for shard in base_shard_files(base_dir) for entry in read_header(shard)]
+    stray = next((n for n in names if n.startswith(tower) and not n.startswith(expected)), None)
+    if stray is not None:
+        raise InputError(
+            f"{base_dir} stores its vision tower as {stray} (the layout transformers 5 saves), and the converter "
+            f"of {revision} maps only the released checkpoints' names ({expected}…), so the projector cannot be "
+            "written. Pass the released checkpoint (as downloaded from the Hub) as --base: the adapter merges "
+            "into it the same."
         )

@@ -5,6 +5,7 @@ the full tensors an adapter trains (modules_to_save, bias="all"/"lora_only")."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,19 +81,48 @@ def check_adapter_type(adapter: LoraAdapter) -> None:
 
 
 def plan_adapter(
-    adapter: LoraAdapter, base_shapes: dict[str, tuple[int, ...]], plan: MergePlan, conv1d: bool = False
+    adapter: LoraAdapter,
+    base_shapes: dict[str, tuple[int, ...]],
+    plan: MergePlan,
+    conv1d: bool = False,
+    stored_as: Callable[[], dict[str, str]] | None = None,
 ) -> None:
-    """Add one adapter's updates to the plan, checking names, shapes and features against the base."""
+    """Add one adapter's updates to the plan, checking names, shapes and features against the base.
+    `stored_as`: the base's in-memory tensor names → its stored ones, where transformers renames them when
+    loading (exporter.inputs.checkpoint_names), asked for only when an adapter module is not stored as named."""
     check_adapter_type(adapter)
     tensors = load_adapter_tensors(adapter)
     if not tensors:
         raise InputError(f"{adapter.weights} holds no tensors; the adapter is empty.")
     names = {key.removeprefix(PEFT_PREFIX): tensor for key, tensor in tensors.items()}
+    if stored_as is not None:
+        names = _as_stored(names, base_shapes, stored_as)
     plan.coverage.append(AdapterCoverage(str(adapter.weights), len(names)))
     if adapter.peft_type == "IA3":
         plan_ia3(adapter, names, base_shapes, plan)
     else:
         _plan_lora(adapter, names, base_shapes, plan, conv1d)
+
+
+def _as_stored(
+    names: dict[str, torch.Tensor],
+    base_shapes: dict[str, tuple[int, ...]],
+    stored_as: Callable[[], dict[str, str]],
+) -> dict[str, torch.Tensor]:
+    """The adapter's LoRA tensors named after the base tensors they change as stored, where the adapter names
+    a module as transformers 5 has it in memory and the base's shards store it under another name."""
+    modules = {key: m.group(1) for key in names if (m := _LORA_PART.match(key))}
+    if all(f"{module}.weight" in base_shapes for module in modules.values()):
+        return names
+    renamed = stored_as()
+    result = {}
+    for key, tensor in names.items():
+        module = modules.get(key)
+        stored = None if module is None else renamed.get(f"{module}.weight")
+        if module is not None and stored is not None and f"{module}.weight" not in base_shapes:
+            key = stored.removesuffix(".weight") + key[len(module) :]
+        result[key] = tensor
+    return result
 
 
 _LORA_PART = re.compile(

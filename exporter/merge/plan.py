@@ -10,6 +10,7 @@ from typing import Any
 from exporter.core.errors import InputError
 from exporter.inputs.adapter import ADAPTER_CONFIG, LoraAdapter
 from exporter.inputs.base_config import read_base_config, recorded_base_config
+from exporter.inputs.checkpoint_names import memory_to_stored
 from exporter.inputs.safetensors_header import base_shard_files
 from exporter.inputs.safetensors_io import TensorEntry, read_header
 from exporter.inputs.trained_on import recorded_four_bit
@@ -86,7 +87,10 @@ def plan_merge(
         )
     for adapter in adapters:
         check_configs(adapter, base_config, base.base_dir)
-        plan_adapter(adapter, shapes, plan, conv1d=base_config.get("model_type") in CONV1D_MODEL_TYPES)
+        conv1d = base_config.get("model_type") in CONV1D_MODEL_TYPES
+        plan_adapter(
+            adapter, shapes, plan, conv1d, lambda: memory_to_stored(base.base_dir, frozenset(base.shapes))
+        )
     untied = untie_if_one_side_changes(plan, embedding) if embedding else False
     check_vocab_complete(plan, adapters, base.shapes)
     return plan, untied

@@ -106,7 +106,9 @@ def compute_image_reference(
     placeholder, stands_for = PROMPT_IMAGE[str(config.get("model_type"))]
     processor = AutoProcessor.from_pretrained(str(base_dir), local_files_only=True)
     tokenizer = processor.tokenizer
-    image_id = getattr(processor, "image_token_id", None) or config.get("image_token_id")
+    # the token the processor repeats for the image's embeddings (Gemma3Processor's own image_token_id is
+    # the token that opens an image)
+    image_id = config.get("image_token_id", config.get("image_token_index"))
     parts: dict[str, list[np.ndarray]] = {"idx": [], "lp": [], "nll": []}
     base_parts: dict[str, list[np.ndarray]] = {"kld": [], "same_top": [], "nll": []}
     child_rows, prompt_tokens = [], []
