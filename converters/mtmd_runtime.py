@@ -29,11 +29,13 @@ def score_image_rows(
     reference_file: Path,
     output_file: Path,
     threads: int | None = None,
+    lora: Path | None = None,
 ) -> dict[str, Any]:
     """`rows`: {"image", "prompt" (with "{media}" where the image goes), "add_special", "answer" (token ids),
     "greedy" (the reference's greedy answer)}. The child writes per-position kld / same_top / nll over every
     row's answer tokens to `output_file` and returns, per row, the prompt's text tokens as mtmd tokenized
-    them and how many greedy tokens the GGUF's top-1 followed."""
+    them and how many greedy tokens the GGUF's top-1 followed. With `lora`, a GGUF LoRA is applied to the
+    language model at scale 1 (the projector takes none)."""
     request = {
         "gguf": str(gguf),
         "mmproj": str(mmproj),
@@ -41,10 +43,10 @@ def score_image_rows(
         "reference": str(reference_file),
         "output": str(output_file),
         "threads": threads or os.cpu_count() or 1,
+        "lora": None if lora is None else str(lora),
     }
-    return run_child(
-        "converters.mtmd_runtime", request, f"Evaluating {gguf.name} with {mmproj.name} on images"
-    )
+    what = f"Evaluating {gguf.name}" + (f" with the adapter {lora.name}" if lora else "")
+    return run_child("converters.mtmd_runtime", request, f"{what} and {mmproj.name} on images")
 
 
 class _Pair:
@@ -67,6 +69,16 @@ class _Pair:
         context.n_ctx = context.n_batch = context.n_ubatch = N_CTX
         context.n_threads = context.n_threads_batch = int(request["threads"])
         self.ctx = L.llama_init_from_model(self.model, context)
+        self.lora = None
+        if request.get("lora") and self.ctx:
+            self.lora = L.llama_adapter_lora_init(self.model, request["lora"].encode())
+            if not self.lora:
+                self.close()
+                raise ChildInputError(
+                    f"llama.cpp could not load the LoRA {request['lora']} on {request['gguf']}."
+                )
+            adapters = (L.llama_adapter_lora_p_ctypes * 1)(self.lora)
+            L.llama_set_adapters_lora(self.ctx, adapters, 1, (ctypes.c_float * 1)(1.0))
         projector = M.mtmd_context_params_default()
         projector.use_gpu, projector.print_timings, projector.warmup = False, False, False
         projector.n_threads = int(request["threads"])
@@ -85,6 +97,8 @@ class _Pair:
             self.M.mtmd_free(self.mtmd)
         if getattr(self, "ctx", None):
             self.L.llama_free(self.ctx)
+        if getattr(self, "lora", None):
+            self.L.llama_adapter_lora_free(self.lora)
         if getattr(self, "model", None):
             self.L.llama_model_free(self.model)
 

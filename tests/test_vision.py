@@ -119,6 +119,41 @@ def test_mmproj_q8_0(vlm: tuple[Path, Path], tmp_path: Path) -> None:
     assert "FROM ./vlm-mmproj-Q8_0.gguf" in (tmp_path / "out" / "vlm-Q8_0.Modelfile").read_text()
 
 
+def test_runtime_lora_on_a_vision_base(demo_inputs: DemoInputs, tmp_path: Path) -> None:
+    """An adapter on the language model alone runs as a runtime LoRA beside the base's projector."""
+    from tests.vlm_fixture import smolvlm_language_only
+
+    base, adapter = smolvlm_language_only(demo_inputs.base)
+    out = tmp_path / "out"
+    # fmt: off
+    proc = run_cli("runtime-lora", "--adapter", str(adapter), "--base", str(base), "--out", str(out), "--name", "vlm",
+                   "--profile", "Q8_0", "--ollama-version", "0.33.0")
+    # fmt: on
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    report = json.loads((out / "report.json").read_text())
+    pair = report["pairs"][0]["runtime"]
+    floor = report["base_floor"]["adapter"]
+    assert pair["metrics"]["image_mean_kld"] < floor["image_mean_kld"] / 100
+    assert {g["gate"] for g in pair["gates"]} >= {"max_mean_kld", "max_mean_kld (images)"} and pair[
+        "gates_passed"
+    ]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["mmproj"]["sha256"] == sha256_file(out / "vlm-mmproj-F16.gguf")
+    lines = [line for line in (out / "adapter-Q8_0.Modelfile").read_text().splitlines() if line[:1].isupper()]
+    assert lines[:3] == ["FROM ./vlm-Q8_0.gguf", "FROM ./vlm-mmproj-F16.gguf", "ADAPTER ./adapter.lora.gguf"]
+    config = read_serve_config(out / "vlm-Q8_0.llama-server.json")
+    assert "--mmproj" in config["command"] and "--lora" in config["command"]
+    image = Path(__file__).parents[1] / "exporter" / "data" / "eval_images" / "chart.png"
+    url = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is this?"}]
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": 4, "temperature": 0}
+    with running_llama_server(
+        locate_llama_tools(), server_arguments(config), out, tmp_path / "server.log"
+    ) as server:
+        reply = server.post("/v1/chat/completions", {**body, "lora": config["requests"]["adapter"]["lora"]})
+    assert reply["usage"]["prompt_tokens"] > 12 and reply["usage"]["completion_tokens"] >= 1
+
+
 def _copy(base: Path, target: Path) -> Path:
     shutil.copytree(base, target, copy_function=shutil.copy)
     return target
@@ -151,7 +186,7 @@ def test_bad_vision_inputs_are_refused_before_any_work(vlm: tuple[Path, Path], t
     (unnamed / "config.json").write_text(json.dumps(config))
     _refused(_export(unnamed, adapter, out, "--no-check"), out, "text_config")
     proc = run_cli("runtime-lora", "--adapter", str(adapter), "--base", str(base), "--out", str(out))
-    _refused(proc, out, "vision-language model", "merge-quantize")
+    _refused(proc, out, "trains the vision side", "runtime LoRA to the language model only", "merge-quantize")
 
 
 def test_gemma3_saved_by_transformers_5_is_refused(gemma3_vlm: tuple[Path, Path], tmp_path: Path) -> None:

@@ -39,6 +39,7 @@ GEMMA3_RECIPE = {
     "steps": 12,
     "version": 1,
 }
+LANGUAGE_ONLY = r".*text_model.*\.(q_proj|v_proj)"  # PEFT target_modules as a regex: the language model's
 GEMMA3_ADDED = [
     "<start_of_turn>",
     "<end_of_turn>",
@@ -65,13 +66,19 @@ def smolvlm(demo_base: Path) -> tuple[Path, Path]:
     return _trained("smolvlm", demo_base, RECIPE, _build_smolvlm, ["q_proj", "v_proj", "proj"])
 
 
+def smolvlm_language_only(demo_base: Path) -> tuple[Path, Path]:
+    """(base, adapter): the tiny SmolVLM and a LoRA trained with images on its language model alone, as a
+    runtime adapter can be (llama.cpp applies a runtime LoRA to the language model only)."""
+    return _trained("smolvlm-lm", demo_base, RECIPE, _build_smolvlm, LANGUAGE_ONLY)
+
+
 def gemma3(demo_base: Path) -> tuple[Path, Path]:
     """(base, adapter): the tiny Gemma-3 vision-language model and a LoRA trained on it with images."""
     return _trained("gemma3-vlm", demo_base, GEMMA3_RECIPE, _build_gemma3, ["q_proj", "v_proj"])
 
 
 def _trained(
-    prefix: str, demo_base: Path, recipe: dict[str, Any], build_base: Any, targets: list[str]
+    prefix: str, demo_base: Path, recipe: dict[str, Any], build_base: Any, targets: list[str] | str
 ) -> tuple[Path, Path]:
     def build(staging: Path, target: Path) -> None:
         build_base(demo_base, staging / "base")
@@ -238,7 +245,7 @@ def training_pairs() -> list[tuple[object, str]]:
     return pairs
 
 
-def _train(base: Path, adapter: Path, targets: list[str]) -> None:
+def _train(base: Path, adapter: Path, targets: list[str] | str) -> None:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText, AutoProcessor

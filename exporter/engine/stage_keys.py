@@ -155,9 +155,13 @@ def image_reference_key(inputs: dict[str, Any], rows: list[Any], top_k: int, dty
     return stage_key({**payload, "versions": {p: versions[p] for p in ("torch", "transformers", "peft")}})
 
 
-def image_quality_key(artifact: str, mmproj: str, reference: str, llama_cpp_python: str) -> str:
-    """One GGUF with its projector scored on the image rows by one llama.cpp runtime."""
+def image_quality_key(
+    artifact: str, mmproj: str, reference: str, llama_cpp_python: str, lora: str | None = None
+) -> str:
+    """One GGUF (and a runtime LoRA) with its projector scored on the image rows by one llama.cpp runtime."""
     payload = {"stage": "quality-images", "artifact": artifact, "mmproj": mmproj, "reference": reference}
+    if lora is not None:
+        payload["lora"] = lora
     return stage_key({**payload, "llama-cpp-python": llama_cpp_python})
 
 

@@ -122,7 +122,7 @@ class ExportStages:
     def mmproj(self, merged: MergedModel) -> BuiltGGUF:
         target, kind = self.layout.mmproj, self.layout.mmproj_type
         assert target is not None and kind is not None
-        return mmproj_stage(self.run, merged, self.layout.name, target, kind)
+        return mmproj_stage(self.run, merged.path, merged.key, self.layout.name, target, kind)
 
     def imatrix(self, merged: MergedModel, f16: BuiltGGUF) -> ImatrixStage:
         name, options = self.layout.name, self.options

@@ -13,13 +13,14 @@ from exporter.engine.preflight import preflight
 from exporter.engine.run import Reporter, Run, check_output
 from exporter.inputs.adapter import LoraAdapter
 from exporter.inputs.base_config import read_base_config
+from exporter.inputs.image_rows import load_image_rows
 from exporter.inputs.manifest import MANIFEST
 from exporter.inputs.options import QualityOptions, RuntimeLoraOptions
 from exporter.inputs.profiles import requested_profiles
 from exporter.inputs.records import read_inputs, sanitize_name
-from exporter.inputs.safetensors_header import choose_merge_dtype, gguf_source_ftype
+from exporter.inputs.safetensors_header import choose_merge_dtype, gguf_source_ftype, read_header
 from exporter.inputs.tokenizer_files import gguf_name_error
-from exporter.inputs.vision import is_vision_language
+from exporter.inputs.vision import is_vision_language, vision_tensors
 from exporter.merge.runtime_adapter import ScaleCorrection, runtime_correction
 from exporter.quality.report import RUNTIME_REPORT_FILES
 from exporter.stages.chat import locate_llama_tools_commit
@@ -33,6 +34,16 @@ class RuntimeLayout:
     base_name: str
     adapter_names: tuple[str, ...]
     profiles: tuple[QuantProfile, ...]
+    mmproj_type: str | None = None  # a vision-language base: its projector's type (F16, Q8_0)
+
+    @property
+    def mmproj(self) -> Path | None:
+        """A vision-language base's projector, shared by every adapter: <out>/<base>-mmproj-<TYPE>.gguf."""
+        return (
+            None
+            if self.mmproj_type is None
+            else self.out / f"{self.base_name}-mmproj-{self.mmproj_type}.gguf"
+        )
 
     def base(self, profile: str) -> Path:
         return self.out / f"{self.base_name}-{profile}.gguf"
@@ -59,6 +70,7 @@ class RuntimeLayout:
             *(self.adapter(n) for n in self.adapter_names),
             *(self.modelfile(n, p.name) for n in self.adapter_names for p in self.profiles),
             *(self.serve_config(p.name) for p in self.profiles),
+            *([self.mmproj] if self.mmproj else []),
         ]
 
 
@@ -109,13 +121,11 @@ def prepare_runtime(options: RuntimeLoraOptions) -> PreparedRuntime:
                 "--calibration FILE."
             )
     adapters, base_dir = read_inputs(options.inputs)
-    if is_vision_language(read_base_config(base_dir)):
-        raise InputError(
-            f"{base_dir / 'config.json'} is a vision-language model, and runtime-lora does not export one yet: "
-            "its projector (mmproj) and a runtime adapter on its language model are not written or checked "
-            "together. Export each adapter merged with merge-quantize, which writes the language model, the "
-            "mmproj GGUF and their check with images."
-        )
+    vision = is_vision_language(read_base_config(base_dir))
+    if vision:
+        check_runtime_vision_adapters(adapters)
+        if options.check:
+            load_image_rows(options.quality.eval_data)
     names = tuple(sanitize_name(a.folder.resolve().name) for a in adapters)
     if len(set(names)) != len(names):
         raise InputError(
@@ -127,6 +137,7 @@ def prepare_runtime(options: RuntimeLoraOptions) -> PreparedRuntime:
         sanitize_name(options.output.name or base_dir.resolve().name),
         names,
         tuple(profiles),
+        options.output.mmproj_type if vision else None,
     )
     # the base GGUF bears the export's name; --compare-merged's merged GGUFs each adapter's
     named = [(layout.base_name, [base_dir])]
@@ -154,3 +165,20 @@ def prepare_runtime(options: RuntimeLoraOptions) -> PreparedRuntime:
     return PreparedRuntime(
         options, vendored, registry, profiles, adapters, base_dir, layout, corrections, source
     )
+
+
+def check_runtime_vision_adapters(adapters: list[LoraAdapter]) -> None:
+    """Refuse an adapter that trains a vision tower or a projector: llama.cpp applies a runtime LoRA to the
+    language model only (libmtmd loads none), so that part of the fine-tune would be lost."""
+    for adapter in adapters:
+        if adapter.weights.suffix != ".safetensors":
+            continue
+        trained = vision_tensors([entry.name for entry in read_header(adapter.weights)])
+        if trained:
+            raise InputError(
+                f"{adapter.weights} trains the vision side of the model ({len(trained)} tensors, e.g. {trained[0]}), "
+                "and llama.cpp applies a runtime LoRA to the language model only: the projector GGUF takes no "
+                "adapter, so that part of the fine-tune would be lost. Export this adapter merged with "
+                "merge-quantize (its vision tower and projector are merged into the mmproj GGUF), or train the "
+                "adapter on the language model alone."
+            )

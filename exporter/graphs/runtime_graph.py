@@ -2,6 +2,7 @@
 
     convert-base ──▶ quantize:<P> …  ─┬─▶ modelfiles ──▶ reference:<A> ──▶ quality:<A>:<P> … ──▶ report
                └──▶ lora:<A> … ───────┘
+    a vision-language base: mmproj (from the base) ──▶ modelfiles; reference:<A>:images ──▶ quality:<A>:<P>
     with --compare-merged, per adapter: merge:<A> ──▶ convert:<A> ──▶ quantize:<A>:<P> ──▶ merged:<A>:<P>
 
 The same stages as merge-quantize, in another graph: the merged comparison is built beside the
@@ -23,6 +24,7 @@ from exporter.graphs.runtime_stages import RuntimeDeployment, RuntimeQuality, Ru
 from exporter.inputs.options import QualityOptions
 from exporter.inputs.records import BuiltGGUF, ModelInputs
 from exporter.quality.reference import PairQuality, Reference
+from exporter.quality.vision import ImageReference
 from exporter.stages.lora import RuntimeAdapter
 from quant_profiles import QuantProfile
 
@@ -37,6 +39,7 @@ class RuntimeNodes:
     modelfiles: Stage[RuntimeDeployment]
     merged: dict[str, ComparisonNodes]  # adapter name -> its merged branch (--compare-merged)
     report: Stage[RuntimeQuality] | None
+    mmproj: Stage[BuiltGGUF] | None = None  # a vision-language base's projector
 
     def records(self, r: Results) -> RuntimeRecords:
         return RuntimeRecords(
@@ -46,6 +49,7 @@ class RuntimeNodes:
             r[self.modelfiles],
             {n: {p: r[node] for p, node in branch.quantized.items()} for n, branch in self.merged.items()},
             r.optional(self.report),
+            r.optional(self.mmproj),
         )
 
 
@@ -58,29 +62,32 @@ def wire_runtime(g: StageGraph, s: RuntimeStages) -> RuntimeNodes:
         for p in layout.profiles
     }
     loras = {n: g.add(f"lora:{n}", _lora(s, n, entry), (entry,)) for n in layout.adapter_names}
+    mmproj = None if layout.mmproj is None else g.add("mmproj", lambda _: s.mmproj())
+    projector = () if mmproj is None else (mmproj,)
 
     def modelfiles_stage(r: Results) -> RuntimeDeployment:
         built = {label: r[node] for label, node in bases.items()}
-        return s.modelfiles(built, {n: r[node] for n, node in loras.items()})
+        return s.modelfiles(built, {n: r[node] for n, node in loras.items()}, r.optional(mmproj))
 
-    modelfiles = g.add("modelfiles", modelfiles_stage, (*bases.values(), *loras.values()), heavy=False)
+    needs = (*bases.values(), *loras.values(), *projector)
+    modelfiles = g.add("modelfiles", modelfiles_stage, needs, heavy=False)
     branches: dict[str, ComparisonNodes] = {}  # --compare-merged: adapter name -> its merged branch
     if not s.options.check:
-        return RuntimeNodes(entry, bases, loras, modelfiles, branches, None)
+        return RuntimeNodes(entry, bases, loras, modelfiles, branches, None, mmproj)
     references: dict[str, Stage[Reference]] = {}
+    images: dict[str, Stage[ImageReference | str]] = {}
     pairs: list[Stage[PairQuality]] = []
     merged: list[Stage[MergedScore]] = []
     for n in layout.adapter_names:
         references[n] = g.add(f"reference:{n}", _reference(s, n), (modelfiles,))
+        seen = None
+        if mmproj is not None:
+            images[n] = g.add(f"reference:{n}:images", _images(s, n), (references[n],))
+            seen = (images[n], mmproj)
         for p in layout.profiles:
-            needs = (references[n], bases[p.name], loras[n])
-            pairs.append(
-                g.add(
-                    f"quality:{n}:{p.name}",
-                    _score_pair(s, n, p, references[n], bases[p.name], loras[n]),
-                    needs,
-                )
-            )
+            needs = (references[n], bases[p.name], loras[n], *(seen or ()))
+            scoring = _score_pair(s, n, p, references[n], bases[p.name], loras[n], seen)
+            pairs.append(g.add(f"quality:{n}:{p.name}", scoring, needs))
         if s.options.compare_merged:
             adapter, _correction = s.adapters[n]
             branch = MergedComparison(s.run, s.inputs.only(adapter), layout.merged(n), s.registry, s.quality)
@@ -88,12 +95,18 @@ def wire_runtime(g: StageGraph, s: RuntimeStages) -> RuntimeNodes:
             merged += branches[n].scored
 
     def report_stage(r: Results) -> RuntimeQuality:
+        references_seen = {n: r[ref] for n, ref in references.items()}
         return s.report(
-            [r[q] for q in pairs], [r[m] for m in merged], {n: r[ref] for n, ref in references.items()}
+            [r[q] for q in pairs],
+            [r[m] for m in merged],
+            references_seen,
+            {n: r[i] for n, i in images.items()},
         )
 
-    report = g.add("report", report_stage, (*references.values(), *pairs, *merged), heavy=False)
-    return RuntimeNodes(entry, bases, loras, modelfiles, branches, report)
+    report = g.add(
+        "report", report_stage, (*references.values(), *images.values(), *pairs, *merged), heavy=False
+    )
+    return RuntimeNodes(entry, bases, loras, modelfiles, branches, report, mmproj)
 
 
 def _quantize_base(
@@ -110,6 +123,10 @@ def _reference(s: RuntimeStages, name: str) -> Callable[[Results], Reference]:
     return lambda _: s.reference(name)
 
 
+def _images(s: RuntimeStages, name: str) -> Callable[[Results], ImageReference | str]:
+    return lambda _: s.images(name)
+
+
 def _score_pair(
     s: RuntimeStages,
     name: str,
@@ -117,8 +134,13 @@ def _score_pair(
     reference: Stage[Reference],
     base: Stage[BuiltGGUF],
     lora: Stage[RuntimeAdapter],
+    images: tuple[Stage[ImageReference | str], Stage[BuiltGGUF]] | None = None,
 ) -> Callable[[Results], PairQuality]:
-    return lambda r: s.score_pair(name, profile, r[reference], r[base], r[lora])
+    def score(r: Results) -> PairQuality:
+        seen = None if images is None else (r[images[0]], r[images[1]])
+        return s.score_pair(name, profile, r[reference], r[base], r[lora], seen)
+
+    return score
 
 
 class RuntimeGraph:

@@ -9,6 +9,7 @@ from typing import Any
 from exporter.deploy.serve_config import adapter_refused_note
 from exporter.engine.command import write_manifest
 from exporter.engine.stage_cache import CacheEntry
+from exporter.graphs.export_manifest import mmproj_section
 from exporter.graphs.runtime_stages import RuntimeDeployment, RuntimeQuality, RuntimeStages
 from exporter.inputs.manifest import RUNTIME_LORA_FORMAT
 from exporter.inputs.records import BuiltGGUF
@@ -49,6 +50,7 @@ class RuntimeRecords:
     deployment: RuntimeDeployment
     merged: dict[str, dict[str, BuiltGGUF]]  # --compare-merged: adapter -> profile -> its merged GGUF
     quality: RuntimeQuality | None
+    mmproj: BuiltGGUF | None = None  # a vision-language base's projector
 
 
 def runtime_sections(s: RuntimeStages, records: RuntimeRecords) -> dict[str, Any]:
@@ -72,6 +74,8 @@ def runtime_sections(s: RuntimeStages, records: RuntimeRecords) -> dict[str, Any
         "ollama": {n: c.choice.to_json() for n, c in chats.items()},
         "llama_server": [c.name for c in records.deployment.serve_configs],
     }
+    if records.mmproj is not None:
+        sections["mmproj"] = mmproj_section(records.mmproj, layout.out)
     if s.options.check and s.options.compare_merged:
         sections["merged"] = [
             {

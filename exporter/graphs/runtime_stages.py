@@ -20,8 +20,10 @@ from exporter.inputs.records import BuiltGGUF, ModelInputs
 from exporter.merge.runtime_adapter import ScaleCorrection, base_identity, base_uuid, check_pair
 from exporter.quality.reference import PairQuality, Reference
 from exporter.quality.report import RUNTIME_REPORT_FILES, write_runtime_reports
+from exporter.quality.vision import ImageReference
 from exporter.stages.chat import ChatRecord, chat_record, resolve_chat
-from exporter.stages.gguf import GGUF_FILE, convert_stage, publish_gguf, quantize_stage
+from exporter.stages.gguf import GGUF_FILE, convert_stage, mmproj_stage, publish_gguf, quantize_stage
+from exporter.stages.images import image_reference_stage, image_score_stage
 from exporter.stages.lora import RuntimeAdapter, lora_stage
 from exporter.stages.modelfiles import write_modelfiles, write_serve_configs
 from exporter.stages.quality import judged, reference_stage, score_stage
@@ -116,7 +118,17 @@ class RuntimeStages:
             self.layout.adapter(name),
         )  # fmt: skip
 
-    def modelfiles(self, bases: dict[str, BuiltGGUF], loras: dict[str, RuntimeAdapter]) -> RuntimeDeployment:
+    def mmproj(self) -> BuiltGGUF:
+        """The base's projector: a runtime adapter changes the language model only (it is refused otherwise)."""
+        target, kind = self.layout.mmproj, self.layout.mmproj_type
+        assert target is not None and kind is not None
+        return mmproj_stage(
+            self.run, self.inputs.base_dir, self.convert_key, self.layout.base_name, target, kind
+        )
+
+    def modelfiles(
+        self, bases: dict[str, BuiltGGUF], loras: dict[str, RuntimeAdapter], mmproj: BuiltGGUF | None = None
+    ) -> RuntimeDeployment:
         kill_point("modelfiles")
         target = self.options.output.ollama
         written: list[Path] = []
@@ -124,7 +136,8 @@ class RuntimeStages:
             n: chat_record(resolve_chat(tokenizer_source([a], self.inputs.base_dir), target))
             for n, (a, _) in self.adapters.items()
         }
-        serve = self.serve_configs(bases, loras, chats)
+        projector = None if mmproj is None else mmproj.path
+        serve = self.serve_configs(bases, loras, chats, projector)
         if not target.accepts_adapter:
             return RuntimeDeployment(written, chats, serve)
         self.run.report("writing Modelfiles")
@@ -140,12 +153,16 @@ class RuntimeStages:
                 for label, base in bases.items()
             }
             written += write_modelfiles(
-                self.run, targets, spec, self.inputs.base_dir, loras[name].gguf, chats[name].choice
+                self.run, targets, spec, self.inputs.base_dir, loras[name].gguf, chats[name].choice, projector
             )
         return RuntimeDeployment(written, chats, serve)
 
     def serve_configs(
-        self, bases: dict[str, BuiltGGUF], loras: dict[str, RuntimeAdapter], chats: dict[str, ChatRecord]
+        self,
+        bases: dict[str, BuiltGGUF],
+        loras: dict[str, RuntimeAdapter],
+        chats: dict[str, ChatRecord],
+        projector: Path | None = None,
     ) -> list[Path]:
         """One llama-server config per profile: the quantized base with every adapter, none applied."""
         self.run.report("writing llama-server configs")
@@ -153,7 +170,7 @@ class RuntimeStages:
         num_ctx = next(iter(chats.values())).spec.parameters.get("num_ctx")
         configs = {
             self.layout.serve_config(label): ServeConfig(
-                base.path, num_ctx, adapters, self.run.vendored.commit
+                base.path, num_ctx, adapters, self.run.vendored.commit, mmproj=projector
             )
             for label, base in bases.items()
         }
@@ -166,8 +183,24 @@ class RuntimeStages:
         only = self.inputs.only(adapter)
         return reference_stage(self.run, only, tokenizer_dir, self.quality, name=f"reference:{name}")
 
+    def images(self, name: str) -> ImageReference | str:
+        """One adapter's unmerged model on the image rows, or why there are none."""
+        adapter, _correction = self.adapters[name]
+        images = image_reference_stage(
+            self.run, self.inputs.only(adapter), self.quality, name=f"reference:{name}:images"
+        )
+        if isinstance(images, str):
+            self.run.report(images)
+        return images
+
     def score_pair(
-        self, name: str, profile: QuantProfile, reference: Reference, base: BuiltGGUF, lora: RuntimeAdapter
+        self,
+        name: str,
+        profile: QuantProfile,
+        reference: Reference,
+        base: BuiltGGUF,
+        lora: RuntimeAdapter,
+        images: tuple[ImageReference | str, BuiltGGUF] | None = None,
     ) -> PairQuality:
         check_pair(lora.gguf, base.path)
         metrics = score_stage(
@@ -179,17 +212,37 @@ class RuntimeStages:
             self.quality,
             lora=(lora.gguf, lora.sha256),
         )
+        if images is not None and isinstance(images[0], ImageReference) and "error" not in metrics:
+            projector = images[1].artifact
+            seen = image_score_stage(
+                self.run,
+                f"quality:{name}:{profile.name}",
+                images[0],
+                base.path,
+                base.artifact.sha256,
+                (projector.path, projector.sha256),
+                self.quality,
+                lora=(lora.gguf, lora.sha256),
+            )
+            metrics = {**metrics, **seen}
         size = base.artifact.size_bytes + lora.size_bytes
         judged_pair = judged(profile.name, base.path, size, None, metrics, profile, self.quality)
         return PairQuality(name, profile.name, judged_pair)
 
     def report(
-        self, pairs: list[PairQuality], merged: list[MergedScore], references: dict[str, Reference]
+        self,
+        pairs: list[PairQuality],
+        merged: list[MergedScore],
+        references: dict[str, Reference],
+        images: dict[str, ImageReference | str] | None = None,
     ) -> RuntimeQuality:
         by_pair = {(n, p): q for n, p, q in merged}
         for pair in pairs:
             pair.merged = by_pair.get((pair.adapter, pair.profile))
         floors = {n: reference.base_metrics for n, reference in references.items()}
+        for n, seen in (images or {}).items():  # the base's distance on the image rows: the adapter's effect
+            if isinstance(seen, ImageReference):
+                floors[n] = {**floors[n], **seen.base_metrics}
         for report_file in RUNTIME_REPORT_FILES:
             self.run.guard.claim(self.layout.out / report_file)
         reports = write_runtime_reports(self.layout.out, self.layout.base_name, pairs, floors)

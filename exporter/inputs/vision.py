@@ -29,6 +29,22 @@ IMAGE_PROCESSOR_KEYS = ("image_mean", "image_std")
 CONVERTER_VISION_PREFIXES = {"gemma3": ("vision_tower.vision_model.", "vision_tower.")}
 
 
+# Module names of a vision tower or projector (SmolVLM, Gemma-3, Qwen-VL, LLaVA-style), as adapters name them.
+VISION_MODULE_MARKERS = (
+    "vision_tower.",
+    "vision_model.",
+    "connector.",
+    "multi_modal_projector.",
+    "mm_projector.",
+    "visual.",
+)
+
+
+def vision_tensors(names: list[str]) -> list[str]:
+    """The adapter tensors among `names` that train a vision tower or a projector, not the language model."""
+    return [n for n in names if any(marker in n for marker in VISION_MODULE_MARKERS)]
+
+
 def is_vision_language(config: dict[str, Any]) -> bool:
     """A base with a vision tower: its config.json has a `vision_config`."""
     return isinstance(config.get("vision_config"), dict)

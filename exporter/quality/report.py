@@ -22,7 +22,7 @@ from exporter.inputs.options import QualityOptions
 from exporter.qlora.report import merge_base_markdown
 from exporter.quality.fit_report import fit_markdown
 from exporter.quality.reference import ArtifactQuality, PairQuality, Reference
-from exporter.quality.vision import image_table
+from exporter.quality.vision import image_table, runtime_image_lines
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -360,5 +360,7 @@ def runtime_report_markdown(
     for name, floor in floors.items():
         lines.append(
             f"- {name}: mean KLD {_fmt(floor.get('mean_kld'), '.5f')}, top-1 {_fmt(floor.get('top1'), '.1%')}"
+            + (f"; on the image rows {floor['image_mean_kld']:.3g}" if "image_mean_kld" in floor else "")
         )
+    lines += runtime_image_lines(pairs)
     return "\n".join(lines) + "\n"

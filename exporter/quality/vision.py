@@ -87,6 +87,30 @@ def image_table(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def runtime_image_lines(pairs: list[Any]) -> list[str]:
+    """runtime-lora's report.md on the image rows: each quantized base + GGUF LoRA with the projector."""
+    seen = [q for q in pairs if {"image_mean_kld", "image_error"} & set(q.runtime.metrics)]
+    if not seen:
+        return []
+    lines = [
+        "",
+        "With images (each base + adapter with the mmproj, through libmtmd, on the answers' tokens):",
+        "",
+        "| adapter | profile | mean KLD | top-1 | greedy followed |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for q in seen:
+        m = q.runtime.metrics
+        if "image_error" in m:
+            lines.append(f"| {q.adapter} | {q.profile} | evaluation failed: {m['image_error']} | | |")
+            continue
+        greedy = "–" if m.get("image_greedy") is None else f"{m['image_greedy']:.0%}"
+        lines.append(
+            f"| {q.adapter} | {q.profile} | {m['image_mean_kld']:.3g} | {m['image_top1']:.1%} | {greedy} |"
+        )
+    return lines
+
+
 def prompt_image(model_type: str) -> tuple[str, str] | None:
     return PROMPT_IMAGE.get(model_type)
 
@@ -161,13 +185,15 @@ def compute_image_reference(
 
 
 def score_images(
-    gguf: Path, mmproj: Path, reference: ImageReference, options: QualityOptions
+    gguf: Path, mmproj: Path, reference: ImageReference, options: QualityOptions, lora: Path | None = None
 ) -> dict[str, Any]:
     """The GGUF pair's image metrics against the reference (IMAGE_METRICS), after checking that llama.cpp
-    saw the same prompt text as the processor."""
+    saw the same prompt text as the processor; with `lora`, a runtime GGUF LoRA on the language model."""
     with tempfile.TemporaryDirectory(prefix="edge-export-images-") as scratch:
         output = Path(scratch) / "scored.npz"
-        response = score_image_rows(gguf, mmproj, reference.rows, reference.file, output, options.threads)
+        response = score_image_rows(
+            gguf, mmproj, reference.rows, reference.file, output, options.threads, lora
+        )
         with np.load(output) as scored, np.load(reference.file) as ref:
             metrics = summarize(scored["kld"], scored["same_top"], scored["nll"], ref["nll"])
     for row, theirs, ours in zip(

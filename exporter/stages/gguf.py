@@ -192,18 +192,21 @@ def quantize_from(
     return quantize_stage(run, name, source.cached, source.key, profile, target, imatrix)
 
 
-def mmproj_stage(run: Run, merged: MergedModel, model_name: str, target: Path, mmproj_type: str) -> BuiltGGUF:
+def mmproj_stage(
+    run: Run, model_dir: Path, source_key: str, model_name: str, target: Path, mmproj_type: str
+) -> BuiltGGUF:
     """A vision-language model's multimodal projector (vision tower + projector) as a GGUF of `mmproj_type`
-    (F16 or Q8_0, the converter's own choice per tensor), written from the merged folder, at `target`."""
-    key = mmproj_key(merged.key, run.vendored.commit, mmproj_type.lower(), model_name)
+    (F16 or Q8_0, the converter's own choice per tensor), written from `model_dir` (a merged folder, or a
+    bare base whose files `source_key` names), at `target`."""
+    key = mmproj_key(source_key, run.vendored.commit, mmproj_type.lower(), model_name)
 
     def produce(staging: Path, meta: dict[str, Any]) -> None:
         run.report(
-            f"converting the vision tower and projector of {merged.path} to an mmproj GGUF ({mmproj_type})"
+            f"converting the vision tower and projector of {model_dir} to an mmproj GGUF ({mmproj_type})"
         )
         start = time.perf_counter()
         digest = convert_hf_to_gguf(
-            merged.path,
+            model_dir,
             staging / GGUF_FILE,
             run.vendored,
             model_name,

@@ -30,7 +30,9 @@ from exporter.quality.vision import (
 IMAGE_REFERENCE_FILE = "images.npz"
 
 
-def image_reference_stage(run: Run, inputs: ModelInputs, options: QualityOptions) -> ImageReference | str:
+def image_reference_stage(
+    run: Run, inputs: ModelInputs, options: QualityOptions, name: str = "reference:images"
+) -> ImageReference | str:
     """The reference on the evaluation data's image rows (the built-in ones without --eval-data), or why
     there is none: no image rows, or a family whose llama.cpp prompt layout is not known here."""
     source, rows = load_image_rows(options.eval_data)
@@ -67,7 +69,7 @@ def image_reference_stage(run: Run, inputs: ModelInputs, options: QualityOptions
             what="unmerged model's answers on the image rows",
         )
 
-    entry = run.stage("reference:images", "reference-images", key, produce)
+    entry = run.stage(name, "reference-images", key, produce)
     meta = entry.meta
     return ImageReference(
         entry.path / IMAGE_REFERENCE_FILE, meta["rows"], meta["prompt_tokens"], meta["base_metrics"], key
@@ -82,16 +84,18 @@ def image_score_stage(
     sha256: str,
     mmproj: tuple[Path, str],
     options: QualityOptions,
+    lora: tuple[Path, str] | None = None,
 ) -> dict[str, Any]:
-    """One GGUF with the projector `mmproj` (path, sha256) on the image rows; {"image_error": …} where the
-    evaluation fails (never cached)."""
-    key = image_quality_key(sha256, mmproj[1], reference.key, run.versions["llama-cpp-python"])
+    """One GGUF (with `lora`: and a runtime GGUF LoRA, each with its sha256) with the projector `mmproj`
+    (path, sha256) on the image rows; {"image_error": …} where the evaluation fails (never cached)."""
+    versions = run.versions["llama-cpp-python"]
+    key = image_quality_key(sha256, mmproj[1], reference.key, versions, None if lora is None else lora[1])
+    what = gguf.name + (f" + {lora[0].name}" if lora else "")
 
     def produce(staging: Path, meta: dict[str, Any]) -> None:
-        run.report(f"evaluating {gguf.name} with {mmproj[0].name} on {len(reference.rows)} images")
-        meta.update(
-            metrics=score_images(gguf, mmproj[0], reference, options), what=f"image quality of {gguf.name}"
-        )
+        run.report(f"evaluating {what} with {mmproj[0].name} on {len(reference.rows)} images")
+        metrics = score_images(gguf, mmproj[0], reference, options, None if lora is None else lora[0])
+        meta.update(metrics=metrics, what=f"image quality of {what}")
 
     try:
         entry = run.stage(f"{name}:images", "quality-images", key, produce)
