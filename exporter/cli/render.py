@@ -79,6 +79,22 @@ def print_quality(summary: QualitySummary) -> None:
         )
     console.print(table)
     _print_images(summary)
+    for path in summary.reports:
+        console.print(f"report: {path}")
+    failed = summary.failed_gates
+    if failed:
+        failures = Table(title="[red]failed quality gates[/]")
+        for column in ("artifact", "gate", "limit", "value", "by"):
+            failures.add_column(column)
+        for gate in failed:
+            by = "" if gate.value is None else f"{abs(gate.value - gate.limit):.4g}"
+            failures.add_row(gate.profile, gate.gate, f"{gate.limit:g}", _fmt(gate.value, ".4g"), by)
+        err_console.print(failures)
+        metrics = {item.label: item.metrics for item in summary.items}
+        for label in dict.fromkeys(gate.profile for gate in failed):
+            diagnosis = gate_diagnosis(label, metrics.get(label))
+            if diagnosis:
+                err_console.print(f"[bold red]{label}:[/] {diagnosis}", highlight=False)
 
 
 def _print_images(summary: QualitySummary) -> None:
@@ -106,22 +122,6 @@ def _print_images(summary: QualitySummary) -> None:
             str(m.get("image_tokens", "")),
         )
     console.print(table)
-    for path in summary.reports:
-        console.print(f"report: {path}")
-    failed = summary.failed_gates
-    if failed:
-        failures = Table(title="[red]failed quality gates[/]")
-        for column in ("artifact", "gate", "limit", "value", "by"):
-            failures.add_column(column)
-        for gate in failed:
-            by = "" if gate.value is None else f"{abs(gate.value - gate.limit):.4g}"
-            failures.add_row(gate.profile, gate.gate, f"{gate.limit:g}", _fmt(gate.value, ".4g"), by)
-        err_console.print(failures)
-        metrics = {item.label: item.metrics for item in summary.items}
-        for label in dict.fromkeys(gate.profile for gate in failed):
-            diagnosis = gate_diagnosis(label, metrics.get(label))
-            if diagnosis:
-                err_console.print(f"[bold red]{label}:[/] {diagnosis}", highlight=False)
 
 
 def print_export(result: ExportResult) -> None:

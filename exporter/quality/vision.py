@@ -35,7 +35,6 @@ PROMPT_IMAGE = {
     "smolvlm": ("<image>", "{media}"),
     "gemma3": ("<start_of_image>", "\n\n{media}\n\n"),  # the processor wraps the image in blank lines
 }
-IMAGE_METRICS = ("image_mean_kld", "image_top1", "image_greedy", "image_tokens", "image_rows")
 
 
 @dataclass(frozen=True)
@@ -187,7 +186,8 @@ def compute_image_reference(
 def score_images(
     gguf: Path, mmproj: Path, reference: ImageReference, options: QualityOptions, lora: Path | None = None
 ) -> dict[str, Any]:
-    """The GGUF pair's image metrics against the reference (IMAGE_METRICS), after checking that llama.cpp
+    """The GGUF pair's image metrics against the reference (image_mean_kld, image_top1, image_greedy: the
+    share of the reference's greedy answer its top-1 follows, image_tokens, image_rows), after checking that llama.cpp
     saw the same prompt text as the processor; with `lora`, a runtime GGUF LoRA on the language model."""
     with tempfile.TemporaryDirectory(prefix="edge-export-images-") as scratch:
         output = Path(scratch) / "scored.npz"
