@@ -95,6 +95,22 @@ def test_mmproj_is_deployed_beside_every_gguf(exported: tuple[Path, dict[str, An
         assert command[command.index("--mmproj") + 1] == "./vlm-mmproj-F16.gguf"
 
 
+def test_check_rescores_the_images(exported: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    out, report = exported
+    copy = Path(shutil.copytree(out, tmp_path / "out"))
+    junit = tmp_path / "junit.xml"
+    proc = run_cli("check", "--manifest", str(copy / "manifest.json"), "--junit", str(junit))
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    again = json.loads((copy / "report.json").read_text())
+    assert _row(again, "Q8_0")["metrics"]["image_mean_kld"] == _row(report, "Q8_0")["metrics"]["image_mean_kld"]
+    assert "max_mean_kld (images)" in junit.read_text()
+    mmproj = next(copy.glob("*-mmproj-F16.gguf"))
+    with mmproj.open("ab") as handle:
+        handle.write(b"\0")
+    proc = run_cli("check", "--manifest", str(copy / "manifest.json"))
+    assert proc.returncode == 2 and mmproj.name in proc.stderr, proc.stderr + proc.stdout
+
+
 def test_llama_server_answers_an_image_request(exported: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
     out, _ = exported
     config = read_serve_config(out / "vlm-Q8_0.llama-server.json")
