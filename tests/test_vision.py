@@ -102,7 +102,9 @@ def test_check_rescores_the_images(exported: tuple[Path, dict[str, Any]], tmp_pa
     proc = run_cli("check", "--manifest", str(copy / "manifest.json"), "--junit", str(junit))
     assert proc.returncode == 0, proc.stderr + proc.stdout
     again = json.loads((copy / "report.json").read_text())
-    assert _row(again, "Q8_0")["metrics"]["image_mean_kld"] == _row(report, "Q8_0")["metrics"]["image_mean_kld"]
+    assert (
+        _row(again, "Q8_0")["metrics"]["image_mean_kld"] == _row(report, "Q8_0")["metrics"]["image_mean_kld"]
+    )
     assert "max_mean_kld (images)" in junit.read_text()
     mmproj = next(copy.glob("*-mmproj-F16.gguf"))
     with mmproj.open("ab") as handle:
