@@ -128,8 +128,11 @@ def wire_export(g: StageGraph, s: ExportStages, qlora: StageGraph | None) -> Exp
         images = None if mmproj is None else g.add("reference:images", lambda r: s.images(), (reference,))
         scored = _wire_scores(g, s, reference, convert, merge, builds, images, mmproj)
         if fit is not None:
-            node, scoring = builds[-1], _score_fitted(s, fit, reference, convert, builds[-1])
-            scored.append(g.add(f"quality:{s.layout.fit_label}", scoring, (reference, convert, node, fit)))
+            node, scoring = builds[-1], _score_fitted(s, fit, reference, convert, builds[-1], images, mmproj)
+            seen = (*projector, *([images] if images else []))
+            scored.append(
+                g.add(f"quality:{s.layout.fit_label}", scoring, (reference, convert, node, fit, *seen))
+            )
         if releases:  # after the 16-bit floor, which reads them when the unquantized GGUF fails its gates
             read = (merge, *source, *projector, scored[0])
             g.add("release", lambda r: s.release_merged(r[merge]), read, heavy=False)
@@ -206,8 +209,14 @@ def _score_fitted(
     reference: Stage[Reference],
     convert: Stage[BuiltGGUF],
     built: Stage[BuiltGGUF],
+    images: Stage[ImageReference | str] | None = None,
+    mmproj: Stage[BuiltGGUF] | None = None,
 ) -> Callable[[Results], ArtifactQuality | None]:
-    return lambda r: s.score(r[fit].profile, r[reference], r[convert], r[built])
+    def score(r: Results) -> ArtifactQuality | None:
+        seen = None if images is None or mmproj is None else (r[images], r[mmproj])
+        return s.score(r[fit].profile, r[reference], r[convert], r[built], None, seen)
+
+    return score
 
 
 def _reference(
