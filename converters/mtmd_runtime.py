@@ -19,7 +19,10 @@ from typing import Any
 
 from converters.child import ChildInputError, child_main, run_child
 
-N_CTX = 4096  # prompt, image embeddings and answer; an image must fit one batch (non-causal families)
+N_CTX = 4096  # prompt, image embeddings and answer
+# Tokens decoded at once: a non-causal image (Gemma-3's 256 tokens) must fit one batch; the attention's
+# scratch grows with it (batch × context × heads), so it stays well below the context for 8B models.
+N_BATCH = 1024
 
 
 def score_image_rows(
@@ -66,7 +69,8 @@ class _Pair:
         if not self.model:
             raise ChildInputError(f"llama.cpp could not load {request['gguf']}.")
         context = L.llama_context_default_params()
-        context.n_ctx = context.n_batch = context.n_ubatch = N_CTX
+        context.n_ctx = N_CTX
+        context.n_batch = context.n_ubatch = N_BATCH
         context.n_threads = context.n_threads_batch = int(request["threads"])
         self.ctx = L.llama_init_from_model(self.model, context)
         self.lora = None
@@ -137,7 +141,7 @@ class _Pair:
                     tokens += [int(ids[i]) for i in range(count.value)]
             n_past = L.llama_pos(0)
             if M.mtmd_helper_eval_chunks(
-                self.mtmd, self.ctx, chunks, 0, 0, N_CTX, True, ctypes.byref(n_past)
+                self.mtmd, self.ctx, chunks, 0, 0, N_BATCH, True, ctypes.byref(n_past)
             ):
                 raise RuntimeError(f"libmtmd failed to evaluate the prompt of {row['image']}")
             return int(n_past.value), tokens, self.logits(-1)
@@ -151,8 +155,11 @@ class _Pair:
         L.llama_memory_seq_rm(L.llama_get_memory(self.ctx), 0, start, -1)
         if not tokens:
             return []
-        if start + len(tokens) > N_CTX:
-            raise ChildInputError(f"an image row needs more than {N_CTX} positions; shorten its answer.")
+        if start + len(tokens) > N_CTX or len(tokens) > N_BATCH:
+            raise ChildInputError(
+                f"an image row needs more than {N_CTX} positions, or an answer of more than {N_BATCH} tokens; "
+                "shorten its answer."
+            )
         batch = L.llama_batch_init(len(tokens), 0, 1)
         try:
             batch.n_tokens = len(tokens)
