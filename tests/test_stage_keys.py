@@ -57,6 +57,10 @@ PINNED = {
     "losses": "4e9450b33d8062fc8f7073e5073e8a6fa476fe1c11953edcb5c4694afceda752",
     "quality-held-out": "c6d807ef8a3ff2f8b4c3662e91237cb8382f9780f5e50637b3c21b5f645e9815",
     "fit-trial": "10614f02486907af9c64cafc866230d22658d974b4d2dcc65e7aa86415328eee",
+    "mmproj": "0c419b95387a0c8ca4537c5bb9b9c3ceaf790518affdb851a004d779e84bb0ea",
+    "reference-images": "daff846f7643ffcb168170155fd43930ef873ec8ee1597074a4d919413f8330b",
+    "quality-images": "0f67aacc8ad4b3eeb56371b56a2562b4bfbf50998b39d709c31ad21af7f1fe52",
+    "quality-images-lora": "22270d4ad37e64725dae79299b3a73be3905844bac36fdba684c09eb6e11fea1",
 }
 # The runtime quality key before it named llama-cpp-python (results went stale after an upgrade).
 OLD_RUNTIME_QUALITY = "50319c9b8890627b76a59831812581210ad16c3a994029a147c8974617d7a6df"
@@ -94,6 +98,10 @@ def computed() -> dict[str, str]:
         "fit-trial": keys.fit_trial_key(
             convert, "2" * 64, [0, 2], {"blk.0.attn_q.weight": "Q4_K"}, None, "0.3.36"
         ),
+        "mmproj": keys.mmproj_key(merge, "0c1e57098", "f16", "demo"),
+        "reference-images": keys.image_reference_key(INPUTS, [["8" * 64, []]], 32, "float32", 24, VERSIONS),
+        "quality-images": keys.image_quality_key("1" * 64, "4" * 64, "2" * 64, "0.3.36"),
+        "quality-images-lora": keys.image_quality_key("1" * 64, "4" * 64, "2" * 64, "0.3.36", lora="3" * 64),
     }
 
 
