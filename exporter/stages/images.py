@@ -71,8 +71,10 @@ def image_reference_stage(
 
     entry = run.stage(name, "reference-images", key, produce)
     meta = entry.meta
+    # the images as found now (the key names them by content; a cached entry's paths may have moved)
+    located = [{**cached, "image": str(row.image)} for cached, row in zip(meta["rows"], rows, strict=True)]
     return ImageReference(
-        entry.path / IMAGE_REFERENCE_FILE, meta["rows"], meta["prompt_tokens"], meta["base_metrics"], key
+        entry.path / IMAGE_REFERENCE_FILE, located, meta["prompt_tokens"], meta["base_metrics"], key
     )
 
 
