@@ -92,6 +92,33 @@ def recipe(family: str) -> dict[str, Any]:
     return {**own, "targets": targets}
 
 
+def _text_config(recipe: dict[str, Any], vocab_size: int) -> dict[str, Any]:
+    """The language model's shape from a recipe's "text": hidden, intermediate, layers, heads, KV heads."""
+    hidden, intermediate, layers, heads, kv_heads = recipe["text"]
+    return {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "max_position_embeddings": 1024,
+    }
+
+
+def _vision_config(recipe: dict[str, Any]) -> dict[str, Any]:
+    """The vision tower's shape from a recipe's "vision": hidden, intermediate, layers, heads, image, patch."""
+    hidden, intermediate, layers, heads, image, patch = recipe["vision"]
+    return {
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "image_size": image,
+        "patch_size": patch,
+    }
+
+
 def _build_gemma3(demo_base: Path, base: Path) -> None:
     """Gemma-3 4B's shape in miniature: a SigLIP tower on 64-pixel images of 16-pixel patches, pooled to 4
     tokens per image (image_seq_length 4, as the processor writes it for the converter), a 2-layer Gemma-3
@@ -119,33 +146,21 @@ def _build_gemma3(demo_base: Path, base: Path) -> None:
     )
     tokenizer.add_special_tokens({"additional_special_tokens": GEMMA3_ADDED})
     ids = tokenizer.convert_tokens_to_ids(GEMMA3_ADDED)
-    hidden, intermediate, layers, heads, kv_heads = GEMMA3_RECIPE["text"]
     text = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": hidden,
-        "intermediate_size": intermediate,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
+        **_text_config(GEMMA3_RECIPE, len(tokenizer)),
         "head_dim": 16,
         "query_pre_attn_scalar": 16,
         "sliding_window": 128,
-        "max_position_embeddings": 1024,
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": ids[1],
         "pad_token_id": tokenizer.pad_token_id,
     }
-    v_hidden, v_intermediate, v_layers, v_heads, size, patch = GEMMA3_RECIPE["vision"]
     vision = {
         "model_type": "siglip_vision_model",
-        "hidden_size": v_hidden,
-        "intermediate_size": v_intermediate,
-        "num_hidden_layers": v_layers,
-        "num_attention_heads": v_heads,
-        "image_size": size,
-        "patch_size": patch,
+        **_vision_config(GEMMA3_RECIPE),
         "vision_use_head": False,
     }
+    size = vision["image_size"]
     config = Gemma3Config(
         text_config=text,
         vision_config=vision,
@@ -191,28 +206,14 @@ def _build_smolvlm(demo_base: Path, base: Path) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(str(demo_base))
     tokenizer.add_special_tokens({"additional_special_tokens": ADDED})
-    hidden, intermediate, layers, heads, kv_heads = RECIPE["text"]
     text = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": hidden,
-        "intermediate_size": intermediate,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
-        "max_position_embeddings": 1024,
+        **_text_config(RECIPE, len(tokenizer)),
         "tie_word_embeddings": True,
         "model_type": "llama",
         "architectures": ["LlamaForCausalLM"],  # as SmolVLM's released configs name their language model
     }
-    v_hidden, v_intermediate, v_layers, v_heads, tile, patch = RECIPE["vision"]
-    vision = {
-        "hidden_size": v_hidden,
-        "intermediate_size": v_intermediate,
-        "num_hidden_layers": v_layers,
-        "num_attention_heads": v_heads,
-        "image_size": tile,
-        "patch_size": patch,
-    }
+    vision = _vision_config(RECIPE)
+    tile, patch = vision["image_size"], vision["patch_size"]
     image_token = tokenizer.convert_tokens_to_ids("<image>")
     config = Idefics3Config(
         text_config=text, vision_config=vision, scale_factor=2, image_token_id=image_token

@@ -8,7 +8,6 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from exporter.core.atomic import atomic_target
 from exporter.core.errors import InputError
@@ -21,9 +20,9 @@ from exporter.inputs.manifest import Manifest
 from exporter.inputs.options import CheckOptions, ProfileOptions
 from exporter.inputs.profiles import resolve_profiles
 from exporter.inputs.records import ModelInputs, input_files
-from exporter.quality.reference import UNQUANTIZED_LABELS, ArtifactQuality, Reference, gate_diagnosis
-from exporter.quality.vision import ImageReference
-from exporter.stages.images import image_reference_stage, image_score_stage
+from exporter.quality.reference import UNQUANTIZED_LABELS, ArtifactQuality, gate_diagnosis
+from exporter.quality.vision import with_image_floor
+from exporter.stages.images import image_reference_stage, with_image_scores
 from exporter.stages.merge import MERGED_DIR
 from exporter.stages.quality import QualitySummary, judged, reference_stage, score_stage, write_quality_report
 
@@ -145,15 +144,10 @@ def check_manifest(options: CheckOptions, report: Reporter = silent) -> CheckRes
                 record = records[label]
                 path = root / record["path"]
                 metrics = score_stage(run, f"quality:{label}", r[reference], path, record["sha256"], quality)
-                seen = None if images is None else r[images]
-                if isinstance(seen, ImageReference) and mmproj is not None and "error" not in metrics:
-                    pair = (mmproj, str(projector and projector["sha256"]))
-                    metrics = {
-                        **metrics,
-                        **image_score_stage(
-                            run, f"quality:{label}", seen, path, record["sha256"], pair, quality
-                        ),
-                    }
+                if images is not None and mmproj is not None and projector is not None:
+                    pair = (mmproj, projector["sha256"])
+                    name, sha256 = f"quality:{label}", record["sha256"]
+                    metrics = with_image_scores(run, name, metrics, r[images], path, sha256, pair, quality)
                 size, bits = record["size_bytes"], record["bits_per_weight"]
                 return judged(label, path, size, bits, metrics, registry.get(label), quality)
 
@@ -163,23 +157,12 @@ def check_manifest(options: CheckOptions, report: Reporter = silent) -> CheckRes
         scored = [graph.add(f"quality:{label}", scorer(label), needs) for label in records]
         results = Results(LocalExecutor(1).run(graph))
         items = sorted((results[node] for node in scored), key=lambda item: -item.size_bytes)
-        seen_reference, extra = with_images(results[reference], None if images is None else results[images])
+        seen_reference, extra = with_image_floor(results[reference], results.optional(images))
         summary = write_quality_report(run, manifest.name, inputs, seen_reference, quality, items, extra)
         run.guard.paths.clear()  # the reports replace the export's earlier ones: nothing to roll back
     comparisons = compare_with_baseline(summary, options) if options.baseline else []
     junit = write_junit(options.junit, summary, comparisons) if options.junit else None
     return CheckResult(summary, comparisons, junit)
-
-
-def with_images(
-    reference: Reference, images: ImageReference | str | None
-) -> tuple[Reference, dict[str, Any]]:
-    """The reference with the base's distance on the image rows, and the report's section on them."""
-    if isinstance(images, ImageReference):
-        return replace(reference, base_metrics={**reference.base_metrics, **images.base_metrics}), {
-            "images": images.section()
-        }
-    return reference, ({} if images is None else {"images": {"note": images}})
 
 
 def compare_with_baseline(summary: QualitySummary, options: CheckOptions) -> list[BaselineComparison]:

@@ -3,7 +3,7 @@ needs to its own record, in an open run (exporter/stages/ does the work; this sa
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +21,11 @@ from exporter.inputs.tokenizer_files import tokenizer_size
 from exporter.quality.imatrix import ImatrixStage
 from exporter.quality.reference import ArtifactQuality, Reference
 from exporter.quality.tokenizer_parity import ParityReport, check_embedded_chat_template
-from exporter.quality.vision import ImageReference
+from exporter.quality.vision import ImageReference, with_image_floor
 from exporter.stages.chat import ChatRecord, chat_stage, parity_stage, report_template_choice
 from exporter.stages.fit import FitRecord, fit_stage, search_windows
 from exporter.stages.gguf import convert_merged, merged_convert_key, mmproj_stage, quantize_from
-from exporter.stages.images import image_reference_stage, image_score_stage
+from exporter.stages.images import image_reference_stage, with_image_scores
 from exporter.stages.imatrix import computed_imatrix_stage, given_imatrix_stage
 from exporter.stages.merge import MERGED_DIR, check_float16_range, merge_stage, release_weights
 from exporter.stages.modelfiles import write_modelfiles, write_serve_configs
@@ -228,12 +228,12 @@ class ExportStages:
         name = f"quality:{'source' if profile is None else profile.name}"
         held_out = search_windows(reference)[1] if self.options.fit else None
         metrics = score_stage(self.run, name, reference, a.path, a.sha256, self.quality, held_out=held_out)
-        if images is not None and isinstance(images[0], ImageReference) and "error" not in metrics:
+        if images is not None:
             projector = images[1].artifact
-            seen = image_score_stage(
-                self.run, name, images[0], a.path, a.sha256, (projector.path, projector.sha256), self.quality
+            pair = (projector.path, projector.sha256)
+            metrics = with_image_scores(
+                self.run, name, metrics, images[0], a.path, a.sha256, pair, self.quality
             )
-            metrics = {**metrics, **seen}
         fitted = profile is not None and profile.name == a.profile and profile.name == self.layout.fit_label
         label_profile = profile if fitted and profile is not None else self.registry.get(a.profile)
         quality = judged(
@@ -265,11 +265,8 @@ class ExportStages:
         extra = {"merge_base": choice.section(self.run.seconds)} if choice else {}
         if fit is not None:
             extra["fit"] = fit.section()
-        if isinstance(images, ImageReference):  # the base's distance on the image rows: the adapter's effect
-            reference = replace(reference, base_metrics={**reference.base_metrics, **images.base_metrics})
-            extra["images"] = images.section()
-        elif images is not None:
-            extra["images"] = {"note": images}
+        reference, seen = with_image_floor(reference, images)
+        extra.update(seen)
         return write_quality_report(
             self.run, self.layout.name, self.inputs, reference, self.quality, items, extra
         )

@@ -23,7 +23,7 @@ from exporter.quality.report import RUNTIME_REPORT_FILES, write_runtime_reports
 from exporter.quality.vision import ImageReference
 from exporter.stages.chat import ChatRecord, chat_record, resolve_chat
 from exporter.stages.gguf import GGUF_FILE, convert_stage, mmproj_stage, publish_gguf, quantize_stage
-from exporter.stages.images import image_reference_stage, image_score_stage
+from exporter.stages.images import image_reference_stage, with_image_scores
 from exporter.stages.lora import RuntimeAdapter, lora_stage
 from exporter.stages.modelfiles import write_modelfiles, write_serve_configs
 from exporter.stages.quality import judged, reference_stage, score_stage
@@ -212,11 +212,12 @@ class RuntimeStages:
             self.quality,
             lora=(lora.gguf, lora.sha256),
         )
-        if images is not None and isinstance(images[0], ImageReference) and "error" not in metrics:
+        if images is not None:
             projector = images[1].artifact
-            seen = image_score_stage(
+            metrics = with_image_scores(
                 self.run,
                 f"quality:{name}:{profile.name}",
+                metrics,
                 images[0],
                 base.path,
                 base.artifact.sha256,
@@ -224,7 +225,6 @@ class RuntimeStages:
                 self.quality,
                 lora=(lora.gguf, lora.sha256),
             )
-            metrics = {**metrics, **seen}
         size = base.artifact.size_bytes + lora.size_bytes
         judged_pair = judged(profile.name, base.path, size, None, metrics, profile, self.quality)
         return PairQuality(name, profile.name, judged_pair)

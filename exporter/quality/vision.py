@@ -15,7 +15,7 @@ were not scored.
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,16 @@ class ImageReference:
             "greedy_tokens": [len(r["greedy"]) for r in self.rows],
             "scored_with": "each GGUF with the mmproj GGUF through libmtmd (llama.cpp's multimodal path)",
         }
+
+
+def with_image_floor(reference: Any, images: ImageReference | str | None) -> tuple[Any, dict[str, Any]]:
+    """The text reference (exporter.quality.reference.Reference) with the base's distance on the image rows
+    added to its base metrics (how far the adapter moves the answers about images), and report.json's
+    "images" section: the rows, or why there are none."""
+    if isinstance(images, ImageReference):
+        base_metrics = {**reference.base_metrics, **images.base_metrics}
+        return replace(reference, base_metrics=base_metrics), {"images": images.section()}
+    return reference, ({} if images is None else {"images": {"note": images}})
 
 
 def image_table(data: dict[str, Any]) -> list[str]:

@@ -41,10 +41,15 @@ def gguf_record(entry: CacheEntry, target: Path | None, profile: QuantProfile) -
             f"{target} carries file type {header.file_type_name} in its GGUF header, but profile {profile.name} "
             f"asked for {profile.ftype}; the quantizer did not do what was asked."
         )
+    return built_record(entry, target, profile.name, header)
+
+
+def built_record(entry: CacheEntry, target: Path, label: str, header: GGUFHeader) -> BuiltGGUF:
+    """The record of the GGUF at `target` (the cache entry's file, or a link to it), called `label`."""
     size = target.stat().st_size
     artifact = GGUFArtifact(
         path=target,
-        profile=profile.name,
+        profile=label,
         file_type=header.file_type_name,
         size_bytes=size,
         bits_per_weight=round(size * 8 / max(header.n_params, 1), 3),
@@ -221,15 +226,4 @@ def mmproj_stage(
         )
 
     entry = run.stage("mmproj", "mmproj", key, produce, {GGUF_FILE: target})
-    header = entry_header(entry)
-    size = target.stat().st_size
-    artifact = GGUFArtifact(
-        path=target,
-        profile=f"mmproj-{mmproj_type}",
-        file_type=header.file_type_name,
-        size_bytes=size,
-        bits_per_weight=round(size * 8 / max(header.n_params, 1), 3),
-        sha256=entry.meta["files"][GGUF_FILE],
-        seconds=round(entry.meta["seconds"], 3),
-    )
-    return BuiltGGUF(artifact, entry.key, entry.path / GGUF_FILE, header)
+    return built_record(entry, target, f"mmproj-{mmproj_type}", entry_header(entry))

@@ -78,7 +78,27 @@ def image_reference_stage(
     )
 
 
-def image_score_stage(
+def with_image_scores(
+    run: Run,
+    name: str,
+    metrics: dict[str, Any],
+    reference: ImageReference | str | None,
+    gguf: Path,
+    sha256: str,
+    mmproj: tuple[Path, str],
+    options: QualityOptions,
+    lora: tuple[Path, str] | None = None,
+) -> dict[str, Any]:
+    """A GGUF's text `metrics` with its scores on the image rows added: the GGUF (with `lora`: and a runtime
+    GGUF LoRA, each with its sha256) with the projector `mmproj` (path, sha256) against `reference`. The
+    metrics as they are where there is no image reference (or why there is none) or the text evaluation
+    failed."""
+    if not isinstance(reference, ImageReference) or "error" in metrics:
+        return metrics
+    return {**metrics, **_image_scores(run, name, reference, gguf, sha256, mmproj, options, lora)}
+
+
+def _image_scores(
     run: Run,
     name: str,
     reference: ImageReference,
@@ -86,10 +106,9 @@ def image_score_stage(
     sha256: str,
     mmproj: tuple[Path, str],
     options: QualityOptions,
-    lora: tuple[Path, str] | None = None,
+    lora: tuple[Path, str] | None,
 ) -> dict[str, Any]:
-    """One GGUF (with `lora`: and a runtime GGUF LoRA, each with its sha256) with the projector `mmproj`
-    (path, sha256) on the image rows; {"image_error": …} where the evaluation fails (never cached)."""
+    """The image metrics of one GGUF (and LoRA); {"image_error": …} where the evaluation fails (never cached)."""
     versions = run.versions["llama-cpp-python"]
     key = image_quality_key(sha256, mmproj[1], reference.key, versions, None if lora is None else lora[1])
     what = gguf.name + (f" + {lora[0].name}" if lora else "")
